@@ -1,0 +1,30 @@
+"""qlora_magic: QLoRA fine-tuning from a Jupyter notebook.
+
+    %load_ext qlora_magic
+    %qlora_load
+    %%qlora_train ...
+    %qlora_generate ...
+
+or from Python: qlora_magic.load(), .train(), .generate(), .save(), .memory(), .get_session().
+Importing this package (and %load_ext) does not import torch; the verbs import it when first used.
+"""
+
+__version__ = "0.1.0"
+
+from .api import generate, load, memory, save, train  # noqa: E402
+from .errors import QloraError  # noqa: E402
+from . import examples  # noqa: E402
+from .session import get_session, reset_session  # noqa: E402
+
+
+def load_ipython_extension(ipython):
+    from .magics import QloraMagics
+
+    ipython.register_magics(QloraMagics)
+
+
+def unload_ipython_extension(ipython):
+    pass
+
+
+__all__ = ["load", "train", "generate", "save", "memory", "get_session", "reset_session", "QloraError"]

@@ -1,0 +1,113 @@
+"""The Python API: the same verbs as the magics. Each takes keyword options (the names of the
+config dataclasses) or a ready `config=`. Heavy libraries are imported inside the functions."""
+
+from __future__ import annotations
+
+from .config import GenerateConfig, LoadConfig, TrainConfig
+from .errors import ConfigError, NoModelError
+from .session import get_session
+
+
+def _config(cls, config, options):
+    if config is not None and options:
+        raise TypeError("Give either config= or keyword options, not both.")
+    return config if config is not None else cls(**options)
+
+
+def load(model=None, *, config: LoadConfig | None = None, **options):
+    """Load a quantized base model with LoRA adapters into the session; returns the LoadReport.
+
+    >>> qlora_magic.load()                                # embedded SmolLM2-135M, 8-bit, r=8 on q/v
+    >>> qlora_magic.load("my/model", bits=4, r=16, targets="all-linear")
+    >>> qlora_magic.load(adapter="runs/my-adapter")      # restore a saved adapter and its base
+
+    The session's previous model is replaced only once the new one has loaded.
+    """
+    from .loading import load_model
+    from .memory_usage import release_memory
+
+    if model is not None:
+        options["model"] = model
+    config = _config(LoadConfig, config, options)
+    new_model, tokenizer, config, report = load_model(config)
+    session = get_session()
+    session.model = None
+    release_memory()
+    session.model, session.tokenizer, session.load_config = new_model, tokenizer, config
+    session.train_configs, session.history, session.last_generation = [], [], None
+    if config.adapter:
+        from .loading import saved_run
+
+        run = saved_run(config.adapter)
+        session.train_configs = run.get("train_configs", [])
+        session.history = run.get("history", [])
+    session.last_load_report = report
+    return report
+
+
+def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=None, **options):
+    """Fine-tune the session's adapters on `data`; returns a TrainSummary.
+
+    >>> qlora_magic.train(rows, prompt="Q: {question}\\nA: ", response="{answer}", epochs=1, eval_split=0.1)
+
+    Rows go to `get_session().history` as they are logged. Ctrl-C stops at the next step and keeps the
+    adapter as trained so far.
+    """
+    from .data import ExampleTokenizer, load_rows, prepare_datasets
+    from .reporters import choose_reporter
+    from .training import run_training
+
+    if data is not None:
+        options["data"] = data
+    config = _config(TrainConfig, config, options)
+    session = get_session()
+    model = session.require_model("training")
+    if config.data is None:
+        raise ConfigError("No data given: pass data= (a file, Hub id, list of dicts, DataFrame or Dataset).")
+    # Everything that can fail on bad input runs before the model is touched.
+    rows = load_rows(config.data, config.split)
+    examples = ExampleTokenizer(session.tokenizer, config.prompt, config.response, chat=config.chat, max_length=config.max_length)
+    train_set, eval_set, _stats = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
+    reporter = reporter or choose_reporter(config.display)
+    session.train_configs.append(config.to_dict())
+    summary = run_training(model, session.tokenizer, config, train_set, eval_set, reporter,
+                           session.history, run_index=len(session.train_configs) - 1, stop=stop)
+    session.last_train_summary = summary
+    return summary
+
+
+def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None, **options) -> str:
+    """Answer `prompt`, streaming the text; returns the new text (also in `get_session().last_generation`).
+
+    >>> qlora_magic.generate("What is the capital of France?", greedy=True)
+    >>> qlora_magic.generate("Instruction: ...\\n\\nResponse: ", raw=True, base=True)
+    """
+    from .generation import generate_text
+
+    if prompt is not None:
+        options["prompt"] = prompt
+    config = _config(GenerateConfig, config, options)
+    session = get_session()
+    model = session.require_model("generation")
+    text = generate_text(model, session.tokenizer, config, on_text=on_text)
+    session.last_generation = text
+    return text
+
+
+def save(path):
+    """Save the adapter (PEFT format), tokenizer and run record to the folder `path`; returns the Path."""
+    from .saving import save_adapter
+
+    session = get_session()
+    session.require_model("saving")
+    return save_adapter(session, path)
+
+
+def memory():
+    """The memory readout now: model footprint, GPU allocated/reserved/total, or CPU memory."""
+    from .memory_usage import memory_report
+
+    return memory_report(get_session().model)
+
+
+__all__ = ["load", "train", "generate", "save", "memory", "NoModelError"]

@@ -1,0 +1,174 @@
+"""The settings of each action, as dataclasses that check their own values.
+
+Magics and widget panels both build these; the Python API takes the same names as keywords.
+Every check quotes the bad value and says what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+BITS = (4, 8, 16)
+TASKS = ("causal-lm",)
+#: LoRA targets per architecture when none are given: the attention query and value projections,
+#: as in the QLoRA course (slide 1). Architectures not listed fall back to PEFT's own table.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+}
+
+
+def _positive(name, value, kind=int, allow_zero=False):
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and int(value) != value):
+        raise ConfigError(f"{name} must be a {'whole ' if kind is int else ''}number, got {value!r}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
+
+
+def _fraction(name, value, low_open=True):
+    if value is None:
+        return
+    ok = (0 < value < 1) if low_open else (0 <= value < 1)
+    if not ok:
+        raise ConfigError(f"{name} must be between 0 and 1, got {value!r}.")
+
+
+class _Config:
+    """Shared helpers: a dict form for saving, and `replace` that re-runs the checks."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
+class LoadConfig(_Config):
+    """How to load the base model and which LoRA adapters to put on it."""
+
+    model: str | None = field(default=None, metadata={"help": "Hub id or local folder; None is the embedded default model"})
+    bits: int | None = field(default=None, metadata={"help": "8 (LLM.int8, the default), 4 (NF4 + double quantization) or 16 (none); with an adapter, the bits it was trained with"})
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    targets: list[str] | str | None = field(default=None, metadata={"help": "module names, 'all-linear', or None for the architecture's attention q/v"})
+    task: str = field(default="causal-lm", metadata={"help": "causal-lm"})
+    adapter: str | None = field(default=None, metadata={"help": "folder of a saved adapter to restore"})
+    device: str | None = field(default=None, metadata={"help": "'cuda', 'cpu', or None for CUDA when available"})
+
+    def __post_init__(self):
+        if self.bits is not None and self.bits not in BITS:
+            raise ConfigError(f"--bits must be 4, 8 or 16, got {self.bits!r}.")
+        _positive("--r", self.r)
+        _positive("--alpha", self.alpha, kind=float)
+        if not (0 <= self.dropout < 1):
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}.")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if isinstance(self.targets, (list, tuple)):
+            if not self.targets:
+                raise ConfigError("--targets is empty: give module names like q_proj,v_proj or 'all-linear'.")
+            self.targets = list(self.targets)
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}.")
+
+
+@dataclass
+class TrainConfig(_Config):
+    """What to train on and how."""
+
+    data: Any = field(default=None, metadata={"help": "Hub id, local .jsonl/.json/.csv/.parquet, list of dicts, DataFrame or datasets.Dataset"})
+    prompt: str | None = field(default=None, metadata={"help": "prompt template with {field} placeholders"})
+    response: str | None = field(default=None, metadata={"help": "response template with {field} placeholders"})
+    chat: bool = field(default=False, metadata={"help": "wrap prompt/response as user/assistant turns of the chat template"})
+    eval_split: float | None = field(default=None, metadata={"help": "fraction (0-1) or row count held out for evaluation"})
+    max_length: int = field(default=512, metadata={"help": "longest example in tokens (longer ones are cut)"})
+    split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
+    epochs: float = field(default=1, metadata={"help": "passes over the data"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    batch_size: int = field(default=4, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    warmup: float = field(default=0.03, metadata={"help": "warm-up as a fraction of the steps"})
+    scheduler: str = field(default="linear", metadata={"help": "learning-rate schedule (transformers' names)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    seed: int = field(default=42, metadata={"help": "random seed (data order, LoRA dropout)"})
+    logging_steps: int = field(default=1, metadata={"help": "log every N optimizer steps"})
+    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: about 5 times a run)"})
+    packing: bool = field(default=False, metadata={"help": "pack several examples into one row (attention kept inside each)"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "trade compute for memory; None decides from the device"})
+    output_dir: str | None = field(default=None, metadata={"help": "run folder (TensorBoard files); default runs/<time>"})
+    display: str = field(default="auto", metadata={"help": "auto, html, text or none"})
+
+    def __post_init__(self):
+        _positive("--epochs", self.epochs, kind=float)
+        _positive("--max-steps", self.max_steps)
+        _positive("--batch-size", self.batch_size)
+        _positive("--grad-accum", self.grad_accum)
+        _positive("--lr", self.lr, kind=float)
+        _positive("--max-length", self.max_length)
+        _positive("--logging-steps", self.logging_steps)
+        _positive("--eval-steps", self.eval_steps)
+        _positive("--weight-decay", self.weight_decay, kind=float, allow_zero=True)
+        if not (0 <= self.warmup < 1):
+            raise ConfigError(f"--warmup must be a fraction in [0, 1), got {self.warmup!r}.")
+        if self.eval_split is not None:
+            v = self.eval_split
+            is_fraction = isinstance(v, float) and 0 < v < 1
+            is_count = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 and float(v).is_integer()
+            if not (is_fraction or is_count):
+                raise ConfigError(f"eval_split must be a fraction between 0 and 1 or a row count, got {v!r}.")
+        if self.display not in ("auto", "html", "text", "none"):
+            raise ConfigError(f"--display must be auto, html, text or none, got {self.display!r}.")
+        if self.prompt is None and self.data is not None:
+            raise ConfigError("The cell body needs a prompt: template, e.g. prompt: \"Question: {question}\\nAnswer: \".")
+        if self.response is None and self.data is not None:
+            raise ConfigError("The cell body needs a response: template, e.g. response: \"{answer}\".")
+
+
+@dataclass
+class GenerateConfig(_Config):
+    """How to answer a prompt."""
+
+    prompt: str = ""
+    max_new_tokens: int = field(default=128, metadata={"help": "most tokens to generate"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass"})
+    greedy: bool = field(default=False, metadata={"help": "always take the most likely token (reproducible)"})
+    base: bool = field(default=False, metadata={"help": "answer with the adapters disabled"})
+    raw: bool = field(default=False, metadata={"help": "send the text exactly as written, no chat template"})
+    system: str | None = field(default=None, metadata={"help": "system message for the chat template"})
+    seed: int | None = field(default=None, metadata={"help": "seed for sampling"})
+    stream: bool = field(default=True, metadata={"help": "print text as it is produced"})
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ConfigError("The prompt is empty: write it after the magic, or in the cell body of %%qlora_generate.")
+        _positive("--max-new-tokens", self.max_new_tokens)
+        _positive("--temperature", self.temperature, kind=float)
+        if self.top_p is not None and not (0 < self.top_p <= 1):
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p!r}.")

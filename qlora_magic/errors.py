@@ -1,0 +1,30 @@
+"""Errors a user can fix: one line that says what is wrong and how to fix it."""
+
+
+class QloraError(Exception):
+    """A problem the user can fix. IPython shows it as one line, without a traceback.
+
+    The cell still fails (the exception propagates); only its rendering is short.
+    """
+
+    def _render_traceback_(self):
+        return [f"{type(self).__name__}: {self}"]
+
+
+class ConfigError(QloraError, ValueError):
+    """An option or a cell body has a bad value."""
+
+
+class DataError(QloraError, ValueError):
+    """The training data cannot be used as given."""
+
+
+class NoModelError(QloraError, RuntimeError):
+    """An action needs a loaded model and there is none."""
+
+    def __init__(self, action="this"):
+        super().__init__(f"No model is loaded, so {action} cannot run: run %qlora_load (or qlora_magic.load()) first.")
+
+
+class ModelNotFoundError(QloraError, FileNotFoundError):
+    """The model or adapter named cannot be found."""

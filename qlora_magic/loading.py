@@ -1,0 +1,240 @@
+"""Load a base model quantized with bitsandbytes and put PEFT LoRA adapters on it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DEFAULT_TARGETS, LoadConfig
+from .errors import ConfigError, ModelNotFoundError
+from .formatting import Readout, count, gb
+from .memory_usage import MemoryReport, memory_report
+
+RUN_FILE = "qlora_magic.json"  # our side file next to a saved adapter: load/train configs, metrics
+
+
+def _not_cast_notice(record):
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _not_kernels_hub_notice(record):
+    # An optional faster CPU 4-bit kernel that bitsandbytes would fetch from the Hub; we stay offline.
+    return "kernels-community" not in record.getMessage()
+
+
+def quiet_bnb_warnings():
+    cpu_ops_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _not_kernels_hub_notice not in cpu_ops_logger.filters:
+        cpu_ops_logger.addFilter(_not_kernels_hub_notice)
+    # bitsandbytes logs on every 8-bit matmul that fp32 inputs are cast to fp16: thousands of lines a run.
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _not_cast_notice not in bnb_logger.filters:
+        bnb_logger.addFilter(_not_cast_notice)
+    # transformers 5 renamed gradient checkpointing; PEFT still calls the old names.
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*")
+
+
+def choose_device(requested=None) -> str:
+    import torch
+
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU here: use --device cpu.")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_model(name) -> str:
+    """A local folder (checked) or a Hub id (passed on); None is the embedded default model."""
+    if name is None or name == "default":
+        from .default_model import default_model_path
+
+        return str(default_model_path())
+    path = Path(name).expanduser()
+    looks_local = path.exists() or str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise ModelNotFoundError(f"No model folder at {name!r}: give an existing folder with a config.json, or a Hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'.")
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{name!r} has no config.json, so it is not a model folder (for a saved adapter use --adapter {name}).")
+        return str(path)
+    return str(name)
+
+
+def quantization_config(bits: int, device: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(device),
+        )
+    return None
+
+
+def compute_dtype(device: str):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.startswith("cuda"):
+        return torch.float16
+    return torch.float32  # the CPU: fp32 is exact and as fast as bf16 on most cores
+
+
+def default_targets(model):
+    model_type = getattr(model.config, "model_type", None)
+    return DEFAULT_TARGETS.get(model_type)  # None lets PEFT use its own per-architecture table
+
+
+def saved_run(adapter_path) -> dict:
+    """The qlora_magic.json beside a saved adapter ({} when the adapter was saved by other tools)."""
+    file = Path(adapter_path) / RUN_FILE
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def adapter_base(adapter_path) -> tuple[str | None, int | None]:
+    """The base model and bits a saved adapter was trained on."""
+    path = Path(adapter_path).expanduser()
+    if not (path / "adapter_config.json").exists():
+        raise ModelNotFoundError(f"No saved adapter at {str(adapter_path)!r} (adapter_config.json is missing): give the folder %qlora_save wrote.")
+    run = saved_run(path).get("load_config", {})
+    if "model" in run:  # our own save: None means the embedded default model
+        return run["model"], run.get("bits")
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    return base, None
+
+
+def load_model(config: LoadConfig):
+    """Load tokenizer and quantized model, add LoRA (or restore a saved adapter).
+
+    Returns (model, tokenizer, LoadReport). The config's `model` and `bits` are filled in.
+    """
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_bnb_warnings()
+    started = time.perf_counter()
+    if config.adapter:
+        base, saved_bits = adapter_base(config.adapter)
+        config = config.replace(model=config.model or base, bits=config.bits or saved_bits)
+    config = config.replace(bits=config.bits or 8)
+    device = choose_device(config.device)
+    path = resolve_model(config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=quantization_config(config.bits, device),
+            dtype=compute_dtype(device) if device.startswith("cuda") else torch.float32,
+            device_map={"": device},
+        )
+    except OSError as error:
+        raise ModelNotFoundError(
+            f"Cannot load model {config.model!r}: {str(error).splitlines()[0]} "
+            "Give a local model folder, or a Hub id while online."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if config.bits in (4, 8):
+        # Casts norms to fp32 for stable training. Gradient checkpointing is decided per training run.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.adapter:
+        model = PeftModel.from_pretrained(model, str(Path(config.adapter).expanduser()), is_trainable=True)
+        lora = model.peft_config["default"]
+        config = config.replace(r=lora.r, alpha=lora.lora_alpha, dropout=lora.lora_dropout, targets=sorted(lora.target_modules) if not isinstance(lora.target_modules, str) else lora.target_modules)
+    else:
+        targets = config.targets or default_targets(model)
+        try:
+            lora = LoraConfig(
+                r=config.r,
+                lora_alpha=config.alpha,
+                lora_dropout=config.dropout,
+                target_modules=targets,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+        except ValueError as error:
+            raise ConfigError(f"--targets {targets!r} does not fit this model: {str(error).splitlines()[0]}") from None
+        config = config.replace(targets=sorted(model.peft_config["default"].target_modules) if not isinstance(model.peft_config["default"].target_modules, str) else targets)
+    report = LoadReport.measure(model, config, time.perf_counter() - started)
+    return model, tokenizer, config, report
+
+
+@dataclass(repr=False)
+class LoadReport(Readout):
+    """What was loaded: quantization, footprint against the unquantized size, trainable parameters, memory."""
+
+    model_name: str
+    bits: int
+    base_parameters: int
+    trainable_parameters: int
+    footprint: int
+    targets: list
+    r: int
+    alpha: float
+    memory: MemoryReport
+    load_seconds: float
+    adapter: str | None = None
+
+    title = "Model loaded"
+
+    @classmethod
+    def measure(cls, model, config: LoadConfig, seconds: float):
+        trainable, total = model.get_nb_trainable_parameters()
+        return cls(
+            model_name=config.model or "SmolLM2-135M-Instruct (embedded default)",
+            bits=config.bits,
+            base_parameters=total - trainable,
+            trainable_parameters=trainable,
+            footprint=int(model.get_memory_footprint()),
+            targets=config.targets if isinstance(config.targets, list) else [config.targets],
+            r=config.r,
+            alpha=config.alpha,
+            memory=memory_report(model),
+            load_seconds=seconds,
+            adapter=config.adapter,
+        )
+
+    @property
+    def quantization(self):
+        return {8: "8-bit (LLM.int8)", 4: "4-bit NF4, double quantization", 16: "none (16/32-bit weights)"}[self.bits]
+
+    @property
+    def fp32_size(self):
+        return self.base_parameters * 4
+
+    @property
+    def fp16_size(self):
+        return self.base_parameters * 2
+
+    @property
+    def trainable_percent(self):
+        return 100 * self.trainable_parameters / (self.base_parameters + self.trainable_parameters)
+
+    def rows(self):
+        rows = [
+            ("model", self.model_name),
+            ("quantization", self.quantization),
+            ("footprint", f"{gb(self.footprint)}  (fp32 {gb(self.fp32_size)}, fp16 {gb(self.fp16_size)}: "
+                          f"{self.fp32_size / self.footprint:.1f}x / {self.fp16_size / self.footprint:.1f}x smaller)"),
+            ("LoRA", f"r={self.r}, alpha={self.alpha:g} on {', '.join(self.targets)}"),
+            ("trainable", f"{self.trainable_parameters:,} of {self.base_parameters + self.trainable_parameters:,} "
+                          f"({self.trainable_percent:.3f}%, {count(self.trainable_parameters)})"),
+        ]
+        if self.adapter:
+            rows.append(("adapter", self.adapter))
+        rows += self.memory.rows()
+        rows.append(("load time", f"{self.load_seconds:.1f} s"))
+        return rows

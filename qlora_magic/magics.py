@@ -1,0 +1,58 @@
+"""The IPython magics. Each one is a parser plus one call to the Python API."""
+
+from __future__ import annotations
+
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class, no_var_expand
+from IPython.display import display
+from traitlets import Unicode
+
+from . import api, parsing
+
+
+def _doc_from(declaration):
+    """Give a magic the usage generated from its declared options (shown by %name?)."""
+
+    def decorate(method):
+        method.__doc__ = declaration.__doc__
+        return method
+
+    return decorate
+
+
+@magics_class
+class QloraMagics(Magics):
+    display = Unicode("auto", help="How %%qlora_train shows progress: auto, html, text or none.").tag(config=True)
+
+    @line_magic
+    @no_var_expand
+    @_doc_from(parsing.qlora_load)
+    def qlora_load(self, line=""):
+        display(api.load(config=parsing.parse_load(line)))
+
+    @cell_magic
+    @_doc_from(parsing.qlora_train)
+    def qlora_train(self, line="", cell=""):
+        config = parsing.parse_train(line, cell, namespace=self.shell.user_ns)
+        if "--display" not in line and "display" not in (cell or ""):
+            config = config.replace(display=self.display)
+        summary = api.train(config=config)
+        display(summary)
+
+    @line_cell_magic
+    @no_var_expand
+    @_doc_from(parsing.qlora_generate)
+    def qlora_generate(self, line="", cell=None):
+        api.generate(config=parsing.parse_generate(line, cell))
+
+    @line_magic
+    @no_var_expand
+    @_doc_from(parsing.qlora_save)
+    def qlora_save(self, line=""):
+        path = api.save(parsing.parse_save(line))
+        print(f"Saved the adapter, tokenizer and run record to {path}/")
+
+    @line_magic
+    @_doc_from(parsing.qlora_memory)
+    def qlora_memory(self, line=""):
+        parsing.parse_argstring(parsing.qlora_memory, line)
+        display(api.memory())

@@ -1,0 +1,287 @@
+"""One training run with transformers' Trainer: callbacks feed the session history and the reporter;
+Ctrl-C (a kernel interrupt) stops at the next step boundary and keeps what was learned."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TrainConfig
+from .formatting import Readout, gb
+from .reporters import Reporter
+
+
+class StopFlag:
+    """Set by Ctrl-C or a Stop button; the training callback checks it after every step."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.reason = None
+
+    def set(self, reason="interrupted"):
+        self.reason = reason
+        self.event.set()
+
+    def __bool__(self):
+        return self.event.is_set()
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(flag: StopFlag):
+    """The first Ctrl-C asks the run to stop at the next step boundary; a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        flag.set("interrupted")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _make_callback(reporter: Reporter, history: list, stop: StopFlag, run_index: int, device: str):
+    from transformers import TrainerCallback
+
+    class EventsCallback(TrainerCallback):
+        """Turns Trainer events into history rows and reporter events; never drives training
+        except to honour a stop request."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            self.last_time, self.last_tokens = self.started, 0
+
+        def progress(self, state):
+            elapsed = time.perf_counter() - self.started
+            done = state.global_step
+            eta = elapsed / done * (state.max_steps - done) if done else None
+            return {"step": done, "total_steps": state.max_steps, "elapsed": elapsed, "eta": eta}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            reporter.step(self.progress(state))
+            if stop:
+                control.should_training_stop = True
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.last_time = time.perf_counter()  # tokens/s measures training, not evaluation
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "run": run_index}
+            if "loss" in logs:
+                now, tokens = time.perf_counter(), state.num_input_tokens_seen
+                row.update(
+                    loss=logs["loss"],
+                    learning_rate=logs.get("learning_rate"),
+                    grad_norm=logs.get("grad_norm"),
+                    tokens_per_second=(tokens - self.last_tokens) / max(now - self.last_time, 1e-9),
+                )
+                row.update(_memory_now(device))
+                self.last_time, self.last_tokens = now, tokens
+            elif "eval_loss" in logs:
+                row["eval_loss"] = logs["eval_loss"]
+            else:
+                return  # the end-of-training summary log; the summary object carries it
+            history.append(row)
+            reporter.log(row, self.progress(state), history)
+
+    return EventsCallback()
+
+
+def _memory_now(device):
+    import torch
+
+    if device.startswith("cuda"):
+        return {"memory": torch.cuda.memory_allocated(), "memory_kind": "GPU allocated"}
+    import psutil
+
+    return {"memory": psutil.Process().memory_info().rss, "memory_kind": "CPU RSS"}
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def choose_settings(config: TrainConfig, device: str, n_train: int) -> dict:
+    """Settings the user did not fix, decided from the device. Shown in the readout."""
+    import torch
+
+    on_gpu = device.startswith("cuda")
+    steps_per_epoch = math.ceil(n_train / (config.batch_size * config.grad_accum))
+    total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+    return {
+        "device": device,
+        "precision": ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32",
+        "batch": f"{config.batch_size}x{config.grad_accum}",
+        "lr": config.lr,
+        "steps": total,
+        "packing": config.packing,
+        # Checkpointing saves activation memory at ~30% more compute; on the CPU memory is rarely short.
+        "gradient_checkpointing": bool(config.gradient_checkpointing) if config.gradient_checkpointing is not None else False,
+    }
+
+
+def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, reporter: Reporter,
+                 history: list, run_index: int = 0, stop: StopFlag | None = None):
+    """Train `model` in place. Returns a TrainSummary. Rows are appended to `history` as they come."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers.integrations import TensorBoardCallback
+
+    from .bnb_cpu import trainable_4bit
+    from .data import make_collator
+
+    stop = stop or StopFlag()
+    device = str(next(model.parameters()).device)
+    settings = choose_settings(config, device, len(train_set))
+    run_dir = Path(config.output_dir) if config.output_dir else default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    total = settings["steps"]
+    eval_steps = config.eval_steps or max(1, total // 5)
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        warmup_steps=config.warmup,
+        lr_scheduler_type=config.scheduler,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_set is not None else "no",
+        eval_steps=eval_steps,
+        eval_on_start=eval_set is not None,  # the "before" point of the eval curve
+        save_strategy="no",  # %qlora_save writes the adapter; no multi-GB checkpoints by surprise
+        report_to="none",  # TensorBoard is added below with our own folder
+        bf16=settings["precision"] == "bf16",
+        fp16=settings["precision"] == "fp16",
+        use_cpu=device == "cpu",
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=device != "cpu",
+        log_level="warning",
+    )
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=make_collator(tokenizer, packing=config.packing),
+        callbacks=[TensorBoardCallback(tb_writer=writer), _make_callback(reporter, history, stop, run_index, device)],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the reporter shows them
+    first_row = len(history)
+    reporter.start({"total_steps": total, "settings": settings, "run_dir": str(run_dir)})
+    started = time.perf_counter()
+    status, error = "completed", None
+    try:
+        with trainable_4bit(model), stop_on_interrupt(stop):
+            trainer.train()
+        if stop:
+            status = "interrupted"
+        elif eval_set is not None and (not history or history[-1].get("eval_loss") is None):
+            trainer.evaluate()  # the "after" point, when the last step was not an eval step
+    except KeyboardInterrupt:
+        status = "interrupted"  # a second Ctrl-C: the step in flight is lost, earlier ones are kept
+    except BaseException as exc:
+        status, error = "failed", exc
+    finally:
+        writer.close()
+        model.eval()
+        summary = TrainSummary.from_history(
+            history[first_row:], status=status, steps_planned=total, seconds=time.perf_counter() - started,
+            run_dir=str(run_dir), settings=settings, steps_done=trainer.state.global_step,
+        )
+        reporter.end(summary)
+    if error is not None:
+        raise error
+    return summary
+
+
+@dataclass(repr=False)
+class TrainSummary(Readout):
+    """What a training run did: status, steps, loss before/after, speed, memory, where its files are."""
+
+    status: str
+    steps_done: int
+    steps_planned: int
+    seconds: float
+    run_dir: str
+    settings: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+    title = "Training"
+
+    @classmethod
+    def from_history(cls, rows, **kw):
+        return cls(history=list(rows), **kw)
+
+    def _series(self, key):
+        return [r[key] for r in self.history if r.get(key) is not None]
+
+    @property
+    def train_loss(self):
+        losses = self._series("loss")
+        return (losses[0], losses[-1]) if losses else (None, None)
+
+    @property
+    def eval_loss(self):
+        losses = self._series("eval_loss")
+        return (losses[0], losses[-1]) if losses else (None, None)
+
+    @property
+    def seconds_per_step(self):
+        return self.seconds / self.steps_done if self.steps_done else None
+
+    @property
+    def tokens_per_second(self):
+        speeds = self._series("tokens_per_second")[1:]  # the first step includes warm-up
+        return sum(speeds) / len(speeds) if speeds else None
+
+    def rows(self):
+        first, last = self.train_loss
+        rows = [("status", self.status), ("steps", f"{self.steps_done}/{self.steps_planned}")]
+        if first is not None:
+            rows.append(("train loss", f"{first:.4f} -> {last:.4f}"))
+        e_first, e_last = self.eval_loss
+        if e_first is not None:
+            rows.append(("eval loss", f"{e_first:.4f} -> {e_last:.4f}"))
+        rows.append(("time", f"{self.seconds:.1f} s" + (f" ({self.seconds_per_step:.2f} s/step)" if self.seconds_per_step else "")))
+        if self.tokens_per_second:
+            rows.append(("tokens/s", f"{self.tokens_per_second:,.0f}"))
+        peak = max(self._series("memory"), default=None)
+        if peak:
+            rows.append(("peak memory", gb(peak)))
+        rows.append(("settings", ", ".join(f"{k}={v}" for k, v in self.settings.items())))
+        rows.append(("TensorBoard", f"{self.run_dir}/tensorboard"))
+        if self.status == "interrupted":
+            rows.append(("note", f"stopped at step {self.steps_done}; the adapter keeps what it learned so far"))
+        return rows
+
+    def _repr_html_(self):
+        from .chart import loss_chart_png, png_img_tag
+
+        table = super()._repr_html_()
+        return table + (png_img_tag(loss_chart_png(self.history)) if self.history else "")
