@@ -133,11 +133,14 @@ def _ids(result):
 
 def prepare_datasets(rows, example_tokenizer: ExampleTokenizer, eval_split=None, seed=42):
     """Tokenize and split. Returns (train, eval or None, stats dict)."""
+    from .quiet import no_progress_bars
+
     check_templates(example_tokenizer.prompt, example_tokenizer.response, rows.column_names)
-    tokenized = rows.map(example_tokenizer, remove_columns=rows.column_names, desc="tokenizing")
-    before = len(tokenized)
-    # An example whose response was cut away entirely teaches nothing (and would give a NaN loss).
-    tokenized = tokenized.filter(lambda ex: any(label != IGNORE_INDEX for label in ex["labels"]))
+    with no_progress_bars():
+        tokenized = rows.map(example_tokenizer, remove_columns=rows.column_names)
+        before = len(tokenized)
+        # An example whose response was cut away entirely teaches nothing (and would give a NaN loss).
+        tokenized = tokenized.filter(lambda ex: any(label != IGNORE_INDEX for label in ex["labels"]))
     dropped = before - len(tokenized)
     if len(tokenized) == 0:
         raise DataError(f"Every example is longer than max_length={example_tokenizer.max_length} before its response starts: raise max_length.")

@@ -32,7 +32,7 @@ def generate_text(model, tokenizer, config: GenerateConfig, on_text=None) -> str
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-    from .loading import quiet_bnb_warnings
+    from .quiet import quiet_bnb_warnings
 
     quiet_bnb_warnings()
     on_text = on_text or (_write_stdout if config.stream else (lambda _: None))

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,29 +11,13 @@ from .config import DEFAULT_TARGETS, LoadConfig
 from .errors import ConfigError, ModelNotFoundError
 from .formatting import Readout, count, gb
 from .memory_usage import MemoryReport, memory_report
+from .quiet import no_progress_bars, quiet_bnb_warnings
 
 RUN_FILE = "qlora_magic.json"  # our side file next to a saved adapter: load/train configs, metrics
 
 
 def _not_cast_notice(record):
     return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
-
-
-def _not_kernels_hub_notice(record):
-    # An optional faster CPU 4-bit kernel that bitsandbytes would fetch from the Hub; we stay offline.
-    return "kernels-community" not in record.getMessage()
-
-
-def quiet_bnb_warnings():
-    cpu_ops_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if _not_kernels_hub_notice not in cpu_ops_logger.filters:
-        cpu_ops_logger.addFilter(_not_kernels_hub_notice)
-    # bitsandbytes logs on every 8-bit matmul that fp32 inputs are cast to fp16: thousands of lines a run.
-    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if _not_cast_notice not in bnb_logger.filters:
-        bnb_logger.addFilter(_not_cast_notice)
-    # transformers 5 renamed gradient checkpointing; PEFT still calls the old names.
-    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*")
 
 
 def choose_device(requested=None) -> str:
@@ -119,11 +101,11 @@ def load_model(config: LoadConfig):
 
     Returns (model, tokenizer, LoadReport). The config's `model` and `bits` are filled in.
     """
+    quiet_bnb_warnings()  # before peft imports bitsandbytes
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet_bnb_warnings()
     started = time.perf_counter()
     if config.adapter:
         base, saved_bits = adapter_base(config.adapter)
@@ -132,13 +114,14 @@ def load_model(config: LoadConfig):
     device = choose_device(config.device)
     path = resolve_model(config.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            quantization_config=quantization_config(config.bits, device),
-            dtype=compute_dtype(device) if device.startswith("cuda") else torch.float32,
-            device_map={"": device},
-        )
+        with no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                quantization_config=quantization_config(config.bits, device),
+                dtype=compute_dtype(device) if device.startswith("cuda") else torch.float32,
+                device_map={"": device},
+            )
     except OSError as error:
         raise ModelNotFoundError(
             f"Cannot load model {config.model!r}: {str(error).splitlines()[0]} "

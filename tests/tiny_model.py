@@ -1,0 +1,62 @@
+"""A tiny Llama model and tokenizer built offline, for fast real runs of the whole pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "the cat sat on the mat", "the dog ran in the park", "what is the color of the sky",
+    "the sky is blue", "grass is green", "question answer instruction input response",
+    "hello world how are you today", "red green blue yellow black white orange purple",
+    "one two three four five six seven eight nine ten",
+] * 20
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(folder: Path, hidden=64, layers=2) -> Path:
+    """Save a 2-layer Llama (hidden 64) with random weights and its tokenizer into `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def toy_rows(n=48):
+    """A learnable task: a fixed answer per colour word."""
+    pairs = [("sky", "blue"), ("grass", "green"), ("sun", "yellow"), ("night", "black"),
+             ("snow", "white"), ("fire", "red")]
+    return [{"question": f"what is the color of the {a}", "answer": f"the {a} is {b}"} for a, b in (pairs * n)[:n]]
