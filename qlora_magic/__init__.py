@@ -15,6 +15,9 @@ from .api import generate, load, memory, save, train  # noqa: E402
 from .errors import QloraError  # noqa: E402
 from . import examples  # noqa: E402
 from .session import get_session, reset_session  # noqa: E402
+# The function shadows its module on purpose (qlora_magic.panel() is the verb); the module imports
+# ipywidgets only when a panel is built.
+from .panel import panel  # noqa: E402
 
 
 def load_ipython_extension(ipython):
@@ -27,4 +30,4 @@ def unload_ipython_extension(ipython):
     pass
 
 
-__all__ = ["load", "train", "generate", "save", "memory", "get_session", "reset_session", "QloraError"]
+__all__ = ["load", "train", "generate", "save", "memory", "get_session", "reset_session", "panel", "QloraError"]

@@ -122,7 +122,7 @@ class TrainConfig(_Config):
     packing: bool = field(default=False, metadata={"help": "pack several examples into one row (attention kept inside each)"})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "trade compute for memory; None decides from the device"})
     output_dir: str | None = field(default=None, metadata={"help": "run folder (TensorBoard files); default runs/<time>"})
-    display: str = field(default="auto", metadata={"help": "auto, html, text or none"})
+    display: str = field(default="auto", metadata={"help": "auto, html, widget, text or none"})
 
     def __post_init__(self):
         _positive("--epochs", self.epochs, kind=float)
@@ -142,8 +142,8 @@ class TrainConfig(_Config):
             is_count = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 and float(v).is_integer()
             if not (is_fraction or is_count):
                 raise ConfigError(f"eval_split must be a fraction between 0 and 1 or a row count, got {v!r}.")
-        if self.display not in ("auto", "html", "text", "none"):
-            raise ConfigError(f"--display must be auto, html, text or none, got {self.display!r}.")
+        if self.display not in ("auto", "html", "widget", "text", "none"):
+            raise ConfigError(f"--display must be auto, html, widget, text or none, got {self.display!r}.")
         if self.prompt is None and self.data is not None:
             raise ConfigError("The cell body needs a prompt: template, e.g. prompt: \"Question: {question}\\nAnswer: \".")
         if self.response is None and self.data is not None:

@@ -56,3 +56,11 @@ class QloraMagics(Magics):
     def qlora_memory(self, line=""):
         parsing.parse_argstring(parsing.qlora_memory, line)
         display(api.memory())
+
+    @line_magic
+    @_doc_from(parsing.qlora_panel)
+    def qlora_panel(self, line=""):
+        from .panel import panel
+
+        parsing.parse_argstring(parsing.qlora_panel, line)
+        return panel()

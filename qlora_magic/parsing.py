@@ -50,7 +50,7 @@ def qlora_load(line=""):
 @argument("--packing", action="store_true", default=None, help="pack examples into one row per batch (no padding)")
 @argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations to save memory")
 @argument("--output-dir", default=None, help="run folder for TensorBoard files (default runs/<time>)")
-@argument("--display", default=None, choices=["auto", "html", "text", "none"], help="how to show progress (default auto)")
+@argument("--display", default=None, choices=["auto", "html", "widget", "text", "none"], help="how to show progress (default auto)")
 def qlora_train(line="", cell=""):
     """Fine-tune the loaded model's adapters. The cell body is YAML::
 
@@ -207,4 +207,13 @@ def parse_save(line: str) -> str:
     return parse_argstring(qlora_save, line).path
 
 
-MAGIC_DECLARATIONS = [qlora_load, qlora_train, qlora_generate, qlora_save, qlora_memory]
+@magic_arguments()
+def qlora_panel(line=""):
+    """Show the dashboard: Load, Train, Generate and Save tabs over a live memory readout.
+
+    Training runs in the background, so the Stop button works while it runs. Same as
+    ``qlora_magic.panel()``; needs ipywidgets.
+    """
+
+
+MAGIC_DECLARATIONS = [qlora_load, qlora_train, qlora_generate, qlora_save, qlora_memory, qlora_panel]

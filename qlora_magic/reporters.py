@@ -171,6 +171,10 @@ def in_notebook() -> bool:
 def choose_reporter(kind="auto") -> Reporter:
     if kind == "none":
         return NullReporter()
+    if kind == "widget":  # explicit only: widget state is not kept in a saved notebook, HTML is
+        from .panel import WidgetReporter
+
+        return WidgetReporter(show=True)
     if kind == "html" or (kind == "auto" and in_notebook()):
         return HtmlReporter()
     return TextReporter()

@@ -144,7 +144,7 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
     from .bnb_cpu import trainable_4bit
     from .data import make_collator
 
-    stop = stop or StopFlag()
+    stop = stop if stop is not None else StopFlag()  # an unset StopFlag is falsy
     device = str(next(model.parameters()).device)
     settings = choose_settings(config, device, len(train_set))
     run_dir = Path(config.output_dir) if config.output_dir else default_run_dir()

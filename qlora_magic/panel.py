@@ -1,0 +1,448 @@
+"""The widget dashboard: Load, Train, Generate and Save tabs over a live Memory readout.
+
+    >>> import qlora_magic as qm
+    >>> qm.panel()            # or %qlora_panel
+
+Every button builds the same config dataclass a magic builds and calls the same Python API
+(`api.load`, `api.train`, `api.generate`, `api.save`, `api.memory`); nothing is reachable only here.
+
+How Stop reaches the training loop: an action runs in a background thread, so the kernel stays free
+to receive widget messages while the model trains. Stop sets the `training.StopFlag` given to
+`api.train(stop=...)`; the training callback sees it after the step in flight and ends the run there,
+keeping the adapter as trained so far. (A kernel interrupt cannot do this: it only reaches the main
+thread, and a synchronous cell would block the Stop click itself.) One action runs at a time; the
+action buttons are disabled meanwhile, and `Panel.wait()` blocks until the action in flight is done
+(scripts and tests use it after `button.click()`).
+
+Errors in an action show as one line in the panel's status line, like the magics show them; the
+exception is also kept in `Panel.last_error`.
+
+`WidgetReporter` is the training display built of widgets (a progress bar, the readouts and the loss
+chart); the panel shows one, and `%%qlora_train --display widget` uses one on its own.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+
+from . import api
+from .config import GenerateConfig, LoadConfig, TrainConfig
+from .errors import ConfigError, QloraError
+from .formatting import gb
+from .reporters import Reporter, readout_items
+
+WIDGET_REFRESH_SECONDS = 1.0  # redrawing the chart PNG costs ~50 ms; once a second keeps it under 5%
+BAR_STYLES = {"running": "info", "completed": "success", "interrupted": "warning", "failed": "danger"}
+
+
+def _widgets():
+    try:
+        import ipywidgets
+    except ImportError:
+        raise QloraError("The panel needs ipywidgets: pip install ipywidgets (the magics work without it).") from None
+    return ipywidgets
+
+
+def _last(history, key):
+    return next((r for r in reversed(history) if r.get(key) is not None), None)
+
+
+class WidgetReporter(Reporter):
+    """Training shown with widgets: a progress bar, a line of readouts and the loss chart.
+
+    Only widget values change while training runs, which ipywidgets sends from any thread, so it
+    also works when training runs in the background (as in the panel). `show=True` displays the
+    widget when training starts (what `--display widget` does); the panel places it itself.
+    """
+
+    def __init__(self, show=False, refresh_seconds=WIDGET_REFRESH_SECONDS):
+        w = _widgets()
+        self.show = show
+        self.refresh_seconds = refresh_seconds
+        self.settings = w.HTML(layout=w.Layout(width="100%"))
+        self.bar = w.FloatProgress(value=0, min=0, max=1, bar_style="info", description="training",
+                                   layout=w.Layout(width="100%", max_width="540px"))
+        self.readout = w.HTML()
+        self.chart = w.Image(format="png", layout=w.Layout(max_width="540px"))
+        self.widget = w.VBox([self.settings, self.bar, self.readout, self.chart])
+        self.status = "idle"
+        self.history: list = []
+        self._progress = {"step": 0, "total_steps": 0}
+        self._last_chart = 0.0
+
+    def start(self, info):
+        self.status, self.history = "running", []
+        self._progress = {"step": 0, "total_steps": info["total_steps"]}
+        settings = ", ".join(f"{k}={v}" for k, v in info.get("settings", {}).items())
+        self.settings.value = f"<span style='color:#555;font-size:90%'>{html.escape(settings)}</span>"
+        self.bar.bar_style, self.bar.value = BAR_STYLES["running"], 0
+        self.chart.value = b""
+        self._draw_readout()
+        if self.show:
+            from IPython.display import display
+
+            display(self.widget)
+
+    def step(self, progress):
+        self._progress = progress
+        self._draw_readout()
+
+    def log(self, row, progress, history):
+        self._progress, self.history = progress, history
+        self._draw_readout()
+        if time.monotonic() - self._last_chart >= self.refresh_seconds:
+            self._draw_chart()
+
+    def end(self, summary):
+        self.status = summary.status
+        self.bar.bar_style = BAR_STYLES.get(summary.status, "info")
+        self.bar.description = summary.status
+        self._progress = {**self._progress, "step": summary.steps_done}
+        self.history = summary.history or self.history
+        self._draw_readout()
+        self._draw_chart()
+
+    def _draw_readout(self):
+        p = self._progress
+        self.bar.value = p["step"] / p["total_steps"] if p.get("total_steps") else 0
+        items = readout_items(_last(self.history, "loss"), _last(self.history, "eval_loss"), p)
+        self.readout.value = f"{html.escape(self.status)} · " + " · ".join(
+            f"<b>{html.escape(k)}</b> {html.escape(v)}" for k, v in items)
+
+    def _draw_chart(self):
+        from .chart import loss_chart_png
+
+        if self.history:
+            self.chart.value = loss_chart_png(self.history)
+        self._last_chart = time.monotonic()
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def _enable_colab_widgets():
+    """Colab renders ipywidgets 8 only through its custom widget manager; switch it on there."""
+    try:
+        from google.colab import output  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    output.enable_custom_widget_manager()
+
+
+def _none_if_zero(value):
+    return value if value else None
+
+
+class Panel:
+    """The dashboard. `Panel.widget` is the ipywidgets tree; the controls are attributes, so a
+    script or a test can set values and press buttons: `p.bits.value = 4; p.load_button.click()`.
+
+    Pre-fill the Train tab with `data=` (a path, a Hub id, "$name" of a notebook variable, or the rows
+    themselves), `prompt=` and `response=`; without them it offers the shipped word_forms example.
+    """
+
+    def __init__(self, data=None, prompt=None, response=None):
+        w = _widgets()
+        from . import examples
+
+        self.last_error: BaseException | None = None
+        self._worker: threading.Thread | None = None
+        self._stop = None
+        self._data_object = None
+        short = {"description_width": "110px"}
+        wide = w.Layout(width="95%")
+
+        # --- Load
+        self.model = w.Text(description="model", placeholder="default: embedded SmolLM2-135M-Instruct",
+                            style=short, layout=wide)
+        self.bits = w.Dropdown(description="bits", options=[("8 (LLM.int8)", None), ("4 (NF4)", 4), ("16 (none)", 16)],
+                               value=None, style=short)  # None: 8, or the bits a restored adapter was trained with
+        self.r = w.BoundedIntText(description="LoRA r", value=8, min=1, max=1024, style=short)
+        self.alpha = w.FloatText(description="LoRA alpha", value=32, style=short)
+        self.dropout = w.BoundedFloatText(description="LoRA dropout", value=0.05, min=0, max=0.99, step=0.01, style=short)
+        self.targets = w.Text(description="targets", placeholder="default: attention q,v (or all-linear)",
+                              style=short, layout=wide)
+        self.adapter = w.Text(description="adapter", placeholder="optional: a saved adapter folder to restore",
+                              style=short, layout=wide)
+        self.load_button = w.Button(description="Load", button_style="primary", icon="download")
+        self.load_info = w.HTML()
+        load_tab = w.VBox([self.model, w.HBox([self.bits, self.r]), w.HBox([self.alpha, self.dropout]),
+                           self.targets, self.adapter, self.load_button, self.load_info])
+
+        # --- Train
+        if data is None and prompt is None and response is None:
+            data = examples.path("word_forms")
+            prompt = "Instruction: {instruction}\n\nInput: {context}\n\nResponse: "
+            response = "{response}"
+        if data is not None and not isinstance(data, str):
+            self._data_object = data
+            data = "(the rows given to panel())"
+        self.data = w.Text(description="data", value=data or "", style=short, layout=wide,
+                           placeholder="a .jsonl/.json/.csv/.parquet path, a Hub id, or $variable")
+        self.prompt = w.Textarea(description="prompt", value=prompt or "", style=short, layout=w.Layout(width="95%", height="70px"),
+                                 placeholder="template with {field} placeholders")
+        self.response = w.Textarea(description="response", value=response or "", style=short,
+                                   layout=w.Layout(width="95%", height="40px"), placeholder="{answer}")
+        self.chat = w.Checkbox(description="chat template", value=False, style=short)
+        self.epochs = w.BoundedFloatText(description="epochs", value=1, min=0.01, max=1000, style=short)
+        self.max_steps = w.BoundedIntText(description="max steps", value=0, min=0, max=10**7, style=short,
+                                          tooltip="0: as many as the epochs take")
+        self.lr = w.FloatText(description="learning rate", value=2e-4, style=short)
+        self.batch_size = w.BoundedIntText(description="batch size", value=4, min=1, max=4096, style=short)
+        self.grad_accum = w.BoundedIntText(description="grad accum", value=4, min=1, max=4096, style=short)
+        self.eval_split = w.BoundedFloatText(description="eval split", value=0, min=0, max=10**6, style=short,
+                                             tooltip="0: none; a fraction (0.1) or a row count")
+        self.train_button = w.Button(description="Train", button_style="primary", icon="play")
+        self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True,
+                                    tooltip="end training after the step in flight; the adapter keeps what it learned")
+        self.reporter = WidgetReporter()
+        train_tab = w.VBox([
+            self.data, self.prompt, self.response,
+            w.HBox([self.epochs, self.max_steps]), w.HBox([self.lr, self.eval_split]),
+            w.HBox([self.batch_size, self.grad_accum]), self.chat,
+            w.HBox([self.train_button, self.stop_button]), self.reporter.widget,
+        ])
+
+        # --- Generate
+        self.gen_prompt = w.Textarea(description="prompt", style=short, layout=w.Layout(width="95%", height="90px"),
+                                     placeholder="Ask something")
+        self.temperature = w.FloatSlider(description="temperature", value=0.7, min=0.05, max=2.0, step=0.05, style=short)
+        self.top_p = w.FloatSlider(description="top p", value=0.9, min=0.05, max=1.0, step=0.05, style=short)
+        self.max_new_tokens = w.IntSlider(description="max tokens", value=128, min=1, max=1024, style=short)
+        self.greedy = w.Checkbox(description="greedy (reproducible)", value=False, style=short)
+        self.raw = w.Checkbox(description="raw (no chat template)", value=False, style=short)
+        self.which = w.ToggleButtons(options=[("with adapter", "adapter"), ("base model", "base")], value="adapter",
+                                     description="answer", style=short)
+        self.generate_button = w.Button(description="Generate", button_style="primary", icon="comment")
+        self.answer = w.HTML()
+        generate_tab = w.VBox([self.gen_prompt, w.HBox([self.temperature, self.top_p]), self.max_new_tokens,
+                               w.HBox([self.greedy, self.raw]), self.which, self.generate_button, self.answer])
+
+        # --- Save
+        self.save_path = w.Text(description="folder", value="adapters/panel-adapter", style=short, layout=wide)
+        self.save_button = w.Button(description="Save", button_style="primary", icon="save")
+        save_tab = w.VBox([self.save_path, self.save_button,
+                           w.HTML("<span style='color:#555'>Writes the adapter (PEFT format), tokenizer, run "
+                                  "configs and metrics; restore with the Load tab's adapter field.</span>")])
+
+        # --- Memory (always visible) and status line
+        self.memory_bars = {
+            name: w.FloatProgress(value=0, min=0, max=1, description=name, style={"description_width": "130px"},
+                                  layout=w.Layout(width="340px"))
+            for name in ("model footprint", "allocated", "reserved", "process RSS")
+        }
+        self.memory_labels = {name: w.Label() for name in self.memory_bars}
+        self.memory_rows = {name: w.HBox([self.memory_bars[name], self.memory_labels[name]]) for name in self.memory_bars}
+        self.memory_title = w.HTML("<b>Memory</b>")
+        self.memory_refresh = w.Button(description="Refresh", icon="refresh", layout=w.Layout(width="100px"))
+        self.memory_box = w.VBox([w.HBox([self.memory_title, self.memory_refresh]), *self.memory_rows.values()])
+        self.status = w.HTML()
+
+        self.tabs = w.Tab(children=[load_tab, train_tab, generate_tab, save_tab])
+        for i, title in enumerate(["Load", "Train", "Generate", "Save"]):
+            self.tabs.set_title(i, title)
+        self.widget = w.VBox([w.HTML("<b>qlora_magic</b>"), self.tabs, self.status, self.memory_box])
+
+        self._action_buttons = [self.load_button, self.train_button, self.generate_button, self.save_button]
+        self.load_button.on_click(lambda _: self._start("load", self._load))
+        self.train_button.on_click(lambda _: self._start("train", self._train))
+        self.generate_button.on_click(lambda _: self._start("generate", self._generate))
+        self.save_button.on_click(lambda _: self._start("save", self._save))
+        self.stop_button.on_click(lambda _: self.stop())
+        self.memory_refresh.on_click(lambda _: self._guarded(self.refresh_memory))
+        self._say("Load a model to start." if api.get_session().model is None else "A model is loaded.")
+        self._guarded(self.refresh_memory)
+
+    # --- the actions: each reads the controls into a config and makes one API call
+
+    def load_config(self) -> LoadConfig:
+        return LoadConfig(
+            model=self.model.value.strip() or None, bits=self.bits.value, r=self.r.value, alpha=self.alpha.value,
+            dropout=self.dropout.value, targets=self.targets.value.strip() or None,
+            adapter=self.adapter.value.strip() or None,
+        )
+
+    def train_config(self) -> TrainConfig:
+        data = self._data_value()
+        split = self.eval_split.value
+        return TrainConfig(
+            data=data, prompt=self.prompt.value or None, response=self.response.value or None, chat=self.chat.value,
+            epochs=self.epochs.value, max_steps=_none_if_zero(self.max_steps.value), lr=self.lr.value,
+            batch_size=self.batch_size.value, grad_accum=self.grad_accum.value,
+            eval_split=None if not split else (int(split) if split >= 1 else split), display="none",
+        )
+
+    def generate_config(self) -> GenerateConfig:
+        return GenerateConfig(
+            prompt=self.gen_prompt.value, temperature=self.temperature.value, top_p=self.top_p.value,
+            max_new_tokens=self.max_new_tokens.value, greedy=self.greedy.value, raw=self.raw.value,
+            base=self.which.value == "base", stream=True,
+        )
+
+    def _data_value(self):
+        text = self.data.value.strip()
+        if self._data_object is not None and text == "(the rows given to panel())":
+            return self._data_object
+        if not text:
+            raise ConfigError("No data: give a .jsonl/.json/.csv/.parquet path, a Hub dataset id, or $variable.")
+        if text.startswith("$"):
+            from IPython import get_ipython
+
+            from .parsing import _lookup
+
+            shell = get_ipython()
+            return _lookup(text[1:], shell.user_ns if shell is not None else None)
+        return text
+
+    def _load(self):
+        config = self.load_config()
+        self._say("Loading the model…")
+        report = api.load(config=config)
+        self.load_info.value = report._repr_html_()
+        self._say(f"Loaded {report.model_name}: {report.quantization}, {gb(report.footprint)}, "
+                  f"{report.trainable_parameters:,} trainable parameters ({report.trainable_percent:.2f}%).")
+
+    def _train(self):
+        from .training import StopFlag
+
+        config = self.train_config()
+        self._stop = StopFlag()
+        self.stop_button.disabled = False
+        self._say("Training… (Stop ends it after the step in flight)")
+        try:
+            summary = api.train(config=config, reporter=self.reporter, stop=self._stop)
+        finally:
+            self.stop_button.disabled = True
+        first, last = summary.train_loss
+        loss = f"; loss {first:.3f} → {last:.3f}" if first is not None else ""
+        self._say(f"Training {summary.status}: {summary.steps_done}/{summary.steps_planned} steps{loss}.")
+
+    def _generate(self):
+        config = self.generate_config()
+        pieces = []
+        self.answer.value = ""
+        self._say("Generating…")
+
+        def on_text(chunk):
+            pieces.append(chunk)
+            self.answer.value = _pre("".join(pieces))
+
+        text = api.generate(config=config, on_text=on_text)
+        self.answer.value = _pre(text)
+        self._say(f"Generated {len(text)} characters ({'base model' if config.base else 'with adapter'}).")
+
+    def _save(self):
+        path = self.save_path.value.strip()
+        if not path:
+            raise ConfigError("Give a folder to save the adapter to.")
+        saved = api.save(path)
+        self._say(f"Saved the adapter, tokenizer and run record to {saved}/")
+
+    def refresh_memory(self):
+        """Measure memory now and redraw the bars (after every action too)."""
+        report = api.memory()
+        on_gpu = report.gpu_total is not None
+        total = report.gpu_total if on_gpu else report.cpu_total
+        values = {
+            "model footprint": report.model_footprint,
+            "allocated": report.gpu_allocated,
+            "reserved": report.gpu_reserved,
+            "process RSS": report.cpu_rss,
+        }
+        where = "GPU" if on_gpu else "CPU"
+        self.memory_title.value = f"<b>Memory</b> <span style='color:#555'>({html.escape(report.device)}; bars are shares of {gb(total)} {where} memory)</span>"
+        for name, bar in self.memory_bars.items():
+            value = values[name]
+            shown = value is not None and (on_gpu or name in ("model footprint", "process RSS"))
+            self.memory_rows[name].layout.display = None if shown else "none"
+            if shown:
+                denominator = report.cpu_total if name == "process RSS" else total
+                bar.value = min(1.0, value / denominator) if denominator else 0
+                self.memory_labels[name].value = gb(value)
+        return report
+
+    # --- running actions in the background, one at a time
+
+    def _start(self, name, action):
+        if self.busy:
+            self._fail(QloraError(f"Busy: wait for the running action to finish (or press Stop) before {name}."))
+            return
+        self.last_error = None
+        for button in self._action_buttons:
+            button.disabled = True
+        self._worker = threading.Thread(target=self._run, args=(action,), name=f"qlora-panel-{name}", daemon=True)
+        self._worker.start()
+
+    def _run(self, action):
+        try:
+            self._guarded(action)
+        finally:
+            for button in self._action_buttons:
+                button.disabled = False
+            self._guarded(self.refresh_memory)
+
+    def _guarded(self, action):
+        try:
+            action()
+        except BaseException as error:  # shown in the panel: a click has no cell to fail
+            self._fail(error)
+
+    def _fail(self, error):
+        self.last_error = error
+        self._say(f"{type(error).__name__}: {_one_line(error)}", error=True)
+
+    def _say(self, text, error=False):
+        color = "#d62728" if error else "#333"
+        self.status.value = f"<span style='color:{color}'>{html.escape(text)}</span>"
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def stop(self):
+        """End training after the step in flight (what the Stop button does)."""
+        if self._stop is not None and self.busy:
+            self._stop.set("stopped")
+            self._say("Stopping after the step in flight…")
+
+    def wait(self, timeout=None) -> "Panel":
+        """Block until the action in flight is done; raises nothing (errors are in the status line
+        and `last_error`). For scripts and tests: `p.train_button.click(); p.wait()`."""
+        if self._worker is not None:
+            self._worker.join(timeout)
+        return self
+
+    @property
+    def status_text(self) -> str:
+        """The status line as plain text."""
+        import re
+
+        return html.unescape(re.sub(r"<[^>]+>", "", self.status.value))
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def _pre(text) -> str:
+    return f"<pre style='white-space:pre-wrap;margin:0'>{html.escape(text)}</pre>"
+
+
+def _one_line(error) -> str:
+    text = str(error).strip() or type(error).__doc__ or ""
+    return text.splitlines()[0] if text else ""
+
+
+def panel(data=None, prompt=None, response=None) -> Panel:
+    """Show the dashboard (Load, Train, Generate, Save, Memory) and return it.
+
+    >>> p = qlora_magic.panel()                       # Train tab offers the shipped word_forms example
+    >>> p = qlora_magic.panel(data="$rows", prompt="Q: {q}\\nA: ", response="{a}")
+    """
+    _enable_colab_widgets()
+    return Panel(data=data, prompt=prompt, response=response)

@@ -1,0 +1,198 @@
+"""The widget panel and the widget reporter, without a browser: set traits, click buttons, wait for
+the background action, assert on widget values. Real runs use the tiny offline Llama."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import qlora_magic
+from qlora_magic import api
+from qlora_magic.errors import QloraError
+from qlora_magic.panel import Panel, WidgetReporter
+from qlora_magic.reporters import choose_reporter
+
+pytest.importorskip("ipywidgets")
+
+
+def click(panel, button):
+    button.click()
+    return panel.wait(timeout=300)
+
+
+def test_panel_starts_empty_and_shows_cpu_memory():
+    p = qlora_magic.panel()
+    assert isinstance(p, Panel)
+    assert p.status_text == "Load a model to start."
+    assert p.memory_bars["process RSS"].value > 0
+    assert p.memory_rows["process RSS"].layout.display is None
+    assert p.memory_rows["allocated"].layout.display == "none"  # no GPU rows on a CPU
+    assert "CPU" in p.memory_title.value
+    # The Train tab offers the shipped example, so a first round trip needs no typing.
+    assert p.data.value.endswith("word_forms.jsonl") and "{instruction}" in p.prompt.value
+    assert [p.tabs.get_title(i) for i in range(4)] == ["Load", "Train", "Generate", "Save"]
+    assert p.widget.get_state()["_model_name"] == "VBoxModel"
+
+
+def test_an_action_without_a_model_fails_as_one_line():
+    p = qlora_magic.panel()
+    p.gen_prompt.value = "Hello"
+    click(p, p.generate_button)
+    assert p.status_text == ("NoModelError: No model is loaded, so generation cannot run: "
+                             "run %qlora_load (or qlora_magic.load()) first.")
+    assert isinstance(p.last_error, QloraError)
+    assert "#d62728" in p.status.value  # shown in red
+    assert not p.generate_button.disabled and not p.busy
+
+
+def test_unexpected_errors_show_their_first_line(monkeypatch):
+    def boom(**_):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(api, "generate", boom)
+    p = qlora_magic.panel()
+    p.gen_prompt.value = "Hello"
+    click(p, p.generate_button)
+    assert p.status_text == "RuntimeError: boom"
+
+
+def test_bad_form_values_fail_in_the_config_check(tiny_loaded):
+    p = qlora_magic.panel(data="", prompt="Q: {q}", response="{a}")
+    click(p, p.train_button)
+    assert p.status_text.startswith("ConfigError: No data")
+    p.data.value = "$nowhere"
+    click(p, p.train_button)
+    assert "names no variable" in p.status_text
+    p.save_path.value = " "
+    click(p, p.save_button)
+    assert p.status_text == "ConfigError: Give a folder to save the adapter to."
+
+
+def test_load_errors_show_in_the_panel(tmp_path):
+    p = qlora_magic.panel()
+    p.model.value = str(tmp_path / "no-such-model")
+    click(p, p.load_button)
+    assert p.status_text.startswith("ModelNotFoundError: ")
+    assert "\n" not in p.status_text
+    assert qlora_magic.get_session().model is None
+
+
+def test_round_trip_load_train_generate_save(tiny_model_dir, rows, tmp_path):
+    p = qlora_magic.panel(data=rows, prompt="Q: {question}\nA: ", response="{answer}")
+    p.model.value = tiny_model_dir
+    p.bits.value = 4
+    p.r.value = 4
+    click(p, p.load_button)
+    assert p.last_error is None, p.status_text
+    session = qlora_magic.get_session()
+    assert session.load_config.bits == 4 and session.load_config.r == 4
+    assert "Model loaded" in p.load_info.value
+    assert p.memory_bars["model footprint"].value > 0
+
+    p.max_steps.value, p.batch_size.value, p.grad_accum.value, p.lr.value = 3, 4, 1, 1e-3
+    p.eval_split.value = 8
+    click(p, p.train_button)
+    assert p.last_error is None, p.status_text
+    assert p.status_text.startswith("Training completed: 3/3 steps; loss ")
+    assert p.reporter.bar.value == 1 and p.reporter.bar.bar_style == "success"
+    assert p.reporter.chart.value[:4] == b"\x89PNG"
+    assert "eval loss" in p.reporter.readout.value
+    assert [r["step"] for r in session.history if "loss" in r] == [1, 2, 3]
+    assert session.train_configs[-1]["max_steps"] == 3 and session.train_configs[-1]["eval_split"] == 8
+    assert p.stop_button.disabled
+
+    p.gen_prompt.value, p.max_new_tokens.value, p.greedy.value, p.raw.value = "Q: sky\nA: ", 5, True, True
+    click(p, p.generate_button)
+    assert p.last_error is None, p.status_text
+    assert session.last_generation and session.last_generation in p.answer.value.replace("&#x27;", "'")
+    p.which.value = "base"
+    click(p, p.generate_button)
+    assert "base model" in p.status_text
+
+    p.save_path.value = str(tmp_path / "adapter")
+    click(p, p.save_button)
+    assert p.status_text == f"Saved the adapter, tokenizer and run record to {tmp_path / 'adapter'}/"
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+    # ...and the Load tab restores it.
+    p.adapter.value, p.model.value, p.bits.value = str(tmp_path / "adapter"), "", None
+    click(p, p.load_button)
+    assert p.last_error is None, p.status_text
+    assert qlora_magic.get_session().load_config.bits == 4  # the bits it was trained with
+    assert len(qlora_magic.get_session().history) == len(session.history)
+
+
+def test_stop_ends_training_at_a_step_boundary_and_keeps_the_adapter(tiny_loaded, rows):
+    import torch
+
+    p = qlora_magic.panel(data=rows, prompt="Q: {question}\nA: ", response="{answer}")
+    p.max_steps.value, p.batch_size.value, p.grad_accum.value, p.lr.value = 200, 2, 1, 1e-3
+    seen = {}
+    step = p.reporter.step
+
+    def step_then_press_stop(progress):
+        step(progress)
+        if progress["step"] == 2:
+            assert p.busy and not p.stop_button.disabled
+            p.load_button.click()  # a second action while one runs is refused, in one line
+            seen["busy"] = p.status_text
+            p.stop_button.click()  # what the browser sends when Stop is pressed
+
+    p.reporter.step = step_then_press_stop
+    lora_before = {n: t.clone() for n, t in tiny_loaded.model.named_parameters() if "lora_B" in n}
+    click(p, p.train_button)
+    assert seen["busy"].startswith("QloraError: Busy")
+    summary = tiny_loaded.last_train_summary
+    assert summary.status == "interrupted" and summary.steps_done == 2
+    assert p.status_text.startswith("Training interrupted: 2/200 steps")
+    assert p.reporter.bar.bar_style == "warning"
+    changed = [n for n, t in tiny_loaded.model.named_parameters() if "lora_B" in n and not torch.equal(t, lora_before[n])]
+    assert changed, "the two steps trained before Stop are kept"
+
+
+def test_train_from_a_notebook_variable(tiny_loaded, rows, ip):
+    ip.user_ns["my_rows"] = rows
+    p = qlora_magic.panel(data="$my_rows", prompt="Q: {question}\nA: ", response="{answer}")
+    p.max_steps.value, p.batch_size.value, p.grad_accum.value = 1, 2, 1
+    click(p, p.train_button)
+    assert p.last_error is None, p.status_text
+    assert tiny_loaded.train_configs[-1]["max_steps"] == 1
+
+
+def test_widget_reporter_draws_events():
+    from qlora_magic.training import TrainSummary
+
+    r = WidgetReporter(refresh_seconds=0)
+    r.start({"total_steps": 4, "settings": {"lr": 0.001}})
+    assert "lr=0.001" in r.settings.value and r.bar.value == 0
+    history = [{"step": 1, "loss": 2.5, "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_second": 100.0}]
+    r.step({"step": 1, "total_steps": 4, "elapsed": 1.0, "eta": 3.0})
+    r.log(history[0], {"step": 1, "total_steps": 4, "elapsed": 1.0, "eta": 3.0}, history)
+    assert r.bar.value == 0.25
+    assert "2.5000" in r.readout.value and r.chart.value[:4] == b"\x89PNG"
+    r.end(TrainSummary(status="failed", steps_done=1, steps_planned=4, seconds=1.0, run_dir="x", history=history))
+    assert r.bar.bar_style == "danger" and r.bar.description == "failed"
+
+
+def test_display_widget_chooses_the_widget_reporter():
+    reporter = choose_reporter("widget")
+    assert isinstance(reporter, WidgetReporter) and reporter.show
+    assert qlora_magic.config.TrainConfig(display="widget").display == "widget"
+
+
+def test_qlora_panel_magic_returns_the_panel(ip):
+    p = ip.run_line_magic("qlora_panel", "")
+    assert isinstance(p, Panel)
+    assert "dashboard" in ip.find_line_magic("qlora_panel").__doc__
+
+
+def test_load_ext_does_not_import_ipywidgets_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from IPython.core.interactiveshell import InteractiveShell; "
+            "ip = InteractiveShell.instance(); ip.extension_manager.load_extension('qlora_magic'); "
+            "print(json.dumps(['torch' in sys.modules, 'ipywidgets' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1], check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [False, False]
