@@ -78,6 +78,13 @@ def default_targets(model):
     return DEFAULT_TARGETS.get(model_type)  # None lets PEFT use its own per-architecture table
 
 
+def adapted_modules(model) -> list[str]:
+    """The module names that carry LoRA layers (what 'all-linear' or a default resolved to)."""
+    from peft.tuners.lora import LoraLayer
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoraLayer)})
+
+
 def saved_run(adapter_path) -> dict:
     """The qlora_magic.json beside a saved adapter ({} when the adapter was saved by other tools)."""
     file = Path(adapter_path) / RUN_FILE
@@ -135,7 +142,7 @@ def load_model(config: LoadConfig):
     if config.adapter:
         model = PeftModel.from_pretrained(model, str(Path(config.adapter).expanduser()), is_trainable=True)
         lora = model.peft_config["default"]
-        config = config.replace(r=lora.r, alpha=lora.lora_alpha, dropout=lora.lora_dropout, targets=sorted(lora.target_modules) if not isinstance(lora.target_modules, str) else lora.target_modules)
+        config = config.replace(r=lora.r, alpha=lora.lora_alpha, dropout=lora.lora_dropout, targets=adapted_modules(model))
     else:
         targets = config.targets or default_targets(model)
         try:
@@ -150,7 +157,7 @@ def load_model(config: LoadConfig):
             model = get_peft_model(model, lora)
         except ValueError as error:
             raise ConfigError(f"--targets {targets!r} does not fit this model: {str(error).splitlines()[0]}") from None
-        config = config.replace(targets=sorted(model.peft_config["default"].target_modules) if not isinstance(model.peft_config["default"].target_modules, str) else targets)
+        config = config.replace(targets=adapted_modules(model))
     report = LoadReport.measure(model, config, time.perf_counter() - started)
     return model, tokenizer, config, report
 
@@ -182,7 +189,7 @@ class LoadReport(Readout):
             base_parameters=total - trainable,
             trainable_parameters=trainable,
             footprint=int(model.get_memory_footprint()),
-            targets=config.targets if isinstance(config.targets, list) else [config.targets],
+            targets=config.targets,
             r=config.r,
             alpha=config.alpha,
             memory=memory_report(model),

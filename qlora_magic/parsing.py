@@ -47,8 +47,11 @@ def qlora_load(line=""):
 @argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: 5 times a run)")
 @argument("--logging-steps", type=int, default=None, help="log every N steps (default 1)")
 @argument("--seed", type=int, default=None, help="random seed (default 42)")
-@argument("--packing", action="store_true", default=None, help="pack examples into one row per batch (no padding)")
-@argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations to save memory")
+@argument("--packing", action="store_true", default=None, help="pack examples into one row per batch, no padding (default on)")
+@argument("--no-packing", dest="packing", action="store_false", default=None, help="pad each batch to its longest example instead of packing")
+@argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations to save memory (default: when the memory estimate needs it)")
+@argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None, help="never recompute activations")
+@argument("--max-memory", default=None, help="GPU memory budget for choosing the batch layout, e.g. 10GB (default: the card's memory)")
 @argument("--output-dir", default=None, help="run folder for TensorBoard files (default runs/<time>)")
 @argument("--display", default=None, choices=["auto", "html", "widget", "text", "none"], help="how to show progress (default auto)")
 def qlora_train(line="", cell=""):
@@ -136,9 +139,21 @@ def parse_train(line: str, cell: str, namespace: dict | None = None) -> TrainCon
         raise ConfigError(f"Unknown key {unknown[0]!r} in the cell body; known keys: data, prompt, response, chat, eval_split, max_length, split, and the options of %qlora_train?.")
     for key in ("prompt", "response"):
         body[key] = _template_from_yaml(key, body.get(key))
+    body = {k: _number(v) if k not in ("prompt", "response", "data") else v for k, v in body.items()}
     if isinstance(body.get("data"), str) and body["data"].startswith("$"):
         body["data"] = _lookup(body["data"][1:], namespace)
     return TrainConfig(**{**body, **_options(args)})
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number(value):
+    # PyYAML (YAML 1.1) reads 1e-3 as a string; the user meant a number.
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and "e" not in value.lower() and "." not in value else number
+    return value
 
 
 def _template_from_yaml(key, value):
@@ -161,13 +176,13 @@ def _lookup(name, namespace):
 _FLAG_VALUE = re.compile(r"\s*(\S+)")
 
 
-def split_generate_line(line: str) -> tuple[str, str]:
+def split_generate_line(line: str, declaration=None) -> tuple[str, str]:
     """Split '%qlora_generate --greedy What is -1 + 2?' into ('--greedy', 'What is -1 + 2?').
 
     Options are read only at the start of the line; the prompt is the rest, kept exactly as written
     (words that start with '-' included). A '--' ends the options explicitly.
     """
-    parser = qlora_generate.parser
+    parser = (declaration or qlora_generate).parser  # also %qlora_compare's
     takes_value = {s for a in parser._actions for s in a.option_strings if a.nargs != 0}
     flags = {s for a in parser._actions for s in a.option_strings}
     pos, options = 0, []
@@ -217,3 +232,189 @@ def qlora_panel(line=""):
 
 
 MAGIC_DECLARATIONS = [qlora_load, qlora_train, qlora_generate, qlora_save, qlora_memory, qlora_panel]
+
+
+# --- evaluation, comparison, adapters, merge -------------------------------------------------------
+
+@magic_arguments()
+@argument("--metrics", default=None, help="comma-separated: perplexity, bleu, rouge, exact_match (default perplexity)")
+@argument("--base", action="store_true", default=None, help="also evaluate the base model (adapters disabled), in the same table")
+@argument("--adapters", default=None, help="comma-separated adapters to evaluate (default: the active one)")
+@argument("--data", default=None, help="dataset as for %%qlora_train, or $variable (default: the last run's held-out split)")
+@argument("--limit", type=int, default=None, help="evaluate at most N rows")
+@argument("--batch-size", type=int, default=None, help="examples per forward pass (default 8)")
+@argument("--max-new-tokens", type=int, default=None, help="longest greedy answer for bleu/rouge/exact_match (default 64)")
+def qlora_eval(line="", cell=None):
+    """Evaluate the adapter: perplexity over response tokens, and BLEU/ROUGE/exact match of greedy
+    answers against the references. Results also go to get_session().history (kind 'eval').
+
+    Examples::
+
+        %qlora_eval --base                                  # the last run's held-out split
+        %qlora_eval --base --metrics perplexity,bleu,rouge --limit 20
+        %%qlora_eval --metrics rouge
+        data: test.jsonl          # or $rows; prompt/response default to the last run's
+        prompt: "Question: {question}\\nAnswer: "
+        response: "{answer}"
+    """
+
+
+@magic_arguments()
+@argument("--adapters", default=None, help="comma-separated adapters to answer with (default: all loaded)")
+@argument("--no-base", action="store_true", help="leave out the base model's answers")
+@argument("--max-new-tokens", type=int, default=None, help="most tokens per answer (default 64)")
+@argument("--raw", action="store_true", default=None, help="no chat template: send each prompt exactly as written")
+@argument("--system", default=None, help="system message for the chat template")
+@argument("--sample", action="store_true", default=None, help="sample (seeded) instead of greedy decoding")
+@argument("--temperature", type=float, default=None, help="sampling temperature, with --sample (default 0.7)")
+@argument("--seed", type=int, default=None, help="seed set before each answer (default 0)")
+@argument("prompt", nargs="*", help="one prompt (the rest of the line); in %%qlora_compare, prompts separated by lines of ---")
+def qlora_compare(line="", cell=None):
+    """Answer the same prompts with the base model and each adapter, side by side (one model in memory).
+
+    Examples::
+
+        %qlora_compare What is the capital of France?
+        %%qlora_compare --raw --max-new-tokens 20
+        Instruction: Give the plural.
+
+        Input: mouse
+
+        Response:
+        ---
+        Instruction: Give the past tense.
+
+        Input: run
+
+        Response:
+    """
+
+
+ADAPTER_ACTIONS = ("list", "add", "load", "switch", "delete", "combine")
+
+
+@magic_arguments()
+@argument("action", nargs="?", default="list", help="list (default), add NAME, load PATH, switch NAME, delete NAME, combine NAME")
+@argument("name", nargs="?", default=None, help="adapter name (for load: the folder; --name sets its name)")
+@argument("--name", dest="as_name", default=None, help="load: the name to give the loaded adapter (default: the folder's name)")
+@argument("--r", type=int, default=None, help="add: LoRA rank (default: as the loaded model)")
+@argument("--alpha", type=float, default=None, help="add: LoRA alpha")
+@argument("--dropout", type=float, default=None, help="add: LoRA dropout")
+@argument("--targets", default=None, help="add: comma-separated module names, or all-linear")
+@argument("--weights", default=None, help="combine: name=weight pairs, e.g. default=0.7,task2=0.3")
+@argument("--combination", default=None, help="combine: PEFT combination type: linear (same ranks), cat, ties... (default: linear or cat)")
+@argument("--keep-active", action="store_true", help="add/load/combine: do not switch to the new adapter")
+def qlora_adapters(line=""):
+    """Several LoRA adapters on one quantized base. The active one is used and trained.
+
+    Examples::
+
+        %qlora_adapters                       # list them
+        %qlora_adapters add task2 --r 16      # a fresh adapter beside the first; now active
+        %%qlora_train ...                     # trains task2 only
+        %qlora_adapters switch default
+        %qlora_adapters load runs/my-adapter --name older
+        %qlora_adapters combine mix --weights default=0.5,task2=0.5
+        %qlora_adapters delete task2
+    """
+
+
+@magic_arguments()
+@argument("path", help="folder to write the merged model to (safetensors + tokenizer)")
+@argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="weights of the merged copy (default float16)")
+@argument("--adapter", default=None, help="adapter to merge (default: the active one)")
+@argument("--no-verify", action="store_true", help="skip the check of merged vs adapter answers and perplexity")
+@argument("--max-new-tokens", type=int, default=None, help="length of the greedy answers compared (default 24)")
+@argument("--tolerance", type=float, default=None, help="largest relative perplexity drift reported as a match (default 0.05)")
+def qlora_merge(line=""):
+    """Merge the adapter into an unquantized 16-bit copy of the base (reloaded from its original
+    weights, not dequantized from 8/4-bit) and save it as a plain transformers model; then check that
+    the merged model answers and scores like the adapter, and report the drift.
+
+    Examples::
+
+        %qlora_merge merged/word-forms
+        %qlora_merge merged/word-forms --dtype bfloat16 --adapter task2
+    """
+
+
+def _yaml_body(cell, known, magic):
+    """A YAML cell body -> dict, with templates and $variables read as %%qlora_train reads them."""
+    import yaml
+
+    try:
+        body = yaml.safe_load(cell or "") or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"The cell body is not valid YAML: {getattr(error, 'problem', error)}; quote templates, e.g. prompt: \"Q: {{q}}\".") from None
+    if not isinstance(body, dict):
+        raise ConfigError("The cell body must be YAML key: value lines, e.g. data: rows.jsonl")
+    body = {str(k).replace("-", "_"): v for k, v in body.items()}
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise ConfigError(f"Unknown key {unknown[0]!r} in the cell body of {magic}; known keys: {', '.join(sorted(known))}.")
+    for key in ("prompt", "response"):
+        if key in body:
+            body[key] = _template_from_yaml(key, body[key])
+    return body
+
+
+def parse_eval(line: str, cell: str | None = None, namespace: dict | None = None):
+    from .config import EvalConfig
+
+    args = parse_argstring(qlora_eval, line)
+    body = _yaml_body(cell, EvalConfig.__dataclass_fields__, "%%qlora_eval") if cell is not None else {}
+    options = {**body, **_options(args)}
+    if isinstance(options.get("data"), str) and options["data"].startswith("$"):
+        options["data"] = _lookup(options["data"][1:], namespace)
+    return EvalConfig(**options)
+
+
+_SEPARATOR = re.compile(r"^\s*---\s*$", re.MULTILINE)
+
+
+def parse_compare(line: str, cell: str | None = None):
+    from .config import CompareConfig
+
+    options_text, prompt = split_generate_line(line, qlora_compare)
+    args = parse_argstring(qlora_compare, options_text)
+    if cell is not None:
+        if prompt:
+            raise ConfigError("%%qlora_compare takes the prompts from the cell body; the line holds only options.")
+        prompts = [p.strip("\n") for p in _SEPARATOR.split(cell)]
+    else:
+        prompts = [prompt]
+    options = _options(args, skip={"prompt", "no_base"})
+    return CompareConfig(prompts=prompts, base=not args.no_base, **options)
+
+
+def parse_adapters(line: str) -> dict:
+    """-> {'action': ..., plus the keywords of that action's API function}."""
+    args = parse_argstring(qlora_adapters, line)
+    action = {"use": "switch", "remove": "delete"}.get(args.action, args.action)
+    if action not in ADAPTER_ACTIONS:
+        raise ConfigError(f"Unknown action {args.action!r}: use one of {', '.join(ADAPTER_ACTIONS)}.")
+    if action == "list":
+        return {"action": action}
+    if not args.name:
+        raise ConfigError(f"%qlora_adapters {action} needs a {'folder' if action == 'load' else 'name'}, e.g. %qlora_adapters {action} {'runs/my-adapter' if action == 'load' else 'task2'}.")
+    if action == "add":
+        extra = {k: getattr(args, k) for k in ("r", "alpha", "dropout", "targets") if getattr(args, k) is not None}
+        return {"action": action, "name": args.name, "activate": not args.keep_active, **extra}
+    if action == "load":
+        return {"action": action, "path": args.name, "name": args.as_name, "activate": not args.keep_active}
+    if action == "combine":
+        from .adapters import parse_weights
+
+        return {"action": action, "name": args.name, "weights": parse_weights(args.weights),
+                "combination_type": args.combination, "activate": not args.keep_active}
+    return {"action": action, "name": args.name}
+
+
+def parse_merge(line: str):
+    from .config import MergeConfig
+
+    args = parse_argstring(qlora_merge, line)
+    return MergeConfig(verify=not args.no_verify, **_options(args, skip={"no_verify"}))
+
+
+MAGIC_DECLARATIONS += [qlora_eval, qlora_compare, qlora_adapters, qlora_merge]

@@ -1,0 +1,92 @@
+"""Wiring: each magic parses its input and makes exactly one API call with the right config."""
+
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+
+import qlora_magic
+from qlora_magic import api
+from qlora_magic.config import GenerateConfig, LoadConfig, TrainConfig
+
+
+def test_load_ext_does_not_import_torch():
+    code = ("import sys\nfrom IPython.core.interactiveshell import InteractiveShell\n"
+            "ip = InteractiveShell.instance()\nip.extension_manager.load_extension('qlora_magic')\n"
+            "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'peft') if m in sys.modules]\n"
+            "print(heavy)\nassert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_magics_are_registered(ip):
+    magics = ip.magics_manager.lsmagic()
+    for name in ("qlora_load", "qlora_generate", "qlora_save", "qlora_memory"):
+        assert name in magics["line"]
+    for name in ("qlora_train", "qlora_generate"):
+        assert name in magics["cell"]
+
+
+def test_help_is_generated_from_the_declared_options(ip):
+    doc = ip.find_cell_magic("qlora_train").__doc__
+    for option in ("--epochs", "--batch-size", "--grad-accum", "--lr", "--max-steps"):
+        assert option in doc
+    assert "--bits {4,8,16}" in ip.find_line_magic("qlora_load").__doc__
+    assert "--greedy" in ip.find_line_magic("qlora_generate").__doc__
+
+
+def test_load_magic_passes_its_config(ip):
+    with mock.patch.object(api, "load", return_value="report") as load:
+        ip.run_line_magic("qlora_load", "--bits 4 --r 16")
+    config = load.call_args.kwargs["config"]
+    assert config == LoadConfig(bits=4, r=16)
+
+
+def test_train_magic_passes_data_from_the_namespace(ip):
+    ip.user_ns["my_rows"] = [{"q": "a", "a": "b"}]
+    with mock.patch.object(api, "train", return_value="summary") as train:
+        ip.run_cell_magic("qlora_train", "--epochs 2 --lr 1e-3", "data: $my_rows\nprompt: '{q}'\nresponse: '{a}'\neval_split: 1\n")
+    config = train.call_args.kwargs["config"]
+    assert isinstance(config, TrainConfig)
+    assert config.data is ip.user_ns["my_rows"] and config.epochs == 2 and config.lr == 1e-3 and config.eval_split == 1
+
+
+def test_generate_magic_does_not_expand_braces_or_dollars(ip):
+    ip.user_ns["x"] = "EXPANDED"
+    with mock.patch.object(api, "generate", return_value="") as generate:
+        ip.run_line_magic("qlora_generate", "--greedy Say {x} and $x")
+    assert generate.call_args.kwargs["config"] == GenerateConfig(prompt="Say {x} and $x", greedy=True)
+
+
+def test_generate_cell_magic(ip):
+    with mock.patch.object(api, "generate", return_value="") as generate:
+        ip.run_cell_magic("qlora_generate", "--raw", "line one\n{literal}\n")
+    assert generate.call_args.kwargs["config"].prompt == "line one\n{literal}"
+
+
+def test_save_magic(ip, tmp_path):
+    with mock.patch.object(api, "save", return_value=tmp_path) as save:
+        ip.run_line_magic("qlora_save", "runs/a")
+    save.assert_called_once_with("runs/a")
+
+
+@pytest.mark.parametrize("cell, error", [
+    ("%qlora_generate hello", "No model is loaded"),
+    ("%qlora_save runs/x", "No model is loaded"),
+    ("%%qlora_train\ndata: x.jsonl\nprompt: '{a}'\nresponse: '{b}'\n", "No model is loaded"),
+    ("%qlora_load --bits 3", "invalid choice"),
+])
+def test_errors_fail_the_cell_in_one_line_and_leave_the_session(ip, capsys, cell, error):
+    result = ip.run_cell(cell)
+    assert not result.success
+    out = capsys.readouterr()
+    shown = out.out + out.err
+    assert error in shown
+    assert "Traceback" not in shown
+    assert qlora_magic.get_session().model is None
+
+
+def test_domain_errors_render_one_line():
+    error = qlora_magic.errors.DataError("The dataset is empty.")
+    assert error._render_traceback_() == ["DataError: The dataset is empty."]
