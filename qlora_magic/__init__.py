@@ -12,6 +12,8 @@ Importing this package (and %load_ext) does not import torch; the verbs import i
 __version__ = "0.1.0"
 
 from .api import generate, load, memory, save, train  # noqa: E402
+from .api import (add_adapter, combine_adapters, compare, delete_adapter, evaluate, list_adapters,  # noqa: E402
+                  load_adapter, merge, switch_adapter)
 from .errors import QloraError  # noqa: E402
 from . import examples  # noqa: E402
 from .session import get_session, reset_session  # noqa: E402
@@ -30,4 +32,6 @@ def unload_ipython_extension(ipython):
     pass
 
 
-__all__ = ["load", "train", "generate", "save", "memory", "get_session", "reset_session", "panel", "QloraError"]
+__all__ = ["load", "train", "generate", "save", "memory", "get_session", "reset_session", "panel", "QloraError",
+            "evaluate", "compare", "list_adapters", "add_adapter", "load_adapter", "switch_adapter", "delete_adapter",
+            "combine_adapters", "merge"]

@@ -111,3 +111,95 @@ def memory():
 
 
 __all__ = ["load", "train", "generate", "save", "memory", "NoModelError"]
+
+
+# --- evaluation, comparison, adapters, merge -------------------------------------------------------
+
+def evaluate(data=None, *, config=None, **options):
+    """Perplexity over response tokens and, on request, BLEU/ROUGE/exact match of greedy answers;
+    returns an EvalReport (one row per model) and records rows of kind 'eval' in the session history.
+
+    >>> qlora_magic.evaluate(base=True)                       # the last run's held-out split
+    >>> qlora_magic.evaluate(rows, prompt="Q: {q}\\nA: ", response="{a}", metrics=["perplexity", "bleu", "rouge"])
+    """
+    from .config import EvalConfig
+    from .evaluation import evaluate_model
+
+    if data is not None:
+        options["data"] = data
+    return evaluate_model(get_session(), _config(EvalConfig, config, options))
+
+
+def compare(prompts=None, *, config=None, **options):
+    """Answer the same prompts with the base model and each adapter (greedy by default); returns a
+    Comparison, shown as a side-by-side table.
+
+    >>> qlora_magic.compare(["Instruction: ...\\n\\nResponse: "], raw=True, max_new_tokens=20)
+    """
+    from .comparison import compare_answers
+    from .config import CompareConfig
+
+    if prompts is not None:
+        options["prompts"] = prompts
+    return compare_answers(get_session(), _config(CompareConfig, config, options))
+
+
+def list_adapters():
+    """The adapters on the loaded model (name, active, r, alpha, targets, size)."""
+    from .adapters import adapter_table
+
+    return adapter_table(get_session().require_model("listing adapters"))
+
+
+def add_adapter(name, *, r=None, alpha=None, dropout=None, targets=None, activate=True):
+    """Add a fresh LoRA adapter beside the existing ones, on the same quantized base; it becomes the
+    active one (trained by the next train(), used by generate()) unless activate=False."""
+    from . import adapters
+
+    return adapters.add_adapter(get_session(), name, r=r, alpha=alpha, dropout=dropout, targets=targets, activate=activate)
+
+
+def load_adapter(path, name=None, *, activate=True):
+    """Load a saved adapter folder beside the existing adapters."""
+    from . import adapters
+
+    return adapters.load_adapter(get_session(), path, name, activate=activate)
+
+
+def switch_adapter(name):
+    """Make adapter `name` the active one."""
+    from . import adapters
+
+    return adapters.switch_adapter(get_session(), name)
+
+
+def delete_adapter(name):
+    """Remove adapter `name` (not the last one)."""
+    from . import adapters
+
+    return adapters.delete_adapter(get_session(), name)
+
+
+def combine_adapters(name, weights, *, combination_type=None, activate=True):
+    """Add adapter `name`, a weighted combination of existing ones: weights={"default": 0.5, "task2": 0.5}."""
+    from . import adapters
+
+    return adapters.combine_adapters(get_session(), name, weights, combination_type=combination_type, activate=activate)
+
+
+def merge(path=None, *, config=None, **options):
+    """Merge the active adapter into an unquantized 16-bit copy of the base, save it (safetensors) to
+    `path`, and check the saved model's greedy answers and perplexity against the adapter's.
+
+    >>> qlora_magic.merge("merged/word-forms")                 # float16; dtype="bfloat16" or "float32"
+    """
+    from .config import MergeConfig
+    from .merging import merge_adapter
+
+    if path is not None:
+        options["path"] = str(path)
+    return merge_adapter(get_session(), _config(MergeConfig, config, options))
+
+
+__all__ += ["evaluate", "compare", "list_adapters", "add_adapter", "load_adapter", "switch_adapter", "delete_adapter",
+            "combine_adapters", "merge"]

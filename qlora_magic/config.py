@@ -172,3 +172,102 @@ class GenerateConfig(_Config):
         _positive("--temperature", self.temperature, kind=float)
         if self.top_p is not None and not (0 < self.top_p <= 1):
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p!r}.")
+
+
+#: Metrics %qlora_eval knows. Perplexity needs only the data; the others compare greedy answers with
+#: the rendered response (the reference).
+EVAL_METRICS = ("perplexity", "bleu", "rouge", "exact_match")
+
+
+def _names(value, what) -> list[str] | None:
+    """'a,b' or ['a', 'b'] -> ['a', 'b']; None stays None."""
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    names = [n for n in names if n]
+    if not names:
+        raise ConfigError(f"{what} is empty: give one or more names separated by commas.")
+    return names
+
+
+@dataclass
+class EvalConfig(_Config):
+    """What to evaluate on and which metrics to compute (see %qlora_eval?)."""
+
+    data: Any = field(default=None, metadata={"help": "dataset as for training; None: the last training run's held-out split"})
+    prompt: str | None = field(default=None, metadata={"help": "prompt template; None: the last training run's"})
+    response: str | None = field(default=None, metadata={"help": "response (reference) template; None: the last training run's"})
+    chat: bool | None = field(default=None, metadata={"help": "chat turns as in training; None: the last training run's"})
+    max_length: int | None = field(default=None, metadata={"help": "cut examples to this many tokens; None: the last run's (512)"})
+    split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate at most this many rows"})
+    metrics: list[str] | str = field(default_factory=lambda: ["perplexity"], metadata={"help": "perplexity, bleu, rouge, exact_match"})
+    base: bool = field(default=False, metadata={"help": "also evaluate the base model (adapters disabled), in the same table"})
+    adapters: list[str] | str | None = field(default=None, metadata={"help": "adapters to evaluate; None: the active one"})
+    batch_size: int = field(default=8, metadata={"help": "examples per forward pass for perplexity"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest greedy answer for bleu/rouge/exact_match"})
+
+    def __post_init__(self):
+        self.metrics = _names(self.metrics, "--metrics")
+        unknown = [m for m in self.metrics if m not in EVAL_METRICS]
+        if unknown:
+            raise ConfigError(f"Unknown metric {unknown[0]!r}: choose from {', '.join(EVAL_METRICS)}.")
+        self.adapters = _names(self.adapters, "--adapters")
+        _positive("--limit", self.limit)
+        _positive("--batch-size", self.batch_size)
+        _positive("--max-new-tokens", self.max_new_tokens)
+        _positive("--max-length", self.max_length)
+
+
+@dataclass
+class CompareConfig(_Config):
+    """Prompts to answer with the base model and each adapter, side by side (see %qlora_compare?)."""
+
+    prompts: list[str] | str = field(default_factory=list, metadata={"help": "one prompt or a list of prompts"})
+    adapters: list[str] | str | None = field(default=None, metadata={"help": "adapters to answer with; None: all loaded adapters"})
+    base: bool = field(default=True, metadata={"help": "include the base model's answer (adapters disabled)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "most tokens per answer"})
+    raw: bool = field(default=False, metadata={"help": "send prompts exactly as written, no chat template"})
+    system: str | None = field(default=None, metadata={"help": "system message for the chat template"})
+    sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding (seeded, so still repeatable)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (with sample)"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass (with sample)"})
+    seed: int = field(default=0, metadata={"help": "seed set before every answer, so each column samples alike"})
+
+    def __post_init__(self):
+        if isinstance(self.prompts, str):
+            self.prompts = [self.prompts]
+        self.prompts = [p for p in (self.prompts or []) if isinstance(p, str) and p.strip()]
+        if not self.prompts:
+            raise ConfigError("No prompts to compare: write them after the magic, or in the cell body separated by lines of ---.")
+        self.adapters = _names(self.adapters, "--adapters")
+        _positive("--max-new-tokens", self.max_new_tokens)
+        _positive("--temperature", self.temperature, kind=float)
+        if not (0 < self.top_p <= 1):
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p!r}.")
+        if not self.base and self.adapters == []:
+            raise ConfigError("Nothing to compare: keep the base model or name an adapter.")
+
+
+MERGE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class MergeConfig(_Config):
+    """Where and how to write a merged (adapter folded in), unquantized copy of the model."""
+
+    path: str = field(default="", metadata={"help": "folder to write the merged model to"})
+    dtype: str = field(default="float16", metadata={"help": "weights of the merged copy: float16, bfloat16 or float32"})
+    adapter: str | None = field(default=None, metadata={"help": "adapter to merge; None: the active one"})
+    verify: bool = field(default=True, metadata={"help": "compare greedy answers and perplexity of merged vs adapter"})
+    prompts: list[str] | None = field(default=None, metadata={"help": "prompts for the check; None: a few held-out rows of the last run"})
+    max_new_tokens: int = field(default=24, metadata={"help": "length of the greedy answers compared"})
+    tolerance: float = field(default=0.05, metadata={"help": "largest relative perplexity drift still reported as a match"})
+
+    def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise ConfigError("%qlora_merge needs a folder to write to, e.g. %qlora_merge merged/my-model.")
+        if self.dtype not in MERGE_DTYPES:
+            raise ConfigError(f"--dtype must be float16, bfloat16 or float32, got {self.dtype!r}.")
+        _positive("--max-new-tokens", self.max_new_tokens)
+        _positive("--tolerance", self.tolerance, kind=float)

@@ -28,3 +28,7 @@ class NoModelError(QloraError, RuntimeError):
 
 class ModelNotFoundError(QloraError, FileNotFoundError):
     """The model or adapter named cannot be found."""
+
+
+class AdapterError(QloraError, LookupError):
+    """An adapter named does not exist, or cannot be added, removed or combined as asked."""

@@ -49,3 +49,19 @@ class Readout:
 
     def _repr_html_(self):
         return html_table(self.title, self.rows())
+
+
+def text_grid(title: str, header: list[str], rows: list[list[str]]) -> str:
+    """A table with a header row, columns padded to their widest cell (multi-line cells are flattened)."""
+    rows = [[" ".join(str(c).split()) for c in row] for row in rows]
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    line = lambda cells: ("  " + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))).rstrip()  # noqa: E731
+    return "\n".join([title, line(header), "  " + "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def html_grid(title: str, header: list[str], rows: list[list[str]], pre: bool = False) -> str:
+    """The same table in HTML; `pre` keeps the cells' line breaks (for generated text)."""
+    cell = "text-align:left;vertical-align:top;padding:2px 8px" + (";white-space:pre-wrap;max-width:40em" if pre else "")
+    head = "".join(f"<th style='{cell}'>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td style='{cell}'>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<div class='qlora-readout'><b>{html.escape(title)}</b><table><tr>{head}</tr>{body}</table></div>"

@@ -64,3 +64,31 @@ class QloraMagics(Magics):
 
         parsing.parse_argstring(parsing.qlora_panel, line)
         return panel()
+
+    @line_cell_magic
+    @no_var_expand
+    @_doc_from(parsing.qlora_eval)
+    def qlora_eval(self, line="", cell=None):
+        display(api.evaluate(config=parsing.parse_eval(line, cell, namespace=self.shell.user_ns)))
+
+    @line_cell_magic
+    @no_var_expand
+    @_doc_from(parsing.qlora_compare)
+    def qlora_compare(self, line="", cell=None):
+        display(api.compare(config=parsing.parse_compare(line, cell)))
+
+    @line_magic
+    @no_var_expand
+    @_doc_from(parsing.qlora_adapters)
+    def qlora_adapters(self, line=""):
+        options = parsing.parse_adapters(line)
+        action = options.pop("action")
+        verb = {"list": api.list_adapters, "add": api.add_adapter, "load": api.load_adapter, "switch": api.switch_adapter,
+                "delete": api.delete_adapter, "combine": api.combine_adapters}[action]
+        display(verb(**options))
+
+    @line_magic
+    @no_var_expand
+    @_doc_from(parsing.qlora_merge)
+    def qlora_merge(self, line=""):
+        display(api.merge(config=parsing.parse_merge(line)))

@@ -1,0 +1,200 @@
+"""Several LoRA adapters on one quantized base: add, load, list, switch, delete, combine.
+
+PEFT keeps every adapter in the same model (`peft_config[name]`); exactly one is active, and only the
+active one is trainable, so `%%qlora_train` after `%qlora_adapters add task2` trains task2 alone and
+leaves the others as they were (the multi-task idea of the course's slide 14).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AdapterError, ConfigError
+from .formatting import html_grid, text_grid
+
+BASE = "base"  # the column name of the base model in tables; never an adapter's name
+
+
+def adapter_names(model) -> list[str]:
+    return list(getattr(model, "peft_config", {}) or {})
+
+
+def active_adapter(model) -> str | None:
+    name = getattr(model, "active_adapter", None)
+    return name[0] if isinstance(name, (list, tuple)) else name
+
+
+def check_adapter(model, name: str) -> str:
+    """`name` if the model has that adapter; otherwise a one-line error listing the ones it has."""
+    names = adapter_names(model)
+    if name not in names:
+        raise AdapterError(f"No adapter {name!r}: this model has {', '.join(names) or 'none'} (see %qlora_adapters list).")
+    return name
+
+
+@contextlib.contextmanager
+def using(model, name: str | None):
+    """Answer with adapter `name` inside the block (None or 'base': adapters disabled); the active
+    adapter is restored afterwards, so evaluation and comparison leave the session as they found it."""
+    if name in (None, BASE):
+        with model.disable_adapter():
+            yield
+        return
+    previous = active_adapter(model)
+    check_adapter(model, name)
+    if name == previous:
+        yield
+        return
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+
+
+def _new_name(model, name) -> str:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"Adapter names are single words like task2, got {name!r}.")
+    if name == BASE:
+        raise ConfigError("'base' names the model without adapters; choose another adapter name.")
+    if name in adapter_names(model):
+        raise AdapterError(f"There is already an adapter {name!r}: choose a new name, or delete it first.")
+    return name
+
+
+def add_adapter(session, name, *, r=None, alpha=None, dropout=None, targets=None, activate=True):
+    """Add a fresh LoRA adapter beside the existing ones, on the same quantized base. Options default to
+    those of the loaded model's first adapter. With `activate`, it becomes the one trained and used."""
+    from peft import LoraConfig
+
+    from .config import LoadConfig
+
+    model = session.require_model("adding an adapter")
+    _new_name(model, name)
+    loaded = session.load_config or LoadConfig()
+    # LoadConfig checks the values (and splits 'q_proj,v_proj'), as for %qlora_load.
+    options = LoadConfig(r=r or loaded.r, alpha=alpha or loaded.alpha,
+                         dropout=loaded.dropout if dropout is None else dropout, targets=targets or loaded.targets)
+    lora = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                      target_modules=options.targets, bias="none", task_type="CAUSAL_LM")
+    try:
+        model.add_adapter(name, lora)
+    except ValueError as error:
+        raise ConfigError(f"Cannot add adapter {name!r}: {str(error).splitlines()[0]}") from None
+    if activate:
+        model.set_adapter(name)
+    return adapter_table(model)
+
+
+def load_adapter(session, path, name=None, *, activate=True):
+    """Load a saved adapter folder beside the existing adapters (default name: the folder's name)."""
+    model = session.require_model("loading an adapter")
+    folder = Path(path).expanduser()
+    if not (folder / "adapter_config.json").exists():
+        raise AdapterError(f"No saved adapter at {str(path)!r} (adapter_config.json is missing): give a folder %qlora_save wrote.")
+    name = _new_name(model, name or folder.name.replace("-", "_"))
+    try:
+        model.load_adapter(str(folder), adapter_name=name, is_trainable=True)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise AdapterError(f"Cannot load adapter {str(path)!r} onto this model: {str(error).splitlines()[0]}") from None
+    if activate:
+        model.set_adapter(name)
+    return adapter_table(model)
+
+
+def switch_adapter(session, name):
+    """Make `name` the active adapter: generation, evaluation and training use it from now on."""
+    model = session.require_model("switching adapters")
+    model.set_adapter(check_adapter(model, name))
+    return adapter_table(model)
+
+
+def delete_adapter(session, name):
+    """Remove adapter `name` and free its weights. The last adapter cannot be deleted."""
+    model = session.require_model("deleting an adapter")
+    check_adapter(model, name)
+    if len(adapter_names(model)) == 1:
+        raise AdapterError(f"{name!r} is the only adapter; load a new model instead of deleting it.")
+    model.delete_adapter(name)
+    if active_adapter(model) not in adapter_names(model):  # keep a valid active adapter
+        model.set_adapter(adapter_names(model)[0])
+    return adapter_table(model)
+
+
+def combine_adapters(session, name, weights: dict, *, combination_type=None, activate=True):
+    """A new adapter `name` = weighted combination of existing ones, e.g. {"default": 0.7, "task2": 0.3}.
+
+    combination_type: PEFT's (linear, cat, svd, ties, ...); default linear when all ranks agree, else
+    cat (concatenation, exact for any ranks). svd is not offered on 8/4-bit bases by PEFT.
+    """
+    model = session.require_model("combining adapters")
+    if not weights:
+        raise ConfigError("Name the adapters to combine with their weights, e.g. --weights default=0.7,task2=0.3.")
+    for source in weights:
+        check_adapter(model, source)
+    _new_name(model, name)
+    ranks = {model.peft_config[s].r for s in weights}
+    combination_type = combination_type or ("linear" if len(ranks) == 1 else "cat")
+    try:
+        model.base_model.add_weighted_adapter(list(weights), [float(w) for w in weights.values()], name,
+                                              combination_type=combination_type)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise AdapterError(f"Cannot combine {', '.join(weights)} as {combination_type}: {str(error).splitlines()[0]}") from None
+    if activate:
+        model.set_adapter(name)
+    return adapter_table(model)
+
+
+def parse_weights(text: str) -> dict:
+    """'default=0.7,task2=0.3' -> {'default': 0.7, 'task2': 0.3}; a bare name weighs 1."""
+    weights = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, _, value = part.partition("=")
+        try:
+            weights[key.strip()] = float(value) if value.strip() else 1.0
+        except ValueError:
+            raise ConfigError(f"--weights: {value.strip()!r} is not a number; write name=weight, e.g. default=0.5.") from None
+    return weights
+
+
+def adapter_table(model) -> "AdapterTable":
+    active = active_adapter(model)
+    rows = []
+    for name, config in model.peft_config.items():
+        targets = config.target_modules if isinstance(config.target_modules, str) else ",".join(sorted(config.target_modules))
+        size = sum(p.numel() for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n)
+        rows.append({"name": name, "active": name == active, "r": config.r, "alpha": config.lora_alpha,
+                     "targets": targets, "parameters": size})
+    return AdapterTable(rows)
+
+
+@dataclass(repr=False)
+class AdapterTable:
+    """The adapters on the model: name, which is active, rank, alpha, targets, size."""
+
+    adapters: list
+
+    title = "Adapters"
+    header = ["", "name", "r", "alpha", "targets", "parameters"]
+
+    @property
+    def names(self):
+        return [a["name"] for a in self.adapters]
+
+    @property
+    def active(self):
+        return next((a["name"] for a in self.adapters if a["active"]), None)
+
+    def _cells(self):
+        return [["*" if a["active"] else "", a["name"], a["r"], f"{a['alpha']:g}", a["targets"], f"{a['parameters']:,}"]
+                for a in self.adapters]
+
+    def __repr__(self):
+        return text_grid(self.title + " (* = active)", self.header, self._cells())
+
+    def _repr_html_(self):
+        return html_grid(self.title + " (* = active)", self.header, self._cells())
