@@ -117,9 +117,9 @@ def delete_adapter(session, name):
     check_adapter(model, name)
     if len(adapter_names(model)) == 1:
         raise AdapterError(f"{name!r} is the only adapter; load a new model instead of deleting it.")
+    if active_adapter(model) == name:  # hand over first, so PEFT need not pick one (and warn)
+        model.set_adapter(next(n for n in adapter_names(model) if n != name))
     model.delete_adapter(name)
-    if active_adapter(model) not in adapter_names(model):  # keep a valid active adapter
-        model.set_adapter(adapter_names(model)[0])
     return adapter_table(model)
 
 
