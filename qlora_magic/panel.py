@@ -409,7 +409,7 @@ class Panel:
             self._stop.set("stopped")
             self._say("Stopping after the step in flight…")
 
-    def wait(self, timeout=None) -> "Panel":
+    def wait(self, timeout=None) -> Panel:
         """Block until the action in flight is done; raises nothing (errors are in the status line
         and `last_error`). For scripts and tests: `p.train_button.click(); p.wait()`."""
         if self._worker is not None:
@@ -439,7 +439,8 @@ def _one_line(error) -> str:
 
 
 def panel(data=None, prompt=None, response=None) -> Panel:
-    """Show the dashboard (Load, Train, Generate, Save, Memory) and return it.
+    """The dashboard (Load, Train, Generate, Save, Memory): it shows itself as a cell's result
+    (or with `display(p)`). Same as `%qlora_panel`.
 
     >>> p = qlora_magic.panel()                       # Train tab offers the shipped word_forms example
     >>> p = qlora_magic.panel(data="$rows", prompt="Q: {q}\\nA: ", response="{a}")
