@@ -23,13 +23,17 @@ from .panel import panel  # noqa: E402
 
 
 def load_ipython_extension(ipython):
+    from . import prompt_lines
     from .magics import QloraMagics
 
     ipython.register_magics(QloraMagics)
+    prompt_lines.register(ipython)
 
 
 def unload_ipython_extension(ipython):
-    pass
+    from . import prompt_lines
+
+    prompt_lines.unregister(ipython)
 
 
 __all__ = ["load", "train", "generate", "save", "memory", "get_session", "reset_session", "panel", "QloraError",

@@ -90,3 +90,15 @@ def test_errors_fail_the_cell_in_one_line_and_leave_the_session(ip, capsys, cell
 def test_domain_errors_render_one_line():
     error = qlora_magic.errors.DataError("The dataset is empty.")
     assert error._render_traceback_() == ["DataError: The dataset is empty."]
+
+
+def test_a_question_mark_ends_the_prompt_not_a_help_request(ip):
+    with mock.patch.object(api, "generate", return_value="") as generate:
+        result = ip.run_cell("%qlora_generate --greedy What is the capital of France?")
+    assert result.success
+    assert generate.call_args.kwargs["config"].prompt == "What is the capital of France?"
+
+
+def test_help_still_works(ip, capsys):
+    ip.run_cell("%qlora_generate?")  # prints the docstring through the pager
+    assert "--greedy" in capsys.readouterr().out
