@@ -67,7 +67,7 @@ def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=N
     # Everything that can fail on bad input runs before the model is touched.
     rows = load_rows(config.data, config.split)
     examples = ExampleTokenizer(session.tokenizer, config.prompt, config.response, chat=config.chat, max_length=config.max_length)
-    train_set, eval_set, _stats = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
+    train_set, eval_set, _ = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
     reporter = reporter or choose_reporter(config.display)
     session.train_configs.append(config.to_dict())
     summary = run_training(model, session.tokenizer, config, train_set, eval_set, reporter,

@@ -33,7 +33,7 @@ class QloraMagics(Magics):
     @_doc_from(parsing.qlora_train)
     def qlora_train(self, line="", cell=""):
         config = parsing.parse_train(line, cell, namespace=self.shell.user_ns)
-        if "--display" not in line and "display" not in (cell or ""):
+        if config.display == "auto":  # neither the line nor the body chose: %config QloraMagics.display may
             config = config.replace(display=self.display)
         summary = api.train(config=config)
         display(summary)
