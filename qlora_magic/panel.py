@@ -35,6 +35,9 @@ from .reporters import Reporter, readout_items
 
 WIDGET_REFRESH_SECONDS = 1.0  # redrawing the chart PNG costs ~50 ms; once a second keeps it under 5%
 BAR_STYLES = {"running": "info", "completed": "success", "interrupted": "warning", "failed": "danger"}
+GIVEN_ROWS = "(the rows given to panel())"  # shown in the data field when panel(data=rows) got objects
+# One action at a time across all panels: they share the one session (and its model).
+_ACTION_LOCK = threading.Lock()
 
 
 def _widgets():
@@ -180,7 +183,7 @@ class Panel:
             response = "{response}"
         if data is not None and not isinstance(data, str):
             self._data_object = data
-            data = "(the rows given to panel())"
+            data = GIVEN_ROWS
         self.data = w.Text(description="data", value=data or "", style=short, layout=wide,
                            placeholder="a .jsonl/.json/.csv/.parquet path, a Hub id, or $variable")
         self.prompt = w.Textarea(description="prompt", value=prompt or "", style=short, layout=w.Layout(width="95%", height="70px"),
@@ -285,7 +288,7 @@ class Panel:
 
     def _data_value(self):
         text = self.data.value.strip()
-        if self._data_object is not None and text == "(the rows given to panel())":
+        if self._data_object is not None and text == GIVEN_ROWS:
             return self._data_object
         if not text:
             raise ConfigError("No data: give a .jsonl/.json/.csv/.parquet path, a Hub dataset id, or $variable.")
@@ -368,7 +371,7 @@ class Panel:
     # --- running actions in the background, one at a time
 
     def _start(self, name, action):
-        if self.busy:
+        if not _ACTION_LOCK.acquire(blocking=False):
             self._fail(QloraError(f"Busy: wait for the running action to finish (or press Stop) before {name}."))
             return
         self.last_error = None
@@ -381,6 +384,7 @@ class Panel:
         try:
             self._guarded(action)
         finally:
+            _ACTION_LOCK.release()
             for button in self._action_buttons:
                 button.disabled = False
             self._guarded(self.refresh_memory)
