@@ -119,8 +119,9 @@ class TrainConfig(_Config):
     seed: int = field(default=42, metadata={"help": "random seed (data order, LoRA dropout)"})
     logging_steps: int = field(default=1, metadata={"help": "log every N optimizer steps"})
     eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: about 5 times a run)"})
-    packing: bool = field(default=False, metadata={"help": "pack several examples into one row (attention kept inside each)"})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "trade compute for memory; None decides from the device"})
+    packing: bool | None = field(default=None, metadata={"help": "pack a micro-batch's examples into one row (attention kept inside each); None: on"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "trade compute for memory; None decides from the memory estimate"})
+    max_memory: str | int | float | None = field(default=None, metadata={"help": "GPU memory budget like '10GB' for the batch layout; None: the card's memory"})
     output_dir: str | None = field(default=None, metadata={"help": "run folder (TensorBoard files); default runs/<time>"})
     display: str = field(default="auto", metadata={"help": "auto, html, widget, text or none"})
 
@@ -142,6 +143,10 @@ class TrainConfig(_Config):
             is_count = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 and float(v).is_integer()
             if not (is_fraction or is_count):
                 raise ConfigError(f"eval_split must be a fraction between 0 and 1 or a row count, got {v!r}.")
+        if self.max_memory is not None:
+            from .speed import parse_memory
+
+            parse_memory(self.max_memory)  # a malformed budget fails here, in one line
         if self.display not in ("auto", "html", "widget", "text", "none"):
             raise ConfigError(f"--display must be auto, html, widget, text or none, got {self.display!r}.")
         if self.prompt is None and self.data is not None:

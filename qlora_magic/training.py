@@ -115,38 +115,83 @@ def default_run_dir() -> Path:
     return Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def choose_settings(config: TrainConfig, device: str, n_train: int) -> dict:
-    """Settings the user did not fix, decided from the device. Shown in the readout."""
+def choose_settings(config: TrainConfig, device: str, n_train: int, model=None, lengths=None) -> dict:
+    """Settings the user did not fix, decided from the device and its free memory. Shown in the readout.
+
+    The effective batch (batch_size x grad_accum) is kept; how it is split into micro-batches, packing
+    and gradient checkpointing are chosen for speed within the memory budget (see speed.py).
+    """
     import torch
 
+    from .speed import fmt_bytes, gpu_budget, model_dims, plan_batches
+
     on_gpu = device.startswith("cuda")
-    steps_per_epoch = math.ceil(n_train / (config.batch_size * config.grad_accum))
+    effective = config.batch_size * config.grad_accum
+    steps_per_epoch = math.ceil(n_train / effective)
     total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
-    return {
+    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32"
+    # Packing computes no pad token; transformers keeps attention inside each example from the
+    # restarting position ids (tests/test_speed_settings.py checks the loss equals the padded one).
+    packing = True if config.packing is None else config.packing
+    budget = gpu_budget(device, config.max_memory) if on_gpu else None
+    in_use = torch.cuda.memory_allocated(device) if on_gpu else 0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
+    dims = model_dims(model) if model is not None else None
+    if on_gpu and precision == "bf16" and model is not None:
+        in_use -= sum(p.numel() * 2 for p in _frozen_fp32(model))  # bf16_stream halves them during the run
+    plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
+                        checkpointing=config.gradient_checkpointing)
+    settings = {
         "device": device,
-        "precision": ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32",
-        "batch": f"{config.batch_size}x{config.grad_accum}",
+        "precision": precision,
+        "batch": f"{plan['micro']}x{plan['accum']}",
+        "effective_batch": effective,
         "lr": config.lr,
         "steps": total,
-        "packing": config.packing,
-        # Checkpointing saves activation memory at ~30% more compute; on the CPU memory is rarely short.
-        "gradient_checkpointing": bool(config.gradient_checkpointing) if config.gradient_checkpointing is not None else False,
+        "packing": packing,
+        "gradient_checkpointing": plan["checkpointing"],
     }
+    if on_gpu:
+        settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
+        settings["memory_plan"] = f"{fmt_bytes(plan['estimate'])} of {fmt_bytes(budget)}"
+        settings["bf16_stream"] = precision == "bf16"
+        settings["int8_dequant"] = precision == "bf16" and _has_int8_layers(model)
+    return settings
+
+
+def _frozen_fp32(model):
+    import torch
+
+    return [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32
+            and p.__class__.__name__ not in ("Params4bit", "Int8Params")]
+
+
+def _has_int8_layers(model):
+    return model is not None and any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
 
 
 def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, reporter: Reporter,
-                 history: list, run_index: int = 0, stop: StopFlag | None = None):
-    """Train `model` in place. Returns a TrainSummary. Rows are appended to `history` as they come."""
+                 history: list, run_index: int = 0, stop: StopFlag | None = None,
+                 overrides: dict | None = None, callbacks: list | None = None):
+    """Train `model` in place. Returns a TrainSummary. Rows are appended to `history` as they come.
+
+    overrides: settings to force over `choose_settings`' choice (benchmarks compare layouts this way:
+    {"batch": "4x4", "packing": False, "gradient_checkpointing": True, "bf16_stream": False, ...}).
+    callbacks: extra transformers TrainerCallbacks.
+    """
     from torch.utils.tensorboard import SummaryWriter
     from transformers import PrinterCallback, Trainer, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
     from .bnb_cpu import trainable_4bit
     from .data import make_collator
+    from .speed import bf16_stream, dequantized_int8_training, no_kv_cache
 
     stop = stop if stop is not None else StopFlag()  # an unset StopFlag is falsy
     device = str(next(model.parameters()).device)
-    settings = choose_settings(config, device, len(train_set))
+    settings = choose_settings(config, device, len(train_set), model=model, lengths=[len(ids) for ids in train_set["input_ids"]])
+    settings.update(overrides or {})
+    micro, accum = (int(n) for n in settings["batch"].split("x"))
     run_dir = Path(config.output_dir) if config.output_dir else default_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     total = settings["steps"]
@@ -155,9 +200,9 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
         output_dir=str(run_dir),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum,
         learning_rate=config.lr,
         warmup_steps=config.warmup,
         lr_scheduler_type=config.scheduler,
@@ -176,33 +221,41 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
         use_cpu=device == "cpu",
         gradient_checkpointing=settings["gradient_checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        include_num_input_tokens_seen="non_padding",
+        # A packed batch has no pad token (and no attention mask to count them by).
+        include_num_input_tokens_seen="all" if settings["packing"] else "non_padding",
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_pin_memory=device != "cpu",
         log_level="warning",
+        optim=settings.get("optimizer", "adamw_torch"),
     )
+    if not settings["gradient_checkpointing"] and getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()  # left on by an earlier run that needed it
     writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=make_collator(tokenizer, packing=config.packing),
-        callbacks=[TensorBoardCallback(tb_writer=writer), _make_callback(reporter, history, stop, run_index, device)],
+        data_collator=make_collator(tokenizer, packing=settings["packing"]),
+        callbacks=[TensorBoardCallback(tb_writer=writer), _make_callback(reporter, history, stop, run_index, device), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the reporter shows them
+    import torch
+
+    stream_dtype = torch.bfloat16 if settings.get("bf16_stream") else None
     first_row = len(history)
     reporter.start({"total_steps": total, "settings": settings, "run_dir": str(run_dir)})
     started = time.perf_counter()
     status, error = "completed", None
     try:
-        with trainable_4bit(model), stop_on_interrupt(stop):
+        with trainable_4bit(model), stop_on_interrupt(stop), no_kv_cache(model), bf16_stream(model, stream_dtype), \
+                dequantized_int8_training(settings.get("int8_dequant", False)):
             trainer.train()
+            if not stop and eval_set is not None and (not history or history[-1].get("eval_loss") is None):
+                trainer.evaluate()  # the "after" point, when the last step was not an eval step
         if stop:
             status = "interrupted"
-        elif eval_set is not None and (not history or history[-1].get("eval_loss") is None):
-            trainer.evaluate()  # the "after" point, when the last step was not an eval step
     except KeyboardInterrupt:
         status = "interrupted"  # a second Ctrl-C: the step in flight is lost, earlier ones are kept
     except BaseException as exc:

@@ -1,0 +1,453 @@
+"""Side-by-side training speed: the course's recipe (the "seed") against qlora_magic's defaults, on the
+same model, data, effective batch and device, in one process.
+
+    python benchmarks/gpu_speed.py                   # GPU: Llama-2-7B shape, random weights (~8 min)
+    python benchmarks/gpu_speed.py --model default   # CPU: the embedded SmolLM2-135M on the demo data
+    python benchmarks/gpu_speed.py --model quick     # CPU: a small random Llama, to check the script
+
+Speed and memory don't depend on the weights' values, so the 7B checkpoint is built locally with random
+weights (no hub). Prints a table (real, non-pad tokens/s; s/step; peak allocated memory; x seed; % of the
+hardware limit) and writes it with all numbers to --out (results.md, results.json). Timings are for
+reading, never for test assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+EFFECTIVE_BATCH = 16
+PEAK_BF16_FLOPS = 790e12  # an 8192^3 bf16 matmul measured on the H200
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+QUICK = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024)
+PAD_ID, FIRST_ID = 0, 3  # random token ids start above pad/bos/eos so "non-pad" counts are exact
+
+
+def log(*parts):
+    print(*parts, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def simple_tokenizer(vocab_size):
+    """A word-level tokenizer over ids only: the benchmark feeds token ids, the tokenizer pads."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(FIRST_ID, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def build_random_checkpoint(folder: Path, shape: dict, device: str) -> Path:
+    """Save a Llama with random bf16 weights and a tokenizer to `folder` (once; reused if there)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").exists():
+        return folder
+    started = time.perf_counter()
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID, tie_word_embeddings=False,
+                         dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device(device):  # initialising 6.7B weights on the GPU takes seconds, on a CPU minutes
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    simple_tokenizer(shape["vocab_size"]).save_pretrained(folder)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    log(f"built random checkpoint {folder} in {time.perf_counter() - started:.0f} s")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def synthetic_rows(n, vocab, max_length=512, median=180, seed=0):
+    """Instruction-like examples: lognormal lengths (median ~180, capped), the first ~40% is the prompt
+    (label -100), the rest the response."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        length = max(24, min(max_length, int(rng.lognormvariate(math.log(median), 0.6))))
+        ids = [rng.randrange(FIRST_ID, vocab) for _ in range(length)]
+        prompt = int(length * rng.uniform(0.25, 0.55))
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def demo_rows(tokenizer, max_length=512):
+    """The shipped demo data tokenized as qlora_magic does it (the CPU benchmark's data)."""
+    from qlora_magic import examples
+    from qlora_magic.data import ExampleTokenizer, load_rows
+
+    rows = load_rows(examples.path("word_forms"))
+    tok = ExampleTokenizer(tokenizer, "Instruction: {instruction}\n\nInput: {context}\n\nResponse: ", "{response}",
+                           max_length=max_length)
+    return [tok(r) for r in rows]
+
+
+def padded_to(rows, length):
+    """The seed's data: every example padded to `length` (slide 4)."""
+    out = []
+    for r in rows:
+        pad = length - len(r["input_ids"])
+        out.append({"input_ids": r["input_ids"] + [PAD_ID] * pad, "attention_mask": r["attention_mask"] + [0] * pad,
+                    "labels": r["labels"] + [-100] * pad})
+    return out
+
+
+def as_dataset(rows):
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+def step_timer():
+    """A TrainerCallback that records the time and real tokens seen at the end of every step."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._sync()
+            self.marks = [(time.perf_counter(), state.num_input_tokens_seen)]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._sync()
+            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+        @staticmethod
+        def _sync():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        def result(self, warmup):
+            timed = self.marks[warmup:]
+            if len(timed) < 2:
+                return None, None
+            seconds = timed[-1][0] - timed[0][0]
+            tokens = timed[-1][1] - timed[0][1]
+            return seconds / (len(timed) - 1), tokens / seconds
+
+    return StepTimer()
+
+
+def reset_peak():
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_bytes():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def free_model(*objects):
+    import torch
+
+    for o in objects:
+        del o
+    qlora_magic_session_reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def qlora_magic_session_reset():
+    import qlora_magic
+
+    qlora_magic.reset_session()
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+def seed_recipe(path, rows, steps, warmup, device, tmp):
+    """Slides 1, 4, 5 with transformers 5 names: 8-bit, prepare_model_for_kbit_training (gradient
+    checkpointing on), LoRA r=8 alpha 32 on q/v, every example padded to 512, 4 x 4, fp16."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments, default_data_collator
+
+    from qlora_magic.quiet import quiet_bnb_warnings
+
+    quiet_bnb_warnings()
+    reset_peak()
+    started = time.perf_counter()
+    on_gpu = device == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        dtype=torch.float16 if on_gpu else torch.float32, device_map={"": device})
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.05,
+                                             bias="none", task_type="CAUSAL_LM"))
+    load_s = time.perf_counter() - started
+    timer = step_timer()
+    args = TrainingArguments(
+        output_dir=str(tmp / "seed"), max_steps=warmup + steps, per_device_train_batch_size=4,
+        gradient_accumulation_steps=4, learning_rate=2e-4, fp16=on_gpu, use_cpu=not on_gpu, logging_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False, log_level="error")
+    reset_peak()
+    Trainer(model=model, args=args, train_dataset=as_dataset(padded_to(rows, 512)), data_collator=default_data_collator,
+            callbacks=[timer]).train()
+    s_step, tok_s = timer.result(warmup)
+    result = {"recipe": "seed: 8-bit, pad to 512, checkpointing, 4x4, fp16", "s_step": s_step, "tok_s": tok_s,
+              "peak": peak_bytes(), "load_s": load_s, "settings": "slides 1, 4, 5"}
+    del model
+    free_model()
+    return result
+
+
+def plain_trainer(rows, steps, warmup, tmp, label):
+    """Plain Trainer code on the session's model doing what the demo does (dynamic padding, 4 x 4):
+    the reference for 'qlora_magic is not slower than writing it yourself'."""
+    from transformers import Trainer, TrainingArguments
+
+    import qlora_magic
+    from qlora_magic.data import make_collator
+
+    session = qlora_magic.get_session()
+    timer = step_timer()
+    args = TrainingArguments(
+        output_dir=str(tmp / "plain"), max_steps=warmup + steps, per_device_train_batch_size=4,
+        gradient_accumulation_steps=4, learning_rate=2e-4, use_cpu=True, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        log_level="error")
+    reset_peak()
+    Trainer(model=session.model, args=args, train_dataset=as_dataset(rows),
+            data_collator=make_collator(session.tokenizer, packing=False), callbacks=[timer]).train()
+    s_step, tok_s = timer.result(warmup)
+    return {"recipe": label, "s_step": s_step, "tok_s": tok_s, "peak": peak_bytes(), "settings": "4x4, dynamic padding"}
+
+
+def ours(rows, steps, warmup, tmp, label, overrides=None, max_memory=None, reporter=None):
+    """qlora_magic's training on the session's model, through run_training (what qlora_magic.train calls)."""
+    import qlora_magic
+    from qlora_magic.config import TrainConfig
+    from qlora_magic.reporters import NullReporter
+    from qlora_magic.training import run_training
+
+    session = qlora_magic.get_session()
+    config = TrainConfig(max_steps=warmup + steps, batch_size=4, grad_accum=4, max_memory=max_memory,
+                         output_dir=str(tmp / "ours"), display="none")
+    timer = step_timer()
+    reset_peak()
+    summary = run_training(session.model, session.tokenizer, config, as_dataset(rows), None, reporter or NullReporter(),
+                           history=[], overrides=overrides, callbacks=[timer])
+    s_step, tok_s = timer.result(warmup)
+    keys = ("batch", "packing", "gradient_checkpointing", "bf16_stream", "int8_dequant", "memory_plan")
+    settings = ", ".join(f"{k}={summary.settings[k]}" for k in keys if k in summary.settings)
+    return {"recipe": label, "s_step": s_step, "tok_s": tok_s, "peak": peak_bytes(), "settings": settings,
+            "loss": summary.train_loss[1]}
+
+
+def load_ours(path, bits):
+    import qlora_magic
+
+    started = time.perf_counter()
+    qlora_magic.load(path, bits=bits)
+    return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def memory_fraction(gb):
+    """Pretend the card has `gb` GB (the process's allocator refuses more)."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 1024**3 / total))
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def guarded(results, fn, *args, **kw):
+    """Run one variant; an error (an out-of-memory, say) becomes a row, not the end of the benchmark."""
+    label = kw.pop("label", None) or args[-1]
+    try:
+        row = fn(*args, **kw)
+    except Exception as error:  # noqa: BLE001 - one failed variant must not lose the others
+        import traceback
+
+        traceback.print_exc()
+        row = {"recipe": label, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+        reset_peak()
+    results.append(row)
+    log(format_row(row, results[0] if results else None))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def format_row(row, seed, limit=None):
+    if "error" in row:
+        return f"| {row['recipe']} | failed: {row['error']} | | | | | |"
+    ratio = f"{row['tok_s'] / seed['tok_s']:.1f}" if seed and seed.get("tok_s") and row.get("tok_s") else "-"
+    pct = f"{100 * row['tok_s'] / limit:.1f}%" if limit and row.get("tok_s") else "-"
+    return (f"| {row['recipe']} | {row['s_step']:.2f} | {row['tok_s']:,.0f} | {ratio} | {pct} | "
+            f"{row['peak'] / 1024**3:.1f} | {row.get('settings', '')} |")
+
+
+def table(results, limit):
+    seed = next((r for r in results if r["recipe"].startswith("seed") and "error" not in r), None)
+    lines = ["| recipe | s/step | real tok/s | x seed | % of limit | peak GB | settings |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [format_row(r, seed, limit) for r in results]
+    return "\n".join(lines)
+
+
+def environment():
+    import peft
+    import torch
+    import transformers
+
+    try:
+        import bitsandbytes
+        bnb = bitsandbytes.__version__
+    except ImportError:
+        bnb = "-"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return {"date": time.strftime("%Y-%m-%d"), "device": gpu, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bnb,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["llama7b", "default", "quick"], default="llama7b")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--seed-steps", type=int, default=None, help="timed steps of the (slow) seed recipe")
+    parser.add_argument("--checkpoint", default=None, help="folder for the random checkpoint (default: /dev/shm or tmp)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--skip", default="", help="comma-separated variant groups to skip: seed,q4,q8,budget,display")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import tempfile
+
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
+    skip = set(filter(None, args.skip.split(",")))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = environment()
+    log(json.dumps(env))
+    results = []
+    if args.model == "default":
+        from transformers import AutoTokenizer
+
+        from qlora_magic.default_model import default_model_path
+
+        path = str(default_model_path())
+        rows = demo_rows(AutoTokenizer.from_pretrained(path))
+        steps, seed_steps = args.steps or 3, args.seed_steps or 2
+        n_params = 135e6
+    else:
+        shape = LLAMA_7B if args.model == "llama7b" else QUICK
+        import shutil
+
+        shm_ok = Path("/dev/shm").is_dir() and shutil.disk_usage("/dev/shm").free > 20 * 1024**3
+        base = Path(args.checkpoint) if args.checkpoint else (Path("/dev/shm") if shm_ok and args.model == "llama7b" else tmp)
+        path = str(build_random_checkpoint(base / f"random-{args.model}", shape, device))
+        steps, seed_steps = args.steps or (10 if device == "cuda" else 2), args.seed_steps or (4 if device == "cuda" else 1)
+        rows = synthetic_rows(EFFECTIVE_BATCH * (args.warmup + max(steps, seed_steps) + 2), shape["vocab_size"])
+        h, i, L, V = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+        n_params = L * (4 * h * h + 3 * h * i) + 2 * V * h
+    lengths = sorted(len(r["input_ids"]) for r in rows)
+    log(f"{len(rows)} examples, median {lengths[len(lengths) // 2]} tokens, max {lengths[-1]}")
+    # LoRA on frozen weights: forward (2 FLOPs/param/token) + input gradients (2); no weight gradients.
+    limit = PEAK_BF16_FLOPS / (4 * n_params) if device == "cuda" else None
+    W = args.warmup
+
+    if "seed" not in skip:
+        guarded(results, seed_recipe, path, rows, seed_steps, 1, device, tmp, label="seed")
+    if "q4" not in skip:
+        load_s = load_ours(path, 4)
+        log(f"loaded 4-bit in {load_s:.0f} s")
+        if device == "cuda":  # the first run after loading pays the allocator's growth and kernel set-up
+            guarded([], ours, rows, 3, 1, tmp, "warm-up run, not reported")
+        guarded(results, ours, rows, steps, W, tmp, "qlora_magic --bits 4 (defaults)")
+        if device == "cuda":
+            guarded(results, ours, rows, steps, W, tmp, "  4-bit, fp32 stream (as prepare_model_for_kbit_training leaves it)",
+                    overrides={"bf16_stream": False})
+            guarded(results, ours, rows, 4, W, tmp, "  4-bit, 4x4, padded, checkpointing",
+                    overrides={"batch": "4x4", "packing": False, "gradient_checkpointing": True})
+            if "budget" not in skip:
+                guarded(results, ours, rows, steps, W, tmp, "qlora_magic --bits 4 --max-memory 10GB", max_memory="10GB")
+                for gb in (24, 80):
+                    with memory_fraction(gb):
+                        guarded(results, ours, rows, 3, 1, tmp, f"  4-bit, automatic on a {gb} GB card")
+            if "display" not in skip:
+                from qlora_magic.reporters import HtmlReporter
+
+                with contextlib.redirect_stdout(io.StringIO()):  # outside a notebook display() prints
+                    guarded(results, ours, rows, steps, W, tmp, "  4-bit defaults, live HTML display on",
+                            reporter=HtmlReporter())
+                guarded(results, ours, rows, steps, W, tmp, "  4-bit defaults again, display off")
+        if device == "cpu" and args.model == "default":
+            guarded(results, plain_trainer, rows, steps, 1, tmp, "plain Trainer, 4-bit, dynamic padding 4x4")
+        free_model()
+    if "q8" not in skip:
+        load_s = load_ours(path, 8)
+        log(f"loaded 8-bit in {load_s:.0f} s")
+        if device == "cuda":
+            guarded([], ours, rows, 3, 1, tmp, "warm-up run, not reported")
+        guarded(results, ours, rows, steps, W, tmp, "qlora_magic --bits 8 (defaults)")
+        if device == "cuda":
+            guarded(results, ours, rows, steps, W, tmp, "  8-bit, LLM.int8 matmul (no dequantized path)",
+                    overrides={"int8_dequant": False})
+            if "budget" not in skip:
+                guarded(results, ours, rows, steps, W, tmp, "qlora_magic --bits 8 --max-memory 10GB", max_memory="10GB")
+                with memory_fraction(24):
+                    guarded(results, ours, rows, 3, 1, tmp, "  8-bit, automatic on a 24 GB card")
+        if device == "cpu" and args.model == "default":
+            guarded(results, plain_trainer, rows, steps, 1, tmp, "plain Trainer, 8-bit, dynamic padding 4x4")
+        free_model()
+
+    text = table(results, limit)
+    header = (f"{env['date']} · {env['device']} · torch {env['torch']} · transformers {env['transformers']} · "
+              f"peft {env['peft']} · bitsandbytes {env['bitsandbytes']} · model {args.model} · effective batch "
+              f"{EFFECTIVE_BATCH} · {W} warm-up + {steps} timed steps (seed {seed_steps})"
+              + (f" · hardware limit {limit:,.0f} tok/s" if limit else ""))
+    (out / "results.md").write_text(header + "\n\n" + text + "\n")
+    (out / "results.json").write_text(json.dumps({"env": env, "limit": limit, "results": results}, indent=1, default=str))
+    log("\n" + header + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
