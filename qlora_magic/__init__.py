@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 from .api import generate, load, memory, save, train  # noqa: E402
 from .api import (add_adapter, combine_adapters, compare, delete_adapter, evaluate, list_adapters,  # noqa: E402
-                  load_adapter, merge, switch_adapter)
+                  load_adapter, merge, switch_adapter, tune)
 from .errors import QloraError  # noqa: E402
 from . import examples  # noqa: E402
 from .session import get_session, reset_session  # noqa: E402
@@ -38,4 +38,4 @@ def unload_ipython_extension(ipython):
 
 __all__ = ["load", "train", "generate", "save", "memory", "get_session", "reset_session", "panel", "QloraError",
             "evaluate", "compare", "list_adapters", "add_adapter", "load_adapter", "switch_adapter", "delete_adapter",
-            "combine_adapters", "merge"]
+            "combine_adapters", "merge", "tune"]

@@ -203,3 +203,27 @@ def merge(path=None, *, config=None, **options):
 
 __all__ += ["evaluate", "compare", "list_adapters", "add_adapter", "load_adapter", "switch_adapter", "delete_adapter",
             "combine_adapters", "merge"]
+
+
+def tune(data=None, *, search=None, config=None, on_trial=None, **options):
+    """Optuna search over LoRA and training options; each trial trains a fresh adapter on the same base,
+    scored by held-out eval loss. Returns a TuneReport; the best adapter stays active (keep=False drops it).
+
+    >>> qlora_magic.tune(rows, prompt="Q: {q}\\nA: ", response="{a}", eval_split=0.2, max_steps=10,
+    ...                  search={"r": [4, 8, 16], "lr": {"low": 1e-4, "high": 1e-2, "log": True}}, trials=5)
+    """
+    from .config import TrainConfig, TuneConfig
+    from .tuning import run_search
+
+    if config is None:
+        tune_keys = {"trials", "prune", "seed", "keep"}
+        tune_options = {k: options.pop(k) for k in list(options) if k in tune_keys}
+        if data is not None:
+            options["data"] = data
+        config = TuneConfig(train=TrainConfig(**options), search=search or {}, **tune_options)
+    elif data is not None or search is not None or options:
+        raise TypeError("Give either config= or keyword options, not both.")
+    return run_search(get_session(), config, on_trial=on_trial)
+
+
+__all__ += ["tune"]

@@ -265,7 +265,8 @@ class MergeConfig(_Config):
     dtype: str = field(default="float16", metadata={"help": "weights of the merged copy: float16, bfloat16 or float32"})
     adapter: str | None = field(default=None, metadata={"help": "adapter to merge; None: the active one"})
     verify: bool = field(default=True, metadata={"help": "compare greedy answers and perplexity of merged vs adapter"})
-    prompts: list[str] | None = field(default=None, metadata={"help": "prompts for the check; None: a few held-out rows of the last run"})
+    data: Any = field(default=None, metadata={"help": "rows to check on, with the last run's templates; None: its held-out rows"})
+    prompts: list[str] | None = field(default=None, metadata={"help": "prompts for an answers-only check, instead of data"})
     max_new_tokens: int = field(default=24, metadata={"help": "length of the greedy answers compared"})
     tolerance: float = field(default=0.05, metadata={"help": "largest relative perplexity drift still reported as a match"})
 
@@ -276,3 +277,49 @@ class MergeConfig(_Config):
             raise ConfigError(f"--dtype must be float16, bfloat16 or float32, got {self.dtype!r}.")
         _positive("--max-new-tokens", self.max_new_tokens)
         _positive("--tolerance", self.tolerance, kind=float)
+
+
+#: What %%qlora_tune may search: LoRA options (a fresh adapter per trial) and training options.
+TUNE_LORA = ("r", "alpha", "dropout", "targets")
+TUNE_TRAIN = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup", "weight_decay", "scheduler")
+_TUNE_INTS = ("r", "max_steps", "batch_size", "grad_accum")
+
+
+@dataclass
+class TuneConfig(_Config):
+    """A search over LoRA and training options with Optuna (see %%qlora_tune?)."""
+
+    train: Any = field(default=None, metadata={"help": "TrainConfig of what every trial shares (data, templates, eval_split...)"})
+    search: dict = field(default_factory=dict, metadata={"help": "name: [choices] or {low, high, log}"})
+    trials: int = field(default=5, metadata={"help": "number of trials"})
+    prune: bool = field(default=True, metadata={"help": "stop trials whose eval loss trails the median of earlier ones"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampler (TPE)"})
+    keep: bool = field(default=True, metadata={"help": "keep the best trial's adapter (named trialN) and make it active"})
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        if self.train is None or self.train.data is None:
+            raise ConfigError("%%qlora_tune needs data, prompt and response in the cell body, as %%qlora_train does.")
+        if not self.train.eval_split:
+            raise ConfigError("Tuning minimizes the held-out eval loss: add eval_split: 0.2 (or a row count) to the cell body.")
+        _positive("--trials", self.trials)
+        if not isinstance(self.search, dict) or not self.search:
+            raise ConfigError("The search space is empty: add e.g.  search: {r: [4, 8, 16], lr: {low: 1e-4, high: 1e-2, log: true}}")
+        for name, spec in self.search.items():
+            if name not in TUNE_LORA + TUNE_TRAIN:
+                raise ConfigError(f"Cannot search {name!r}: choose from {', '.join(TUNE_LORA + TUNE_TRAIN)}.")
+            if isinstance(spec, list):
+                if not spec:
+                    raise ConfigError(f"search: {name} has no choices.")
+            elif isinstance(spec, dict) and {"low", "high"} <= set(spec) and set(spec) <= {"low", "high", "log", "step"}:
+                low, high = spec["low"], spec["high"]
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
+                    raise ConfigError(f"search: {name} needs numbers with low < high, got {low!r} and {high!r}.")
+                if spec.get("log") and low <= 0:
+                    raise ConfigError(f"search: {name} on a log scale needs low > 0, got {low!r}.")
+            else:
+                raise ConfigError(f"search: {name} must be a list of choices or {{low: ..., high: ..., log: true}}, got {spec!r}.")
+
+    def is_int(self, name) -> bool:
+        return name in _TUNE_INTS

@@ -92,3 +92,11 @@ class QloraMagics(Magics):
     @_doc_from(parsing.qlora_merge)
     def qlora_merge(self, line=""):
         display(api.merge(config=parsing.parse_merge(line)))
+
+    @cell_magic
+    @_doc_from(parsing.qlora_tune)
+    def qlora_tune(self, line="", cell=""):
+        config = parsing.parse_tune(line, cell, namespace=self.shell.user_ns)
+        handle = display(display_id=True)  # the table of trials, redrawn after each one (None outside IPython)
+        report = api.tune(config=config, on_trial=handle.update if handle else None)
+        handle.update(report) if handle else display(report)

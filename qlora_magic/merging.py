@@ -52,7 +52,8 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
         raise QloraError(f"The adapter's weights do not fit the reloaded base ({missing[0]} missing): was the model loaded from {base_path}?")
     merged = merged.merge_and_unload()
     path.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(path))
+    with no_progress_bars():
+        merged.save_pretrained(str(path))
     session.tokenizer.save_pretrained(str(path))
     del merged, base
     report = MergeReport(path=str(path), adapter=name, dtype=config.dtype, base=str(base_path),
@@ -71,7 +72,7 @@ def _check_data(session, config: MergeConfig):
     if config.prompts:
         return list(config.prompts), None, False
     try:
-        data = eval_data(session, EvalConfig(limit=CHECK_ROWS))
+        data = eval_data(session, EvalConfig(data=config.data, limit=CHECK_ROWS))
     except ConfigError:  # no training run with held-out rows: answers only
         return FALLBACK_PROMPTS, None, False
     return [data.examples.prompt_text(row) for row in data.rows], data.tokenized, data.examples.chat

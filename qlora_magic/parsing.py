@@ -274,7 +274,7 @@ def qlora_compare(line="", cell=None):
 
     Examples::
 
-        %qlora_compare What is the capital of France?
+        %qlora_compare Name the capital of France.
         %%qlora_compare --raw --max-new-tokens 20
         Instruction: Give the plural.
 
@@ -418,3 +418,52 @@ def parse_merge(line: str):
 
 
 MAGIC_DECLARATIONS += [qlora_eval, qlora_compare, qlora_adapters, qlora_merge]
+
+
+@magic_arguments()
+@argument("--trials", type=int, default=None, help="number of trials (default 5)")
+@argument("--no-prune", action="store_true", help="run every trial to the end (default: stop trials behind the median)")
+@argument("--no-keep", action="store_true", help="delete every trial's adapter, the best one too")
+@argument("--sampler-seed", type=int, default=None, help="seed of Optuna's TPE sampler (default 0)")
+def qlora_tune(line="", cell=""):
+    """Search LoRA and training options with Optuna; each trial trains a fresh adapter on the same
+    quantized base and is scored by its held-out eval loss. The body is %%qlora_train's, plus search::
+
+        %%qlora_tune --trials 6
+        data: $rows
+        prompt: "Q: {question}\\nA: "
+        response: "{answer}"
+        eval_split: 0.2
+        max_steps: 15
+        search:
+          r: [4, 8, 16]                         # a list: choices
+          lr: {low: 1e-4, high: 1e-2, log: true}  # a range (log scale)
+          dropout: {low: 0.0, high: 0.1}
+
+    Searchable: r, alpha, dropout, targets, lr, epochs, max_steps, batch_size, grad_accum, warmup,
+    weight_decay, scheduler. The best trial's adapter stays loaded and active.
+    """
+
+
+def parse_tune(line: str, cell: str, namespace: dict | None = None):
+    """`%%qlora_tune` flags + body -> TuneConfig; the body minus search: is read as %%qlora_train's."""
+    import yaml
+
+    from .config import TuneConfig
+
+    args = parse_argstring(qlora_tune, line)
+    body = _yaml_body(cell, set(BODY_KEYS) | {"search", "trials"}, "%%qlora_tune")
+    search = body.pop("search", None)
+    trials = body.pop("trials", None)
+    if search is not None and not isinstance(search, dict):
+        raise ConfigError("search: must be a mapping of option: choices or range, e.g. search: {r: [4, 8]}.")
+    search = {str(k): ([_number(v) for v in s] if isinstance(s, list) else
+                       {kk: _number(vv) for kk, vv in s.items()} if isinstance(s, dict) else s)
+              for k, s in (search or {}).items()}
+    train = parse_train("", yaml.safe_dump(body), namespace=namespace)
+    options = {"trials": args.trials or trials, "seed": args.sampler_seed}
+    return TuneConfig(train=train, search=search, prune=not args.no_prune, keep=not args.no_keep,
+                      **{k: v for k, v in options.items() if v is not None})
+
+
+MAGIC_DECLARATIONS += [qlora_tune]

@@ -1,0 +1,173 @@
+"""Hyperparameter search with Optuna (the course's slide 10, done so it can run in a notebook).
+
+Every trial trains a fresh LoRA adapter on the same quantized base: a new adapter's update starts at
+zero (PEFT initializes B = 0), so each trial starts from the same weights without reloading the model.
+The objective is the held-out eval loss (the masked response loss). A trial whose eval loss trails the
+median of earlier trials at the same step is stopped early (Optuna's MedianPruner), through the same
+stop flag Ctrl-C uses. The adapters of finished trials are deleted, except the best so far; memory is
+measured after each trial, so growth would show in the table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .config import TUNE_LORA, TuneConfig
+from .formatting import gb, html_grid, text_grid
+from .reporters import NullReporter
+
+class _PruningReporter(NullReporter):
+    """Hands each eval loss to Optuna and asks training to stop when the trial should be pruned."""
+
+    def __init__(self, trial, stop):
+        self.trial, self.stop, self.pruned = trial, stop, False
+
+    def log(self, row, progress, history):
+        if row.get("eval_loss") is None or row["step"] == 0:
+            return
+        self.trial.report(row["eval_loss"], row["step"])
+        if self.trial.should_prune():
+            self.pruned = True
+            self.stop.set("pruned")
+
+
+def _suggest(trial, config: TuneConfig) -> dict:
+    params = {}
+    for name, spec in config.search.items():
+        if isinstance(spec, list):
+            # Optuna stores plain values: a list of target modules becomes "q_proj,v_proj".
+            params[name] = trial.suggest_categorical(name, [",".join(c) if isinstance(c, list) else c for c in spec])
+        elif config.is_int(name):
+            params[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")),
+                                             step=int(spec.get("step", 1)))
+        else:
+            params[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")),
+                                               step=spec.get("step"))
+    return params
+
+
+def _memory_now(model):
+    import torch
+
+    if next(model.parameters()).device.type == "cuda":
+        return torch.cuda.memory_allocated()
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def run_search(session, config: TuneConfig, on_trial=None) -> "TuneReport":
+    """Run the trials; `on_trial(report)` is called after each one (for a live table)."""
+    import optuna
+
+    from . import api
+    from .adapters import add_adapter, adapter_names, delete_adapter, switch_adapter
+    from .memory_usage import release_memory
+    from .training import StopFlag
+
+    model = session.require_model("tuning")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    previous = model.active_adapter
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=config.seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if config.prune else optuna.pruners.NopPruner())
+    report = TuneReport(search=config.search)
+    best_name = None
+
+    def objective(trial):
+        nonlocal best_name
+        params = _suggest(trial, config)
+        name = f"trial{trial.number}"
+        lora = {k: v for k, v in params.items() if k in TUNE_LORA}
+        add_adapter(session, name, **lora)
+        stop = StopFlag()
+        reporter = _PruningReporter(trial, stop)
+        started = time.perf_counter()
+        train_options = {k: v for k, v in params.items() if k not in TUNE_LORA}
+        try:
+            summary = api.train(config=config.train.replace(display="none", **train_options), reporter=reporter, stop=stop)
+        except BaseException:
+            delete_adapter(session, name)
+            raise
+        value = summary.eval_loss[1]
+        state = "pruned" if reporter.pruned else ("interrupted" if summary.status == "interrupted" else "complete")
+        is_best = state == "complete" and value is not None and (report.best is None or value < report.best["eval_loss"])
+        if is_best and best_name:
+            delete_adapter(session, best_name)
+        if not is_best:
+            delete_adapter(session, name)
+        else:
+            best_name = name
+        release_memory()
+        report.trials.append({"trial": trial.number, **params, "eval_loss": value, "steps": summary.steps_done,
+                              "state": state, "seconds": time.perf_counter() - started, "memory": _memory_now(model)})
+        if on_trial:
+            on_trial(report)
+        if state == "interrupted":
+            study.stop()
+        if reporter.pruned:
+            raise optuna.TrialPruned()
+        return value
+
+    try:
+        study.optimize(objective, n_trials=config.trials, catch=())
+    finally:
+        if best_name and config.keep:
+            switch_adapter(session, best_name)  # the winner stays, active, under its trial's name
+        else:
+            if best_name:
+                delete_adapter(session, best_name)
+            if previous in adapter_names(model):
+                switch_adapter(session, previous)
+    report.kept = best_name if config.keep else None
+    if report.best:
+        best_params = {k: report.best[k] for k in config.search}
+        report.best_train_config = config.train.replace(**{k: v for k, v in best_params.items() if k not in TUNE_LORA})
+        report.best_lora = {k: v for k, v in best_params.items() if k in TUNE_LORA}
+    session.last_tune_report = report
+    return report
+
+
+@dataclass(repr=False)
+class TuneReport:
+    """The trials (params, eval loss, state, time, memory after) and the best one."""
+
+    search: dict
+    trials: list = field(default_factory=list)
+    kept: str | None = None
+    best_train_config: object = None
+    best_lora: dict = field(default_factory=dict)
+
+    @property
+    def best(self):
+        done = [t for t in self.trials if t["state"] == "complete" and t["eval_loss"] is not None]
+        return min(done, key=lambda t: t["eval_loss"]) if done else None
+
+    @property
+    def best_params(self):
+        return {k: self.best[k] for k in self.search} if self.best else None
+
+    def _cells(self):
+        best = self.best
+        rows = []
+        for t in self.trials:
+            params = [f"{t[k]:.3g}" if isinstance(t[k], float) else str(t[k]) for k in self.search]
+            loss = "-" if t["eval_loss"] is None else f"{t['eval_loss']:.4f}"
+            rows.append([("* " if t is best else "") + str(t["trial"]), *params, loss, t["steps"], t["state"],
+                         f"{t['seconds']:.1f} s", gb(t["memory"])])
+        return ["trial", *self.search, "eval loss", "steps", "state", "time", "memory after"], rows
+
+    def _title(self):
+        best = self.best
+        text = f"Tuning: {len(self.trials)} trials"
+        if best:
+            text += f"; best trial {best['trial']} (eval loss {best['eval_loss']:.4f})"
+        if self.kept:
+            text += f", kept as adapter '{self.kept}' (active)"
+        return text
+
+    def __repr__(self):
+        return text_grid(self._title(), *self._cells())
+
+    def _repr_html_(self):
+        return html_grid(self._title(), *self._cells())

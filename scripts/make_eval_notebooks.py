@@ -1,0 +1,197 @@
+"""Writes (and with --execute, runs in place) the course notebooks 08_evaluation and 09_adapters_and_merge.
+
+    python scripts/make_eval_notebooks.py --execute [08|09]
+
+Same layout as scripts/make_course.py: each notebook is a list of ("md" | "code", source) cells.
+Both run top to bottom on a CPU with the embedded default model (SmolLM2-135M) in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SETUP = """%load_ext qlora_magic
+import qlora_magic as qm
+
+DATA = qm.examples.path("word_forms")   # 100 rows: opposites, plurals, past tenses
+PROMPT = "Instruction: {instruction}\\n\\nInput: {context}\\n\\nResponse: \""""
+
+EVALUATION = [
+    ("md", """# Evaluating a QLoRA adapter
+
+Slide 9 of the course computes a "perplexity" from the cross-entropy of *all* logits (prompt tokens
+included) and a BLEU score on the argmax of teacher-forced logits, which is not what the model would say.
+`%qlora_eval` measures what matters instead:
+
+* **perplexity** = exp(mean negative log-likelihood of the *response* tokens), the loss training minimizes,
+  summed over every response token of the data set, with the prompt masked out;
+* **BLEU** (sacrebleu), **ROUGE-1/2/L** (rouge-score) and **exact match** of the model's own greedy answers
+  against the references;
+* the **base model** (adapters disabled, no second copy in memory) and the adapter **in one table**.
+
+By default it evaluates on the held-out split of the last training run, rebuilt exactly as training built it."""),
+    ("code", SETUP),
+    ("code", "%qlora_load"),
+    ("md", "A short run on the shipped `word_forms` data, holding out 20% of the rows for evaluation:"),
+    ("code", """%%qlora_train --max-steps 15 --lr 1e-3 --batch-size 4 --grad-accum 1 --display text
+data: $DATA
+prompt: "Instruction: {instruction}\\n\\nInput: {context}\\n\\nResponse: "
+response: "{response}"
+eval_split: 0.2"""),
+    ("md", """## Base vs adapter on the held-out rows
+
+`--base` adds the model with its adapters switched off, so the same table shows *before* (base) and
+*after* (adapter). Greedy answers are kept for inspection below the table."""),
+    ("code", "%qlora_eval --base --metrics perplexity,bleu,rouge,exact_match --max-new-tokens 24"),
+    ("md", """Every evaluation also lands in the session history as rows of kind `eval` (kept apart from the training
+rows, so loss charts are unaffected), next to the Trainer's own `eval_loss`. The adapter's `response_loss`
+equals the Trainer's last `eval_loss`: the same masked loss on the same rows."""),
+    ("code", """import pandas as pd
+
+history = qm.get_session().history
+print("Trainer's last eval_loss:", [r["eval_loss"] for r in history if "eval_loss" in r][-1])
+pd.DataFrame([r for r in history if r.get("kind") == "eval"]).drop(columns=["kind"])"""),
+    ("md", """## Any data set, from Python
+
+The Python API takes the same options. Here: words the training data never contained."""),
+    ("code", """new_words = [
+    {"instruction": "Give the opposite of the word.", "context": "wet", "response": 'The opposite of "wet" is "dry".'},
+    {"instruction": "Give the plural of the word.", "context": "box", "response": 'The plural of "box" is "boxes".'},
+    {"instruction": "Give the past tense of the verb.", "context": "jump", "response": 'The past tense of "jump" is "jumped".'},
+    {"instruction": "Give the opposite of the word.", "context": "young", "response": 'The opposite of "young" is "old".'},
+]
+report = qm.evaluate(new_words, prompt=PROMPT, response="{response}", base=True,
+                     metrics=["perplexity", "exact_match"], max_new_tokens=24)
+report"""),
+    ("code", "report.to_dataframe()"),
+    ("md", """## Side by side: `%qlora_compare`
+
+The same prompts answered by the base model and by each adapter, greedy by default, from one model in
+memory. `--raw` sends the prompt exactly as written, which matches the plain prompt template used in
+training (the cell body separates prompts with lines of `---`; here the Python form builds them from the
+template, so the trailing space after `Response:` is exact)."""),
+    ("code", """prompts = [PROMPT.format(**row) for row in new_words]
+qm.compare(prompts, raw=True, max_new_tokens=24)"""),
+    ("md", """Without `--raw` the prompt goes through the model's chat template, as a user would ask it. A quick check
+that general knowledge survived the fine-tuning:"""),
+    ("code", """%%qlora_compare --max-new-tokens 20
+What is the capital of France?
+---
+Write a haiku about autumn."""),
+    ("md", """Bad inputs fail with one line that says what to do:"""),
+    ("error", "%qlora_eval --metrics accuracy"),
+]
+
+ADAPTERS = [
+    ("md", """# Several adapters on one quantized base, and merging
+
+Slide 14's multi-task idea with PEFT's named adapters: one 8-bit base in memory, one small LoRA adapter
+per task. `%qlora_adapters` adds, loads, lists, switches, combines and deletes them; the **active** adapter
+is the one `%qlora_generate`, `%qlora_eval` and `%%qlora_train` use, and only it is trained.
+`%qlora_merge` then folds an adapter into an unquantized 16-bit copy of the base and checks the result."""),
+    ("code", SETUP + """
+
+import json
+
+rows = [json.loads(line) for line in open(DATA)]
+opposites = [r for r in rows if "opposite" in r["instruction"]]
+past_tenses = [r for r in rows if "past tense" in r["instruction"]]
+# The last 6 rows of each task are kept out of training, to evaluate on.
+opposites, opposites_test = opposites[:-6], opposites[-6:]
+past_tenses, past_test = past_tenses[:-6], past_tenses[-6:]
+len(opposites), len(past_tenses)"""),
+    ("code", "%qlora_load"),
+    ("md", "The first adapter (`default`) learns opposites:"),
+    ("code", """%%qlora_train --max-steps 10 --lr 2e-3 --batch-size 4 --grad-accum 1 --display text
+data: $opposites
+prompt: "Instruction: {instruction}\\n\\nInput: {context}\\n\\nResponse: "
+response: "{response}"
+"""),
+    ("md", "A second adapter beside it, on the same quantized base, learns past tenses. It becomes the active one:"),
+    ("code", "%qlora_adapters add past --r 8"),
+    ("code", """%%qlora_train --max-steps 10 --lr 2e-3 --batch-size 4 --grad-accum 1 --display text
+data: $past_tenses
+prompt: "Instruction: {instruction}\\n\\nInput: {context}\\n\\nResponse: "
+response: "{response}"
+"""),
+    ("md", "Each adapter answers its own task; the base answers neither. One table, one model in memory:"),
+    ("code", """probe = [
+    {"instruction": "Give the opposite of the word.", "context": "wet"},
+    {"instruction": "Give the past tense of the verb.", "context": "jump"},
+]
+qm.compare([PROMPT.format(**r) for r in probe], raw=True, max_new_tokens=20)"""),
+    ("md", """Perplexity of each adapter on the held-back rows of each task (the base for reference). `adapters=`
+(`--adapters` in the magic) evaluates several in one table:"""),
+    ("code", """for name, task in (("opposites", opposites_test), ("past tenses", past_test)):
+    print(name)
+    display(qm.evaluate(task, prompt=PROMPT, response="{response}", adapters=["default", "past"], base=True))"""),
+    ("md", """A weighted combination (PEFT `add_weighted_adapter`; ranks agree here, so `linear`), then switching back
+and deleting it:"""),
+    ("code", "%qlora_adapters combine both --weights default=1.0,past=1.0"),
+    ("code", "qm.compare([PROMPT.format(**r) for r in probe], raw=True, max_new_tokens=20, base=False)"),
+    ("code", """%qlora_adapters delete both
+%qlora_adapters switch past"""),
+    ("md", "A name that does not exist is a one-line error:"),
+    ("error", "%qlora_adapters switch opposites"),
+    ("md", """## Merge and export
+
+`%qlora_merge` reloads the base from its original weights in 16 bits (merging into 8- or 4-bit weights would
+round the update back onto the quantization grid), copies the active adapter in, merges, saves safetensors,
+reloads what it saved and compares its greedy answers and perplexity with the adapter's. With no held-out
+split in the last run, `data=` names the rows to check on (the last run's templates apply)."""),
+    ("code", """import shutil
+shutil.rmtree("runs/merged/past-tense", ignore_errors=True)
+report = qm.merge("runs/merged/past-tense", data=past_test)   # %qlora_merge runs/merged/past-tense checks on held-out rows
+report"""),
+    ("md", "The merged folder is a plain transformers model: no peft, no bitsandbytes."),
+    ("code", """from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("runs/merged/past-tense")
+merged = AutoModelForCausalLM.from_pretrained("runs/merged/past-tense")
+inputs = tokenizer(PROMPT.format(**probe[1]), return_tensors="pt")
+out = merged.generate(**inputs, max_new_tokens=16, do_sample=False)
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""),
+]
+
+NOTEBOOKS = {"08_evaluation.ipynb": EVALUATION, "09_adapters_and_merge.ipynb": ADAPTERS}
+
+
+def _course():
+    spec = importlib.util.spec_from_file_location("make_course", ROOT / "scripts" / "make_course.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--execute", action="store_true")
+    parser.add_argument("only", nargs="*")
+    args = parser.parse_args()
+    import nbformat
+
+    course = _course()
+    for name, cells in NOTEBOOKS.items():
+        if args.only and not any(name.startswith(p) for p in args.only):
+            continue
+        path = course.NOTEBOOKS_DIR / name
+        nb = course.build([("code" if kind == "error" else kind, src) for kind, src in cells])
+        for cell, (kind, _) in zip(nb.cells, cells):
+            if kind == "error":  # shows a one-line error on purpose; execution goes on
+                cell.metadata["tags"] = ["raises-exception"]
+        nbformat.write(nb, path)
+        if args.execute:
+            started = time.perf_counter()
+            course._run_notebook_module().run(path, path.parent, timeout=900)
+            print(f"executed {path.relative_to(ROOT)} in {time.perf_counter() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""%%qlora_tune / qlora_magic.tune: parsing, wiring, and a real search on the tiny model."""
+
+import pytest
+
+import qlora_magic
+from qlora_magic import parsing
+from qlora_magic.config import TrainConfig, TuneConfig
+from qlora_magic.errors import ConfigError
+
+BODY = """data: $rows
+prompt: "Q: {question}\\nA: "
+response: {answer}
+eval_split: 0.25
+max_steps: 4
+batch_size: 4
+grad_accum: 1
+"""
+
+
+def test_parse_tune():
+    config = parsing.parse_tune("--trials 3 --no-prune", BODY + "search:\n  r: [2, 4]\n  lr: {low: 1e-3, high: 1e-2, log: true}\n",
+                                namespace={"rows": [{"question": "q", "answer": "a"}]})
+    assert config.trials == 3 and not config.prune and config.keep
+    assert config.search == {"r": [2, 4], "lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    assert config.train.max_steps == 4 and config.train.data == [{"question": "q", "answer": "a"}]
+
+
+@pytest.mark.parametrize("search, message", [
+    ("", "search space is empty"),
+    ("search:\n  colour: [1, 2]\n", "Cannot search 'colour'"),
+    ("search:\n  lr: 0.1\n", "must be a list of choices"),
+    ("search:\n  lr: {low: 1, high: 0.1}\n", "low < high"),
+    ("search:\n  lr: {low: 0, high: 0.1, log: true}\n", "needs low > 0"),
+    ("search:\n  r: []\n", "has no choices"),
+])
+def test_parse_tune_errors(search, message):
+    with pytest.raises(ConfigError, match=message):
+        parsing.parse_tune("", BODY + search, namespace={"rows": [{"question": "q", "answer": "a"}]})
+
+
+def test_tuning_needs_held_out_rows():
+    with pytest.raises(ConfigError, match="add eval_split"):
+        TuneConfig(train=TrainConfig(data=[{"a": 1}], prompt="{a}", response="{a}"), search={"r": [2]})
+
+
+def test_magic_passes_its_config_to_the_api(ip, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(qlora_magic.api, "tune", lambda config, on_trial: seen.setdefault("config", config))
+    ip.user_ns["rows"] = [{"question": "q", "answer": "a"}]
+    ip.run_cell_magic("qlora_tune", "--trials 2", BODY + "search:\n  r: [2, 4]\n")
+    assert seen["config"].trials == 2 and seen["config"].search == {"r": [2, 4]}
+
+
+def test_search_keeps_the_best_adapter_and_frees_the_others(tiny_loaded, rows):
+    session = tiny_loaded
+    seen = []
+    report = qlora_magic.tune(rows, prompt="Q: {question}\nA: ", response="{answer}", eval_split=0.25, max_steps=2,
+                              eval_steps=1, batch_size=4, grad_accum=1, trials=4, on_trial=lambda r: seen.append(len(r.trials)),
+                              search={"r": [2, 4], "lr": {"low": 1e-4, "high": 3e-2, "log": True}})
+    assert seen == [1, 2, 3, 4] and len(report.trials) == 4
+    best = report.best
+    assert best["eval_loss"] == min(t["eval_loss"] for t in report.trials if t["state"] == "complete")
+    assert report.kept == f"trial{best['trial']}" and session.model.active_adapter == report.kept
+    assert sorted(session.model.peft_config) == sorted(["default", report.kept])  # the other trials' adapters are gone
+    assert session.model.peft_config[report.kept].r == best["r"]
+    assert report.best_train_config.lr == best["lr"] and report.best_lora == {"r": best["r"]}
+    # Memory does not grow from trial to trial (RSS after the last trial vs after the second; generous for shared CI).
+    assert report.trials[-1]["memory"] < report.trials[1]["memory"] * 1.2
+    assert "eval loss" in repr(report) and "<table>" in report._repr_html_()
