@@ -31,6 +31,7 @@ class Session:
     last_generation: str | None = None
     last_load_report: Any = None
     last_train_summary: Any = None
+    last_tune_report: Any = None  # the TuneReport of the last %%qlora_tune (best params, trials)
 
     def require_model(self, action="this"):
         if self.model is None:

@@ -1,9 +1,9 @@
-"""Writes (and with --execute, runs in place) the course notebooks 08_evaluation and 09_adapters_and_merge.
+"""Writes (and with --execute, runs in place) the course notebooks 08_evaluation, 09_adapters_and_merge, 10_tuning.
 
-    python scripts/make_eval_notebooks.py --execute [08|09]
+    python scripts/make_eval_notebooks.py --execute [08|09|10]
 
 Same layout as scripts/make_course.py: each notebook is a list of ("md" | "code", source) cells.
-Both run top to bottom on a CPU with the embedded default model (SmolLM2-135M) in a few minutes.
+Each runs top to bottom on a CPU with the embedded default model (SmolLM2-135M) in a few minutes.
 """
 
 from __future__ import annotations
@@ -159,7 +159,44 @@ out = merged.generate(**inputs, max_new_tokens=16, do_sample=False)
 print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""),
 ]
 
-NOTEBOOKS = {"08_evaluation.ipynb": EVALUATION, "09_adapters_and_merge.ipynb": ADAPTERS}
+TUNING = [
+    ("md", """# Hyperparameter search with `%%qlora_tune`
+
+Slide 10 wraps `Trainer` in an Optuna objective that calls `get_peft_model(base_model, ...)` again for each
+trial, on a base that already carries the previous trial's adapter. Here each trial adds a **fresh adapter**
+on the same quantized base (a new LoRA update starts at zero, so every trial starts from the same weights),
+trains it, and is scored by its **held-out eval loss**. Trials trailing the median of earlier ones at the same
+step are **pruned** (stopped early). Finished trials' adapters are deleted, except the best, which stays
+active; the memory column shows the process does not grow from trial to trial."""),
+    ("code", SETUP),
+    ("code", "%qlora_load"),
+    ("code", """%%qlora_tune --trials 4
+data: $DATA
+prompt: "Instruction: {instruction}\n\nInput: {context}\n\nResponse: "
+response: "{response}"
+eval_split: 0.2
+max_steps: 6
+eval_steps: 3
+batch_size: 4
+grad_accum: 1
+search:
+  r: [4, 8, 16]
+  lr: {low: 3.0e-4, high: 3.0e-3, log: true}"""),
+    ("md", """The best trial's settings are kept for a longer run (`best_train_config` is a ready `TrainConfig`; the LoRA
+part goes to `%qlora_adapters add` or `%qlora_load`), and its adapter is already the active one:"""),
+    ("code", """report = qm.get_session().last_tune_report
+print("best:", report.best_params)
+qm.list_adapters()"""),
+    ("code", "%qlora_eval --base"),
+    ("md", "An empty or malformed search space is a one-line error:"),
+    ("error", """%%qlora_tune
+data: $DATA
+prompt: "{instruction}"
+response: "{response}"
+eval_split: 0.2"""),
+]
+
+NOTEBOOKS = {"08_evaluation.ipynb": EVALUATION, "09_adapters_and_merge.ipynb": ADAPTERS, "10_tuning.ipynb": TUNING}
 
 
 def _course():
