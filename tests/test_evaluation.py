@@ -127,3 +127,15 @@ def test_evaluate_errors(tiny_loaded, rows):
     train_tiny(rows, eval_split=None, max_steps=1)
     with pytest.raises(ConfigError, match="held nothing out"):
         qlora_magic.evaluate()
+
+
+@pytest.mark.slow
+def test_default_model_learns_word_forms_and_eval_shows_it():
+    """The embedded SmolLM2-135M, 8-bit: a short run lowers held-out perplexity well below the base's."""
+    qlora_magic.load()
+    qlora_magic.train(qlora_magic.examples.path("word_forms"), prompt="Instruction: {instruction}\n\nInput: {context}\n\nResponse: ",
+                      response="{response}", eval_split=0.2, max_steps=15, eval_steps=15, lr=1e-3, batch_size=4, grad_accum=1,
+                      display="none")
+    report = qlora_magic.evaluate(base=True, metrics=["perplexity", "exact_match"], max_new_tokens=24)
+    assert report["default"]["perplexity"] < 0.5 * report["base"]["perplexity"]
+    assert report["default"]["exact_match"] > report["base"]["exact_match"]
