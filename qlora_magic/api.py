@@ -130,7 +130,7 @@ def evaluate(data=None, *, config=None, **options):
     return evaluate_model(get_session(), _config(EvalConfig, config, options))
 
 
-def compare(prompts=None, *, config=None, **options):
+def compare(prompts=None, *, config=None, on_update=None, **options):
     """Answer the same prompts with the base model and each adapter (greedy by default); returns a
     Comparison, shown as a side-by-side table.
 
@@ -141,7 +141,7 @@ def compare(prompts=None, *, config=None, **options):
 
     if prompts is not None:
         options["prompts"] = prompts
-    return compare_answers(get_session(), _config(CompareConfig, config, options))
+    return compare_answers(get_session(), _config(CompareConfig, config, options), on_update=on_update)
 
 
 def list_adapters():

@@ -13,9 +13,12 @@ from .config import CompareConfig, GenerateConfig
 from .formatting import html_grid
 
 
-def compare_answers(session, config: CompareConfig, on_answer=None) -> "Comparison":
-    """Answer every prompt with every model of the comparison; `on_answer(prompt_index, model, text)`
-    is called as each answer is ready (for live display)."""
+PENDING = "…"
+
+
+def compare_answers(session, config: CompareConfig, on_update=None) -> "Comparison":
+    """Answer every prompt with every model of the comparison; `on_update(comparison)` receives the
+    table so far (pending answers shown as …) after each answer, for a live display."""
     from .generation import generate_text
 
     model = session.require_model("comparison")
@@ -23,7 +26,8 @@ def compare_answers(session, config: CompareConfig, on_answer=None) -> "Comparis
     for name in adapters:
         check_adapter(model, name)
     columns = ([BASE] if config.base else []) + adapters
-    answers = {name: [] for name in columns}
+    answers = {name: [PENDING] * len(config.prompts) for name in columns}
+    decoding = "sampled" if config.sample else "greedy"
     for name in columns:
         with using(model, name):
             for i, prompt in enumerate(config.prompts):
@@ -33,10 +37,10 @@ def compare_answers(session, config: CompareConfig, on_answer=None) -> "Comparis
                     seed=config.seed, stream=False,
                 )
                 text = generate_text(model, session.tokenizer, generation).strip()
-                answers[name].append(text)
-                if on_answer:
-                    on_answer(i, name, text)
-    return Comparison(list(config.prompts), answers, "sampled" if config.sample else "greedy")
+                answers[name][i] = text
+                if on_update:
+                    on_update(Comparison(list(config.prompts), {k: list(v) for k, v in answers.items()}, decoding))
+    return Comparison(list(config.prompts), answers, decoding)
 
 
 @dataclass(repr=False)

@@ -75,7 +75,10 @@ class QloraMagics(Magics):
     @no_var_expand
     @_doc_from(parsing.qlora_compare)
     def qlora_compare(self, line="", cell=None):
-        display(api.compare(config=parsing.parse_compare(line, cell)))
+        config = parsing.parse_compare(line, cell)
+        handle = display(display_id=True)  # the table fills in as answers come (None outside IPython)
+        comparison = api.compare(config=config, on_update=handle.update if handle else None)
+        handle.update(comparison) if handle else display(comparison)
 
     @line_magic
     @no_var_expand

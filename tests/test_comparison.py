@@ -31,7 +31,7 @@ def test_parse_compare_errors(line, cell, message):
 
 def test_magic_passes_its_config_to_the_api(ip, monkeypatch):
     seen = {}
-    monkeypatch.setattr(qlora_magic.api, "compare", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr(qlora_magic.api, "compare", lambda config, on_update: seen.setdefault("config", config))
     ip.run_cell_magic("qlora_compare", "--raw", "A {literal} prompt\n---\nanother")
     assert seen["config"].prompts == ["A {literal} prompt", "another"] and seen["config"].raw
 
@@ -39,8 +39,10 @@ def test_magic_passes_its_config_to_the_api(ip, monkeypatch):
 def test_compare_base_and_adapters_side_by_side(tiny_loaded):
     session = tiny_loaded
     qlora_magic.add_adapter("fresh", activate=False)
-    comparison = qlora_magic.compare(["the sky is", "grass is"], raw=True, max_new_tokens=4)
+    updates = []
+    comparison = qlora_magic.compare(["the sky is", "grass is"], raw=True, max_new_tokens=4, on_update=updates.append)
     assert comparison.models == ["base", "default", "fresh"]
+    assert len(updates) == 6 and updates[0].answers["fresh"] == ["…", "…"] and updates[-1].answers == comparison.answers
     # A LoRA adapter starts as a zero update, so untrained adapters answer exactly as the base does.
     assert comparison.answers["default"] == comparison.answers["base"] == comparison.answers["fresh"]
     assert "[2] grass is" in repr(comparison) and "<th" in comparison._repr_html_()
@@ -48,3 +50,9 @@ def test_compare_base_and_adapters_side_by_side(tiny_loaded):
     assert session.model.active_adapter == "default"  # switching for the comparison is undone
     with pytest.raises(AdapterError, match="No adapter 'nope'"):
         qlora_magic.compare("hi", adapters="nope")
+
+
+def test_magic_runs_for_real(ip, tiny_loaded, capsys):
+    result = ip.run_cell("%%qlora_compare --raw --max-new-tokens 2\nthe sky is\n---\ngrass is\n")
+    assert result.error_in_exec is None
+    assert "Comparison (greedy, 2 prompts)" in capsys.readouterr().out
