@@ -51,7 +51,8 @@ eval_split: 0.2"""),
     ("code", "%qlora_eval --base --metrics perplexity,bleu,rouge,exact_match --max-new-tokens 24"),
     ("md", """Every evaluation also lands in the session history as rows of kind `eval` (kept apart from the training
 rows, so loss charts are unaffected), next to the Trainer's own `eval_loss`. The adapter's `response_loss`
-equals the Trainer's last `eval_loss`: the same masked loss on the same rows."""),
+is the same masked loss on the same rows, but weighted by token over the whole split; the Trainer averages
+the means of its batches, so short and long batches count alike and the two differ slightly."""),
     ("code", """import pandas as pd
 
 history = qm.get_session().history
