@@ -132,15 +132,21 @@ def choose_settings(config: TrainConfig, device: str, n_train: int, model=None, 
     precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32"
     # Packing computes no pad token; transformers keeps attention inside each example from the
     # restarting position ids (tests/test_speed_settings.py checks the loss equals the padded one).
-    packing = True if config.packing is None else config.packing
+    # On the CPU neither packing nor a bigger micro-batch paid (the default model's demo ran 6-14%
+    # slower than plain 4x4 dynamic padding, docs/benchmarks.md), so there the user's layout is kept.
+    packing = on_gpu if config.packing is None else config.packing
     budget = gpu_budget(device, config.max_memory) if on_gpu else None
     in_use = torch.cuda.memory_allocated(device) if on_gpu else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
     dims = model_dims(model) if model is not None else None
     if on_gpu and precision == "bf16" and model is not None:
         in_use -= sum(p.numel() * 2 for p in _frozen_fp32(model))  # bf16_stream halves them during the run
-    plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
-                        checkpointing=config.gradient_checkpointing)
+    if on_gpu:
+        plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
+                            checkpointing=config.gradient_checkpointing)
+    else:
+        plan = {"micro": config.batch_size, "accum": config.grad_accum,
+                "checkpointing": bool(config.gradient_checkpointing), "estimate": None}
     settings = {
         "device": device,
         "precision": precision,

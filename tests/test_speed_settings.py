@@ -97,7 +97,7 @@ def test_training_packed_and_padded_take_the_same_first_step(tiny_model_dir, row
         summary = qlora_magic.train(rows, prompt="Q: {question} ", response="{answer}", max_steps=1,
                                     packing=packing, display="none")
         assert summary.settings["packing"] is packing
-        assert summary.settings["batch"] == "16x1"  # 4x4 asked: one micro-batch on the CPU
+        assert summary.settings["batch"] == "4x4"  # the CPU keeps the layout asked for
         losses[packing] = summary.train_loss[0]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
@@ -105,4 +105,5 @@ def test_training_packed_and_padded_take_the_same_first_step(tiny_model_dir, row
 def test_default_train_settings_show_in_the_readout(tiny_loaded, rows):
     summary = qlora_magic.train(rows, prompt="Q: {question} ", response="{answer}", max_steps=1, display="none")
     settings = dict(summary.rows())["settings"]
-    assert "packing=True" in settings and "batch=16x1" in settings and "effective_batch=16" in settings
+    # On the CPU: the layout asked for, no packing (neither paid there); the GPU's are in test_gpu.py.
+    assert "packing=False" in settings and "batch=4x4" in settings and "effective_batch=16" in settings
