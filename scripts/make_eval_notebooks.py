@@ -121,9 +121,9 @@ data: $past_tenses
 prompt: "Instruction: {instruction}\\n\\nInput: {context}\\n\\nResponse: "
 response: "{response}"
 """),
-    ("md", "The same prompts through the base and each adapter, one model in memory. Two answers say little (the base
+    ("md", """The same prompts through the base and each adapter, one model in memory. Two answers say little (the base
 already knows some past tenses, and each adapter answers in the `The ... of "x" is "y".` format it learned);
-the perplexities below measure the specialization:"),
+the perplexities below measure the specialization:"""),
     ("code", """probe = [
     {"instruction": "Give the opposite of the word.", "context": "wet"},
     {"instruction": "Give the past tense of the verb.", "context": "jump"},
