@@ -120,18 +120,16 @@ table = pd.DataFrame({
     } for bits, r in reports.items()
 })
 table"""),
-    ("code", r"""from matplotlib.figure import Figure
-from IPython.display import display
+    ("code", r"""import matplotlib.pyplot as plt
 
-fig = Figure(figsize=(6, 2.6))
-ax = fig.add_subplot()
+fig, ax = plt.subplots(figsize=(6, 2.6))
 names = ["fp32 (slide's baseline)", "fp16"] + list(table.columns)[1:]
 sizes = [mb(reports[8].fp32_size), mb(reports[8].fp16_size), mb(reports[8].footprint), mb(reports[4].footprint)]
 ax.barh(names, sizes, color=["#999", "#bbb", "#1f77b4", "#2ca02c"])
 ax.set_xlabel("model memory (MB)")
 ax.invert_yaxis()
 fig.tight_layout()
-display(fig)"""),
+plt.show()"""),
     ("md", """### What is in memory now
 
 `%qlora_memory` measures now: the model's footprint, and on a GPU the allocated, reserved, peak and total GPU
@@ -178,13 +176,15 @@ load readouts (each load takes a few seconds on the CPU):"""),
 for r in (4, 8, 16, 64):
     for targets in (None, "all-linear"):
         report = qm.load(r=r, alpha=2 * r, targets=targets)
-        rows.append({"r": r, "targets": ", ".join(report.targets), "trainable": report.trainable_parameters,
+        rows.append({"r": r, "targets": targets or "q_proj, v_proj", "trainable": report.trainable_parameters,
                      "% of model": round(report.trainable_percent, 3),
                      "adapter size (MB, fp32)": round(report.trainable_parameters * 4 / 1e6, 2)})
 settings = pd.DataFrame(rows)
 settings"""),
-    ("md", """Even r=64 on every linear layer trains a few percent of the model, and the adapter file stays a few
-megabytes, while the frozen base is shared. Rules of thumb from the QLoRA paper and practice:
+    ("md", """The adapter stays small next to the frozen base it shares. In a model this small, r=64 on every linear
+layer is 13% of the parameters; in a 7B Llama (hidden size 4096, 32 layers) the same setting is about 160M
+parameters, 2.4% of the model, because the count grows with the width while the model grows with its square.
+Rules of thumb from the QLoRA paper and practice:
 
 - Adapting **all linear layers** matters more than a large rank; r between 8 and 64 usually performs alike.
 - Keep alpha / r constant (here 2) when you change r, so the learning rate still fits.
@@ -192,11 +192,9 @@ megabytes, while the frozen base is shared. Rules of thumb from the QLoRA paper 
   changes.
 
 Training quality for different ranks is compared in the tuning notebook; here we only count."""),
-    ("code", r"""from matplotlib.figure import Figure
-from IPython.display import display
+    ("code", r"""import matplotlib.pyplot as plt
 
-fig = Figure(figsize=(6, 2.6))
-ax = fig.add_subplot()
+fig, ax = plt.subplots(figsize=(6, 2.6))
 for targets, group in settings.groupby("targets"):
     ax.plot(group["r"], group["trainable"] / 1e6, "o-", label=targets)
 ax.set_xscale("log", base=2)
@@ -204,7 +202,7 @@ ax.set_xlabel("LoRA rank r")
 ax.set_ylabel("trainable parameters (M)")
 ax.legend(fontsize=8)
 fig.tight_layout()
-display(fig)"""),
+plt.show()"""),
 ]
 
 DATA = [
@@ -260,8 +258,14 @@ show_tokens(show_masking(tokenizer, example))"""),
     ("code", r"""counted = sum(1 for _, c in show_masking(tokenizer, example) if c)
 print(f"{len(example['input_ids'])} tokens, {counted} in the loss "
       f"(the slide's version: 512 positions per example, labels misaligned)")
+first = example["labels"].index(next(l for l in example["labels"] if l != -100))
 pd.DataFrame({"token": [tokenizer.decode([t]) for t in example["input_ids"]], "id": example["input_ids"],
-              "label": example["labels"]}).tail(8)"""),
+              "label": example["labels"]}).iloc[first - 4:first + 4]   # where the response starts"""),
+    ("md", """Look at the last masked token: the space at the end of `"Response: "` is a token of its own, so the
+response starts with `The` without a leading space. The model learns exactly this boundary, so at generation
+time the prompt must end the same way, with the space: that is why the course generates with `--raw` and the
+template's text as written. A template that ends without a space works as well, as long as training and
+generation agree."""),
     ("md", """### The chat format
 
 An instruct model was trained on conversations in its **chat template**. `chat: true` in `%%qlora_train`
@@ -278,7 +282,8 @@ position ids restart at each example, so attention stays inside each example and
 `--no-packing` pads each batch to its longest example (labels of the pads are -100 too)."""),
     ("code", r"""from qlora_magic.data import make_collator
 
-features = [plain(r) for r in rows.head(4).to_dict("records")]
+by_length = sorted((plain(r) for r in rows.to_dict("records")), key=lambda f: len(f["input_ids"]))
+features = [by_length[0], by_length[40], by_length[80], by_length[-1]]   # short to long
 padded = make_collator(tokenizer, packing=False)(features)
 packed = make_collator(tokenizer, packing=True)(features)
 print("lengths:", [len(f["input_ids"]) for f in features])
@@ -312,7 +317,7 @@ and memory. The same numbers go to TensorBoard files and to the session's histor
     ("md", """15 optimizer steps of 4 examples at a high learning rate (1e-3, fine for a small LoRA on a small model) are
 enough to teach the answer format. 10 rows are held out: the eval loss is measured before training, during it
 and at the end."""),
-    ("code", r"""%%qlora_train --max-steps 15 --batch-size 4 --grad-accum 1 --lr 1e-3 --output-dir runs/monitoring
+    ("code", r"""%%qlora_train --max-steps 15 --batch-size 4 --grad-accum 1 --lr 1e-3
 data: $word_forms
 prompt: "Instruction: {instruction}\n\nInput: {context}\n\nResponse: "
 response: "{response}"
@@ -324,18 +329,16 @@ Every logged step is a row in `get_session().history`: `step`, `loss`, `learning
     ("code", r"""history = pd.DataFrame(qm.get_session().history)
 train_rows = history[history["loss"].notna()]
 train_rows[["step", "loss", "learning_rate", "grad_norm", "tokens_per_second"]].round(4).tail()"""),
-    ("code", r"""from matplotlib.figure import Figure
-from IPython.display import display
+    ("code", r"""import matplotlib.pyplot as plt
 
-fig = Figure(figsize=(8, 2.4))
-for i, key in enumerate(["learning_rate", "grad_norm", "tokens_per_second"]):
-    ax = fig.add_subplot(1, 3, i + 1)
+fig, axes = plt.subplots(1, 3, figsize=(8, 2.4))
+for ax, key in zip(axes, ["learning_rate", "grad_norm", "tokens_per_second"]):
     ax.plot(train_rows["step"], train_rows[key], ".-")
     ax.set_title(key, fontsize=9)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=7)
 fig.tight_layout()
-display(fig)"""),
+plt.show()"""),
     ("md", """How to read them: the learning rate warms up and decays linearly; the gradient norm should stay in the
 same range (spikes that grow mean the learning rate is too high); tokens/s is the speed, which on a shared CPU
 wobbles. When the eval loss turns up while the train loss keeps falling, the adapter starts to memorize.
@@ -346,7 +349,8 @@ The run folder holds TensorBoard event files. In a notebook: `%load_ext tensorbo
 `%tensorboard --logdir runs`. They are plain files, so they can also be read directly:"""),
     ("code", r"""from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-events = EventAccumulator("runs/monitoring/tensorboard")
+run_dir = qm.get_session().last_train_summary.run_dir   # runs/<date-time> unless --output-dir is given
+events = EventAccumulator(f"{run_dir}/tensorboard")
 events.Reload()
 print(sorted(events.Tags()["scalars"]))
 print("train/loss:", [round(e.value, 3) for e in events.Scalars("train/loss")][:5], "...")"""),
@@ -400,10 +404,10 @@ qm.train(qm.examples.path("word_forms"), prompt=PROMPT, response="{response}",
          max_steps=12, batch_size=4, grad_accum=1, lr=1e-3, display="none")
 trained_answer = qm.generate(QUESTION, raw=True, greedy=True, max_new_tokens=24, stream=False)
 trained_answer"""),
-    ("code", "%qlora_save runs/word-forms-adapter"),
+    ("code", "%qlora_save runs/course-adapter"),
     ("code", r"""from pathlib import Path
 
-folder = Path("runs/word-forms-adapter")
+folder = Path("runs/course-adapter")
 pd.DataFrame([(f.name, round(f.stat().st_size / 1e6, 3)) for f in sorted(folder.iterdir())],
              columns=["file", "MB"])"""),
     ("md", """The adapter weights are under 2 MB, against 538 MB for the fp32 base model. The run record says how it
@@ -418,7 +422,7 @@ print(json.dumps({k: record[k] for k in ("load_config", "train_configs")}, inden
 and the bits from the folder, loads the base quantized the same way and puts the adapter on it. The answer is
 the same:"""),
     ("code", r"""qm.reset_session()
-%qlora_load --adapter runs/word-forms-adapter"""),
+%qlora_load --adapter runs/course-adapter"""),
     ("code", r"""reloaded_answer = qm.generate(QUESTION, raw=True, greedy=True, max_new_tokens=24, stream=False)
 assert reloaded_answer == trained_answer, (reloaded_answer, trained_answer)
 reloaded_answer"""),
@@ -500,7 +504,8 @@ An instruct model expects its chat template; without `--raw`, `%qlora_generate` 
 trained on the plain template, so it answers best with `--raw`; a question in chat form is answered by the
 instruct model as a chatbot:"""),
     ("code", r"""%qlora_generate --greedy --max-new-tokens 30 What is the opposite of early?"""),
-    ("code", r"""%qlora_generate --greedy --max-new-tokens 30 --system "Answer in one word." What is the opposite of early?"""),
+    ("md", """A system message steers a chat model (`--system` in the magic, `system=` in Python):"""),
+    ("code", r"""qm.generate("What is the opposite of early?", system="Answer with one word.", greedy=True, max_new_tokens=30)"""),
     ("md", """### Exercises
 
 - Try `--temperature 0.7 --seed 1` twice: same answer; change the seed: another one.
