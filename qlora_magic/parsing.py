@@ -460,7 +460,11 @@ def parse_tune(line: str, cell: str, namespace: dict | None = None):
     search = {str(k): ([_number(v) for v in s] if isinstance(s, list) else
                        {kk: _number(vv) for kk, vv in s.items()} if isinstance(s, dict) else s)
               for k, s in (search or {}).items()}
-    train = parse_train("", yaml.safe_dump(body), namespace=namespace)
+    # The rest is %%qlora_train's body, read as parse_train reads it (not re-dumped to YAML: that loses newlines).
+    body = {k: v if k in ("prompt", "response", "data") else _number(v) for k, v in body.items()}
+    if isinstance(body.get("data"), str) and body["data"].startswith("$"):
+        body["data"] = _lookup(body["data"][1:], namespace)
+    train = TrainConfig(**body)
     options = {"trials": args.trials or trials, "seed": args.sampler_seed}
     return TuneConfig(train=train, search=search, prune=not args.no_prune, keep=not args.no_keep,
                       **{k: v for k, v in options.items() if v is not None})

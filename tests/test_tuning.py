@@ -23,6 +23,14 @@ def test_parse_tune():
     assert config.trials == 3 and not config.prune and config.keep
     assert config.search == {"r": [2, 4], "lr": {"low": 1e-3, "high": 1e-2, "log": True}}
     assert config.train.max_steps == 4 and config.train.data == [{"question": "q", "answer": "a"}]
+    assert config.train.prompt == "Q: {question}\nA: " and config.train.response == "{answer}"
+
+
+def test_parse_tune_keeps_templates_exactly():
+    body = 'data: $rows\nprompt: "Instruction: {i}\\n\\nInput: {c}\\n\\nResponse: "\nresponse: "{r}"\neval_split: 0.2\n'
+    config = parsing.parse_tune("", body + "search:\n  r: [2]\n", namespace={"rows": [{"i": 1}]})
+    assert config.train.prompt == "Instruction: {i}\n\nInput: {c}\n\nResponse: "
+    assert config.train.prompt == parsing.parse_train("", body, namespace={"rows": [{"i": 1}]}).prompt
 
 
 @pytest.mark.parametrize("search, message", [
