@@ -447,8 +447,6 @@ def qlora_tune(line="", cell=""):
 
 def parse_tune(line: str, cell: str, namespace: dict | None = None):
     """`%%qlora_tune` flags + body -> TuneConfig; the body minus search: is read as %%qlora_train's."""
-    import yaml
-
     from .config import TuneConfig
 
     args = parse_argstring(qlora_tune, line)
