@@ -494,7 +494,7 @@ for name, options in settings.items():
                    for seed in ((0,) if options.get("greedy") else (0, 1, 2))]
         table[(name, "base model" if base else "adapter")] = " | ".join(dict.fromkeys(samples))
 pd.set_option("display.max_colwidth", 120)
-pd.Series(table).unstack()"""),
+pd.Series(table).unstack().loc[list(settings)]"""),
     ("md", """With the adapter, low temperatures give the trained answer format every time; at T=1.5 the samples
 drift. The base model has not learned the format and answers in its own way.
 
