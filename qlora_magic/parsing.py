@@ -108,7 +108,14 @@ def qlora_memory(line=""):
 
 def _options(args, skip=()) -> dict:
     """argparse namespace -> config keywords, dropping options the user did not give."""
-    return {k: v for k, v in vars(args).items() if v is not None and k not in skip}
+    return {k: _unquote(v) for k, v in vars(args).items() if v is not None and k not in skip}
+
+
+def _unquote(value):
+    # IPython splits magic lines without removing quotes: --system "Be brief" arrives as '"Be brief"'.
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
 
 
 def parse_load(line: str) -> LoadConfig:
@@ -173,7 +180,8 @@ def _lookup(name, namespace):
     return namespace[name]
 
 
-_FLAG_VALUE = re.compile(r"\s*(\S+)")
+# One option token: a quoted value ("Answer in one word.") or a run of non-space characters.
+_FLAG_VALUE = re.compile(r"""\s*("(?:[^"\\]|\\.)*"|'[^']*'|\S+)""")
 
 
 def split_generate_line(line: str, declaration=None) -> tuple[str, str]:
@@ -210,7 +218,10 @@ def split_generate_line(line: str, declaration=None) -> tuple[str, str]:
 
 def parse_generate(line: str, cell: str | None = None) -> GenerateConfig:
     options_text, prompt = split_generate_line(line)
-    args = parse_argstring(qlora_generate, options_text)
+    try:
+        args = parse_argstring(qlora_generate, options_text)
+    except ValueError as error:  # shlex: an unclosed quote
+        raise UsageError(f"Cannot read the options {options_text!r}: {error}; close the quotes around option values.") from None
     if cell is not None:
         if prompt:
             raise ConfigError("%%qlora_generate takes the prompt from the cell body; the line holds only options.")

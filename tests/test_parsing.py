@@ -106,3 +106,11 @@ def test_save_needs_a_path():
     assert parse_save("runs/a") == "runs/a"
     with pytest.raises(UsageError):
         parse_save("")
+
+
+def test_quoted_option_values():
+    config = parse_generate('--system "Answer in one word." --greedy What is 2+2?')
+    assert config.system == "Answer in one word." and config.prompt == "What is 2+2?" and config.greedy
+    assert parse_load("'./my models/llama'").model == "./my models/llama"
+    with pytest.raises(UsageError, match="close the quotes"):
+        parse_generate('--system "unclosed Hi')
