@@ -175,7 +175,7 @@ active; the memory column shows the process does not grow from trial to trial.""
     ("code", "%qlora_load"),
     ("code", """%%qlora_tune --trials 4
 data: $DATA
-prompt: "Instruction: {instruction}\n\nInput: {context}\n\nResponse: "
+prompt: "Instruction: {instruction}\\n\\nInput: {context}\\n\\nResponse: "
 response: "{response}"
 eval_split: 0.2
 max_steps: 6
