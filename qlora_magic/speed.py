@@ -10,7 +10,10 @@ Measured on an H200 with a Llama-2-7B-shaped model (docs/benchmarks.md), what pa
 - a bf16 residual stream: `prepare_model_for_kbit_training` casts norms and embeddings to fp32 (a habit
   from fp16, where it avoids overflow); with bf16 every elementwise op then moves twice the bytes,
 - 8-bit weights dequantized to bf16 for a plain matmul during training, instead of LLM.int8's
-  activation quantization and outlier split (the same stored weights, computed more exactly).
+  activation quantization and outlier split (the same stored weights, computed more exactly),
+- the loss computed from the final hidden states in chunks of tokens, so the fp32 logits (14 bytes per
+  token and vocabulary entry at the loss's backward: 0.45 MB/token for a 32k vocabulary, two thirds of
+  what a checkpointed 7B step holds) never exist for the whole batch.
 
 Everything here is pure Python except the two context managers, so the choices are testable on a CPU.
 """
@@ -23,17 +26,26 @@ import re
 from .errors import ConfigError
 
 GB = 1024**3
-# Saved activations per token and decoder layer, in bytes, without checkpointing:
-# A x hidden + B x intermediate. Fitted on an H200, Llama-2-7B shape, LoRA on q/v (docs/benchmarks.md):
-# measured ~6.6 MB/token with an fp32 residual stream and ~4.8 with a bf16 one; this gives 6.6.
-ACT_HIDDEN, ACT_INTERMEDIATE = 30, 7
-# With checkpointing a layer keeps only its input (bf16) and recomputes one layer at a time
-# (measured ~0.42 MB/token in all on the 7B shape; this gives ~0.65).
+MB = 1024**2
+# Activation memory per token, calibrated on an H200 with a Llama-2-7B shape, LoRA r=8 on q/v and the bf16
+# residual stream (docs/benchmarks.md): peak allocated minus the model, divided by the largest micro-batch
+# the run actually saw (its tokens recomputed from the benchmark's data and the Trainer's sampler order).
+# Without checkpointing: 5.7 MB/token, of which 0.45 MB is the loss's logits; the rest is 164 KB per layer,
+# A x hidden + B x intermediate (this gives 168 KB at the 7B shape).
+ACT_HIDDEN, ACT_INTERMEDIATE = 25, 6
+# With checkpointing each layer keeps only its input (bf16, 2 x hidden) and one layer is recomputed at a time
+# with its backward's temporaries (~1.5 x a layer's activations). Measured 0.69-0.74 MB/token with the
+# logits (0.26 MB inputs + 0.45 MB logits), at micro-batches of 1,700 to 4,100 tokens.
 CKPT_HIDDEN = 2
-# Logits for the loss: bf16 logits and their fp32 upcast.
-LOGIT_BYTES = 6
-WORKSPACE = int(0.75 * GB)  # cuBLAS workspaces, the allocator's slack, dequantized weight temporaries
-SAFETY = 0.9  # never plan to fill more than this share of the budget
+RECOMPUTE = 1.5
+# The loss: the model's own keeps bf16 logits, their fp32 copy, log-softmax and its gradient at once (14 bytes
+# per token and vocabulary entry); the chunked loss keeps the hidden states and their gradient (bf16)
+# plus one chunk of logits at a time (CHUNK_BYTES, whatever the batch).
+LOGIT_BYTES = 14
+CHUNKED_HIDDEN = 4
+CHUNK_BYTES = 256 * MB
+CUBLAS_WORKSPACE = 64 * MB
+SAFETY = 0.9  # never plan to fill more than this share of the budget (the allocator's fragmentation)
 # On the 7B shape a micro-batch costs ~0.3 s whatever its size between 800 and 3,500 tokens (the GPU
 # waits on kernel launches and dequantization, not on arithmetic), about what 8,192 tokens cost at full
 # speed: so fewer, bigger micro-batches win, and checkpointing (x1.37 measured) beats a split in two.
@@ -67,14 +79,27 @@ def model_dims(model) -> dict:
     }
 
 
-def activation_bytes(dims: dict, tokens: int, checkpointing: bool) -> int:
-    """Estimated activation memory of one micro-batch of `tokens` tokens (forward + backward peak)."""
+def workspace_bytes(dims: dict) -> int:
+    """Memory besides activations: a dequantized copy of the largest weight in the forward and one in the
+    backward (bf16), and cuBLAS's workspace. The measured peaks fit with no more than this (docs/benchmarks.md)."""
+    return 2 * 2 * dims["hidden"] * max(dims["intermediate"], dims["hidden"]) + CUBLAS_WORKSPACE
+
+
+def activation_bytes(dims: dict, tokens: int, checkpointing: bool, chunked_loss: bool = False) -> int:
+    """Estimated activation memory at the peak of one micro-batch of `tokens` tokens (forward + backward).
+
+    Without checkpointing the peak is at the loss's backward, with every layer's activations kept. With
+    checkpointing it is either there (the model's own loss: the logits dominate) or while one layer is
+    recomputed (the chunked loss)."""
     per_layer = ACT_HIDDEN * dims["hidden"] + ACT_INTERMEDIATE * dims["intermediate"]
-    if checkpointing:
-        stored = dims["layers"] * CKPT_HIDDEN * dims["hidden"] + per_layer
+    if chunked_loss:
+        loss_per_token, loss_fixed = CHUNKED_HIDDEN * dims["hidden"], CHUNK_BYTES
     else:
-        stored = dims["layers"] * per_layer
-    return tokens * (stored + LOGIT_BYTES * dims["vocab"])
+        loss_per_token, loss_fixed = LOGIT_BYTES * dims["vocab"], 0
+    if not checkpointing:
+        return tokens * (dims["layers"] * per_layer + loss_per_token) + loss_fixed
+    inputs = tokens * dims["layers"] * CKPT_HIDDEN * dims["hidden"]
+    return int(inputs + max(tokens * loss_per_token + loss_fixed, tokens * RECOMPUTE * per_layer))
 
 
 def micro_batch_tokens(lengths: list[int], micro: int, packing: bool) -> tuple[int, float]:
@@ -90,10 +115,14 @@ def micro_batch_tokens(lengths: list[int], micro: int, packing: bool) -> tuple[i
 
 
 def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict | None,
-                 budget: int | None, in_use: int, trainable: int = 0, checkpointing: bool | None = None) -> dict:
+                 budget: int | None, in_use: int, trainable: int = 0, checkpointing: bool | None = None,
+                 chunked_loss: bool = False) -> dict:
     """The fastest (micro-batch, accumulation, checkpointing) that keeps the effective batch and whose
     estimated peak fits `budget` bytes. `in_use`: bytes the model already holds; `checkpointing`: None to
     choose, or fixed by the user. Without a budget (the CPU) the layout is one micro-batch per step.
+
+    The estimate is for the worst micro-batch the data allows (its longest examples together), not a
+    typical one: a plan that fits can never run out of memory later in the run.
 
     Returns {"micro": m, "accum": a, "checkpointing": bool, "estimate": bytes or None}.
     """
@@ -101,12 +130,12 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
     if budget is None or not dims or not dims.get("layers"):
         return {"micro": effective, "accum": 1, "checkpointing": bool(checkpointing), "estimate": None}
     optimizer = 16 * trainable  # fp32 gradient + two Adam moments (+ the fp32 master already in in_use)
-    fixed = in_use + optimizer + WORKSPACE
+    fixed = in_use + optimizer + workspace_bytes(dims)
     best = None
     for recompute in (False, True) if checkpointing is None else (checkpointing,):
         for micro in divisors:
             worst, typical = micro_batch_tokens(lengths, micro, packing)
-            estimate = fixed + activation_bytes(dims, worst, recompute)
+            estimate = fixed + activation_bytes(dims, worst, recompute, chunked_loss)
             if estimate > SAFETY * budget:
                 continue
             accum = effective // micro
@@ -118,7 +147,7 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
         recompute = True if checkpointing is None else checkpointing
         worst, _ = micro_batch_tokens(lengths, 1, packing)
         return {"micro": 1, "accum": effective, "checkpointing": recompute,
-                "estimate": fixed + activation_bytes(dims, worst, recompute)}
+                "estimate": fixed + activation_bytes(dims, worst, recompute, chunked_loss)}
     return best[1]
 
 
@@ -226,6 +255,109 @@ def dequantized_int8_training(enabled: bool = True):
         yield
     finally:
         bnb.matmul = original
+
+
+# Causal LMs whose logits are exactly `lm_head(final hidden states)`: no soft-capping or scaling of the
+# logits (Gemma 2/3, Cohere, Granite have those) and no auxiliary loss added to the model's own (MoE routers).
+CHUNKED_LOSS_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "olmo2"}
+IGNORE_INDEX = -100
+
+
+def output_head(model):
+    """The frozen, bias-free linear output head of a supported causal LM (or a PEFT wrapper of one), for
+    the chunked loss; None when the model's own loss must be used."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in CHUNKED_LOSS_MODEL_TYPES or not type(base).__name__.endswith("ForCausalLM"):
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return None  # quantized, LoRA-adapted or trained head: the model's own path handles it
+    return head
+
+
+@contextlib.contextmanager
+def hidden_states_as_logits(model, head):
+    """Stand an identity in for the output head, so the model's forward (its autocast, checkpointing and
+    PEFT hooks unchanged) returns the final hidden states where the logits would be."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = next(n for n, child in base.named_children() if child is head)
+    setattr(base, name, torch.nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(base, name, head)
+
+
+def _loss_chunk_rows(vocab: int) -> int:
+    """Tokens per chunk so that one chunk's logits and their gradient (~12 bytes each) stay near CHUNK_BYTES."""
+    rows = 128
+    while rows * 2 * 12 * vocab <= CHUNK_BYTES and rows < 4096:
+        rows *= 2
+    return rows
+
+
+class _LinearCrossEntropy:
+    """sum over tokens of cross_entropy(hidden @ weight.T, labels), chunk by chunk. The gradient with respect
+    to `hidden` is computed in the forward (softmax minus one-hot, times the weight), one chunk of logits at
+    a time, and kept: the logits of the whole batch never exist. The same arithmetic as the model's loss
+    (a matmul in the compute dtype, then fp32 log-softmax); the weight gets no gradient (it is frozen)."""
+
+    _function = None
+
+    @classmethod
+    def apply(cls, hidden, weight, labels, chunk):
+        if cls._function is None:
+            import torch
+
+            class Function(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, hidden, weight, labels, chunk):
+                    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+                    weight_c = weight.to(dtype)
+                    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                    grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+                    for start in range(0, hidden.shape[0], chunk):
+                        h, y = hidden[start:start + chunk], labels[start:start + chunk]
+                        logits = torch.nn.functional.linear(h.to(dtype), weight_c).float()
+                        lse = torch.logsumexp(logits, dim=-1)
+                        total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                        if grad is not None:
+                            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                            probs[torch.arange(len(y), device=y.device), y] -= 1
+                            grad[start:start + chunk] = (probs.to(dtype) @ weight_c).to(hidden.dtype)
+                        del logits
+                    ctx.save_for_backward(grad)
+                    return total
+
+                @staticmethod
+                def backward(ctx, grad_total):
+                    (grad,) = ctx.saved_tensors
+                    return grad * grad_total.to(grad.dtype), None, None, None
+
+            cls._function = Function
+        return cls._function.apply(hidden, weight, labels, chunk)
+
+
+def causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
+    """The causal-LM loss transformers computes (labels shifted by one, -100 ignored; summed and divided by
+    `num_items_in_batch` when given, else the mean), from the final hidden states (batch, tokens, hidden)
+    and the output head's weight, without the batch's logits. Only tokens with a label are computed."""
+    import torch
+
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+    keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    total = _LinearCrossEntropy.apply(flat, weight, shifted.index_select(0, keep), _loss_chunk_rows(weight.shape[0]))
+    if num_items_in_batch is None:
+        return total / max(len(keep), 1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 def fmt_bytes(n) -> str:

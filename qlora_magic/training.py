@@ -123,7 +123,7 @@ def choose_settings(config: TrainConfig, device: str, n_train: int, model=None, 
     """
     import torch
 
-    from .speed import fmt_bytes, gpu_budget, model_dims, plan_batches
+    from .speed import fmt_bytes, gpu_budget, model_dims, output_head, plan_batches
 
     on_gpu = device.startswith("cuda")
     effective = config.batch_size * config.grad_accum
@@ -141,9 +141,13 @@ def choose_settings(config: TrainConfig, device: str, n_train: int, model=None, 
     dims = model_dims(model) if model is not None else None
     if on_gpu and precision == "bf16" and model is not None:
         in_use -= sum(p.numel() * 2 for p in _frozen_fp32(model))  # bf16_stream halves them during the run
+    # The loss from hidden states in chunks: the batch's fp32 logits never exist (0.45 MB/token on a 7B
+    # model, two thirds of a checkpointed step's activations), which lets a memory budget take bigger
+    # micro-batches. On the CPU memory is not what limits, so the model's own loss is kept there.
+    chunked_loss = on_gpu and model is not None and output_head(model) is not None
     if on_gpu:
         plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
-                            checkpointing=config.gradient_checkpointing)
+                            checkpointing=config.gradient_checkpointing, chunked_loss=chunked_loss)
     else:
         plan = {"micro": config.batch_size, "accum": config.grad_accum,
                 "checkpointing": bool(config.gradient_checkpointing), "estimate": None}
@@ -156,6 +160,7 @@ def choose_settings(config: TrainConfig, device: str, n_train: int, model=None, 
         "steps": total,
         "packing": packing,
         "gradient_checkpointing": plan["checkpointing"],
+        "chunked_loss": chunked_loss,
     }
     if on_gpu:
         settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
@@ -163,6 +168,36 @@ def choose_settings(config: TrainConfig, device: str, n_train: int, model=None, 
         settings["bf16_stream"] = precision == "bf16"
         settings["int8_dequant"] = precision == "bf16" and _has_int8_layers(model)
     return settings
+
+
+def _trainer_class(chunked_loss: bool):
+    """transformers' Trainer, or one whose training loss comes from `speed.causal_lm_loss` (same numbers,
+    without the batch's logits). Evaluation keeps the model's own loss (it returns the logits)."""
+    from transformers import Trainer
+
+    if not chunked_loss:
+        return Trainer
+    from .speed import causal_lm_loss, hidden_states_as_logits, output_head
+
+    class ChunkedLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            module = self.accelerator.unwrap_model(model)
+            head = output_head(module)
+            if return_outputs or not model.training or "labels" not in inputs or head is None:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            labels = inputs["labels"]
+            with hidden_states_as_logits(module, head):
+                hidden = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            # The model's loss divides by num_items_in_batch only when it is passed the count (then the
+            # Trainer does not divide by the accumulation steps again); mirror exactly that.
+            divisor = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            with self.accelerator.autocast():
+                loss = causal_lm_loss(hidden, head.weight, labels, divisor)
+            if divisor is not None and getattr(self.args, "average_tokens_across_devices", False):
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss (1 on one GPU)
+            return loss
+
+    return ChunkedLossTrainer
 
 
 def _frozen_fp32(model):
@@ -182,11 +217,12 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
     """Train `model` in place. Returns a TrainSummary. Rows are appended to `history` as they come.
 
     overrides: settings to force over `choose_settings`' choice (benchmarks compare layouts this way:
-    {"batch": "4x4", "packing": False, "gradient_checkpointing": True, "bf16_stream": False, ...}).
+    {"batch": "4x4", "packing": False, "gradient_checkpointing": True, "bf16_stream": False,
+    "chunked_loss": False, ...}).
     callbacks: extra transformers TrainerCallbacks.
     """
     from torch.utils.tensorboard import SummaryWriter
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
     from .bnb_cpu import trainable_4bit
@@ -238,7 +274,7 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
     if not settings["gradient_checkpointing"] and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()  # left on by an earlier run that needed it
     writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-    trainer = Trainer(
+    trainer = _trainer_class(settings.get("chunked_loss", False))(
         model=model,
         args=args,
         train_dataset=train_set,

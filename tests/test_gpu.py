@@ -48,6 +48,37 @@ def test_dequantized_int8_matmul_matches_the_dequantized_weight():
     assert ((x.grad.float() - x_ref.grad).norm() / x_ref.grad.norm()).item() < 2e-2
 
 
+def test_chunked_loss_matches_the_models_loss_in_bf16(tiny_model_dir):
+    """The loss and input gradients of speed.causal_lm_loss against the model's own, under bf16 autocast
+    (how training runs on the GPU), on a packed batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_magic.speed import causal_lm_loss, hidden_states_as_logits, output_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).cuda().train()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, 300), device="cuda")
+    positions = torch.cat([torch.arange(n, device="cuda") for n in (120, 100, 80)])[None]
+    labels = ids.clone()
+    labels[0, [0, 120, 220]] = -100  # each packed example's first token (the collator's separator)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = model(inputs_embeds=embeds, position_ids=positions, labels=labels, use_cache=False).loss
+    expected.backward()
+    reference, embeds.grad = embeds.grad.clone(), None
+    head = output_head(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with hidden_states_as_logits(model, head):
+            hidden = model(inputs_embeds=embeds, position_ids=positions, use_cache=False).logits
+        loss = causal_lm_loss(hidden, head.weight, labels)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-3)
+    assert ((embeds.grad.float() - reference.float()).norm() / reference.float().norm()).item() < 2e-2
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fast_defaults_train_on_the_gpu(tiny_model_dir, rows, bits):
     qlora_magic.load(tiny_model_dir, bits=bits)
@@ -55,6 +86,7 @@ def test_fast_defaults_train_on_the_gpu(tiny_model_dir, rows, bits):
     settings = summary.settings
     assert settings["packing"] is True and settings["batch"] == "16x1" and settings["gradient_checkpointing"] is False
     assert settings["optimizer"] == "adamw_torch_fused" and settings["bf16_stream"] is True
+    assert settings["chunked_loss"] is True
     assert settings["int8_dequant"] is (bits == 8)
     first, last = summary.train_loss
     assert last < first

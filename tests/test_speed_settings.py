@@ -5,10 +5,16 @@ import pytest
 import qlora_magic
 from qlora_magic.config import TrainConfig
 from qlora_magic.errors import ConfigError
-from qlora_magic.speed import GB, activation_bytes, parse_memory, plan_batches
+from qlora_magic.speed import GB, SAFETY, activation_bytes, parse_memory, plan_batches, workspace_bytes
 
 LLAMA_7B = {"hidden": 4096, "intermediate": 11008, "layers": 32, "vocab": 32000}
 LENGTHS = [180] * 900 + [512] * 100  # instruction data: most short, some cut at max_length
+IN_USE = {4: int(3.61 * GB), 8: int(6.54 * GB)}  # a 7B model during a run (bf16 stream), NF4 and LLM.int8
+LORA_Q_V = 4_194_304
+# Peaks measured on an H200 (docs/benchmarks.md), minus the model: (checkpointing, tokens of the largest
+# micro-batch the run saw, GiB). The model's own loss, bf16 stream.
+MEASURED = [(False, 4138, 21.99), (False, 4138, 21.86), (True, 4055, 2.59), (True, 4055, 2.66),
+            (True, 2563, 1.69), (True, 1699, 1.16)]
 
 
 def test_parse_memory():
@@ -56,6 +62,43 @@ def test_packing_estimate_is_below_padding():
     padded = plan_batches(16, few_long, False, LLAMA_7B, 140 * GB, 0)["estimate"]
     assert packed < padded
     assert activation_bytes(LLAMA_7B, 1000, True) < activation_bytes(LLAMA_7B, 1000, False) / 5
+
+
+@pytest.mark.parametrize("checkpointing, tokens, measured_gb", MEASURED)
+def test_activation_estimate_is_calibrated_on_the_measured_peaks(checkpointing, tokens, measured_gb):
+    """Never below what was measured, and not far above it."""
+    estimate = (activation_bytes(LLAMA_7B, tokens, checkpointing) + workspace_bytes(LLAMA_7B)) / GB
+    assert measured_gb <= estimate <= 1.2 * measured_gb
+
+
+def test_chunked_loss_estimate_drops_the_logits():
+    for checkpointing in (False, True):
+        assert activation_bytes(LLAMA_7B, 4096, checkpointing, chunked_loss=True) < activation_bytes(LLAMA_7B, 4096, checkpointing)
+    # with checkpointing the logits were two thirds of the activations
+    assert activation_bytes(LLAMA_7B, 4096, True, chunked_loss=True) < 0.8 * activation_bytes(LLAMA_7B, 4096, True)
+
+
+def test_8bit_on_a_10gb_budget_takes_a_bigger_micro_batch_with_checkpointing():
+    """The budget mode for 8-bit (docs/benchmarks.md): 4x4 before; 8x2 fits even the worst micro-batch."""
+    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GB, IN_USE[8], LORA_Q_V, chunked_loss=True)
+    assert (plan["micro"], plan["accum"], plan["checkpointing"]) == (8, 2, True)
+    assert plan["estimate"] <= SAFETY * 10 * GB
+    # 4-bit on the same budget: one micro-batch of 16, checkpointed
+    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GB, IN_USE[4], LORA_Q_V, chunked_loss=True)
+    assert (plan["micro"], plan["checkpointing"]) == (16, True)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("card_gb", [24, 80])
+@pytest.mark.parametrize("chunked_loss", [True, False])
+def test_automatic_plan_fits_a_card_even_when_every_example_is_max_length(bits, card_gb, chunked_loss):
+    """7B at max length 512: the worst case packs 16 x 512 tokens into one micro-batch. The GPU run checks
+    the same with the process's memory capped (benchmarks/gpu_speed.py, 'worst case' rows)."""
+    plan = plan_batches(16, [512] * 64, True, LLAMA_7B, card_gb * GB, IN_USE[bits], LORA_Q_V, chunked_loss=chunked_loss)
+    assert plan["estimate"] <= SAFETY * card_gb * GB
+    assert plan["micro"] * plan["accum"] == 16
+    if card_gb == 80:
+        assert (plan["micro"], plan["checkpointing"]) == (16, False)
 
 
 def _tokenized(tiny_model_dir, n=8):
@@ -107,3 +150,72 @@ def test_default_train_settings_show_in_the_readout(tiny_loaded, rows):
     settings = dict(summary.rows())["settings"]
     # On the CPU: the layout asked for, no packing (neither paid there); the GPU's are in test_gpu.py.
     assert "packing=False" in settings and "batch=4x4" in settings and "effective_batch=16" in settings
+
+
+@pytest.mark.parametrize("num_items", [None, 23])
+def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_model_dir, num_items):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_magic.speed import causal_lm_loss, hidden_states_as_logits, output_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    embeddings = model.get_input_embeddings().weight.requires_grad_(True)  # something upstream to train
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 37))
+    labels = ids.clone()
+    labels[:, :9] = -100  # the prompt
+    labels[1, 30:] = -100  # padding
+    model(input_ids=ids, labels=labels, use_cache=False, num_items_in_batch=num_items).loss.backward()
+    reference, embeddings.grad = embeddings.grad.clone(), None
+    expected = model(input_ids=ids, labels=labels, use_cache=False, num_items_in_batch=num_items).loss.item()
+    head = output_head(model)
+    with hidden_states_as_logits(model, head):
+        hidden = model(input_ids=ids, use_cache=False).logits
+    assert model.get_output_embeddings() is head  # put back
+    loss = causal_lm_loss(hidden, head.weight, labels, num_items)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(embeddings.grad, reference, atol=1e-6)
+
+
+def test_chunked_loss_is_only_for_plain_frozen_heads(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_magic.speed import output_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.get_output_embeddings().weight.requires_grad_(False)
+    assert output_head(model) is model.get_output_embeddings()
+    model.get_output_embeddings().weight.requires_grad_(True)  # a trained head needs its weight gradient
+    assert output_head(model) is None
+    model.get_output_embeddings().weight.requires_grad_(False)
+    model.config.model_type = "gemma2"  # soft-capped logits: not lm_head(hidden) alone
+    assert output_head(model) is None
+
+
+def test_training_with_the_chunked_loss_takes_the_same_steps(tiny_model_dir):
+    """End to end on the real (8-bit, CPU) path, where it is off by default: forced on, the same losses."""
+    import datasets
+    import torch
+
+    from qlora_magic.config import TrainConfig
+    from qlora_magic.reporters import NullReporter
+    from qlora_magic.training import run_training
+
+    _, rows = _tokenized(tiny_model_dir, n=16)
+    losses = {}
+    for chunked in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialization
+        qlora_magic.load(tiny_model_dir, bits=8)
+        session = qlora_magic.get_session()
+        config = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, lr=2e-3, display="none")
+        summary = run_training(session.model, session.tokenizer, config, datasets.Dataset.from_list(rows), None,
+                               NullReporter(), history=[], overrides={"chunked_loss": True} if chunked else None)
+        assert summary.settings["chunked_loss"] is chunked  # off on the CPU unless forced
+        losses[chunked] = [r["loss"] for r in summary.history if "loss" in r]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
