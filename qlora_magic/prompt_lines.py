@@ -1,4 +1,5 @@
-"""Keep a trailing '?' in `%qlora_generate What is the capital of France?` part of the prompt.
+"""Keep a trailing '?' in `%qlora_generate What is the capital of France?` part of the prompt
+(and likewise for `%qlora_compare`).
 
 IPython reads a line that ends in '?' as a help request (`France?` -> "Object `France` not found").
 Prompts are often questions, so before IPython's help transformer sees the line, we turn a
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import re
 
-_GENERATE_LINE = re.compile(r"^(\s*)%qlora_generate[ \t]+(\S.*?)\s*$")
+# The line magics whose argument ends in a free-text prompt.
+_PROMPT_LINE = re.compile(r"^(\s*)%(qlora_generate|qlora_compare)[ \t]+(\S.*?)\s*$")
 
 
 def keep_question_marks(lines: list[str]) -> list[str]:
@@ -19,10 +21,10 @@ def keep_question_marks(lines: list[str]) -> list[str]:
         return lines  # a cell magic: its body is never read as help
     out = []
     for line in lines:
-        match = _GENERATE_LINE.match(line.rstrip("\n"))
-        if match and match.group(2).endswith("?"):
-            indent, rest = match.groups()
-            line = f"{indent}get_ipython().run_line_magic('qlora_generate', {rest!r})\n"
+        match = _PROMPT_LINE.match(line.rstrip("\n"))
+        if match and match.group(3).endswith("?"):
+            indent, magic, rest = match.groups()
+            line = f"{indent}get_ipython().run_line_magic({magic!r}, {rest!r})\n"
         out.append(line)
     return out
 

@@ -102,3 +102,10 @@ def test_a_question_mark_ends_the_prompt_not_a_help_request(ip):
 def test_help_still_works(ip, capsys):
     ip.run_cell("%qlora_generate?")  # prints the docstring through the pager
     assert "--greedy" in capsys.readouterr().out
+
+
+def test_compare_keeps_a_question_mark_too(ip):
+    with mock.patch.object(api, "compare", return_value="") as compare:
+        result = ip.run_cell("%qlora_compare What is the capital of France?")
+    assert result.success
+    assert "What is the capital of France?" in str(compare.call_args)
