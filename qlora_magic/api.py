@@ -41,6 +41,9 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
         run = saved_run(config.adapter)
         session.train_configs = run.get("train_configs", [])
         session.history = run.get("history", [])
+        names = next((c["label_names"] for c in reversed(session.train_configs) if c.get("label_names")), None)
+        if config.task == "seq-cls" and names:
+            _set_class_names(new_model, names)
     session.last_load_report = report
     return report
 
@@ -53,7 +56,7 @@ def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=N
     Rows go to `get_session().history` as they are logged. Ctrl-C stops at the next step and keeps the
     adapter as trained so far.
     """
-    from .data import ExampleTokenizer, load_rows, prepare_datasets
+    from .data import load_rows, prepare_datasets
     from .reporters import choose_reporter
     from .training import run_training
 
@@ -64,16 +67,77 @@ def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=N
     model = session.require_model("training")
     if config.data is None:
         raise ConfigError("No data given: pass data= (a file, Hub id, list of dicts, DataFrame or Dataset).")
+    task = _task(session)
+    if task != "causal-lm":
+        if config.packing:
+            raise ConfigError(f"--packing is for causal-lm models; a {task} model trains on padded batches: drop --packing.")
+        config = config.replace(packing=False)
     # Everything that can fail on bad input runs before the model is touched.
     rows = load_rows(config.data, config.split)
-    examples = ExampleTokenizer(session.tokenizer, config.prompt, config.response, chat=config.chat, max_length=config.max_length)
+    examples = task_examples(session, config, rows)
     train_set, eval_set, _ = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
     reporter = reporter or choose_reporter(config.display)
-    session.train_configs.append(config.to_dict())
+    record = config.to_dict()
+    if task == "seq-cls":
+        record["label_names"] = examples.names
+        _set_class_names(model, examples.names)
+    session.train_configs.append(record)
     summary = run_training(model, session.tokenizer, config, train_set, eval_set, reporter,
-                           session.history, run_index=len(session.train_configs) - 1, stop=stop)
+                           session.history, run_index=len(session.train_configs) - 1, stop=stop, task=task)
     session.last_train_summary = summary
     return summary
+
+
+def _task(session) -> str:
+    return getattr(session.load_config, "task", "causal-lm")
+
+
+def task_examples(session, config, rows):
+    """The row tokenizer for the loaded model's task (checked against the templates given)."""
+    from .data import ClassificationExamples, ExampleTokenizer, Seq2SeqExamples, label_names
+
+    task = _task(session)
+    if task == "seq-cls":
+        if not config.label:
+            raise ConfigError("A seq-cls model trains on classes: add label: <column> to the cell body (label= in Python).")
+        names = label_names(rows, config.label)
+        previous = next((c["label_names"] for c in reversed(session.train_configs) if c.get("label_names")), None)
+        if previous and set(map(str, names)) <= set(map(str, previous)):
+            names = previous  # the ids an earlier run (or the restored adapter) gave these classes
+        head = session.model.config.num_labels
+        if len(names) > head:
+            shown = ", ".join(map(str, names[:6])) + (", ..." if len(names) > 6 else "")
+            raise ConfigError(f"The data has {len(names)} classes ({shown}) but the model was loaded for {head}: reload with --num-labels {len(names)}.")
+        names = list(names) + [f"LABEL_{i}" for i in range(len(names), head)]
+        return ClassificationExamples(session.tokenizer, config.prompt, config.label, names, max_length=config.max_length)
+    if config.label:
+        raise ConfigError(f"label: is for --task seq-cls models; this one is {task}: give a response: template instead.")
+    if config.response is None:
+        raise ConfigError("The cell body needs a response: template, e.g. response: \"{answer}\".")
+    if task == "seq2seq":
+        return Seq2SeqExamples(session.tokenizer, config.prompt, config.response, max_length=config.max_length)
+    return ExampleTokenizer(session.tokenizer, config.prompt, config.response, chat=config.chat, max_length=config.max_length)
+
+
+def _set_class_names(model, names):
+    model.config.id2label = {i: str(name) for i, name in enumerate(names)}
+    model.config.label2id = {str(name): i for i, name in enumerate(names)}
+
+
+def _not_for_classifier(session, action):
+    if _task(session) == "seq-cls":
+        raise ConfigError(f"This model is a classifier (--task seq-cls), so {action} does not apply: use qm.classify(texts) for labels and probabilities.")
+
+
+def classify(texts, *, batch_size=16, max_length=512):
+    """Labels and class probabilities from a classifier (a model loaded with task="seq-cls").
+
+    >>> result = qlora_magic.classify(["A wonderful film.", "Dull and too long."])
+    >>> result.labels, result.probabilities[0]
+    """
+    from .classification import classify_texts
+
+    return classify_texts(get_session(), texts, batch_size=batch_size, max_length=max_length)
 
 
 def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None, **options) -> str:
@@ -89,6 +153,9 @@ def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None,
     config = _config(GenerateConfig, config, options)
     session = get_session()
     model = session.require_model("generation")
+    _not_for_classifier(session, "generation")
+    if _task(session) == "seq2seq":
+        config = config.replace(raw=True)  # the encoder reads the text as written: no chat template
     text = generate_text(model, session.tokenizer, config, on_text=on_text)
     session.last_generation = text
     return text
@@ -110,7 +177,7 @@ def memory():
     return memory_report(get_session().model)
 
 
-__all__ = ["load", "train", "generate", "save", "memory", "NoModelError"]
+__all__ = ["load", "train", "generate", "classify", "save", "memory", "NoModelError"]
 
 
 # --- evaluation, comparison, adapters, merge -------------------------------------------------------
@@ -127,6 +194,7 @@ def evaluate(data=None, *, config=None, **options):
 
     if data is not None:
         options["data"] = data
+    _not_for_classifier(get_session(), "%qlora_eval (accuracy and F1 are reported by training with eval_split)")
     return evaluate_model(get_session(), _config(EvalConfig, config, options))
 
 
@@ -141,6 +209,7 @@ def compare(prompts=None, *, config=None, on_update=None, **options):
 
     if prompts is not None:
         options["prompts"] = prompts
+    _not_for_classifier(get_session(), "%qlora_compare")
     return compare_answers(get_session(), _config(CompareConfig, config, options), on_update=on_update)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from .errors import ConfigError
 
 BITS = (4, 8, 16)
-TASKS = ("causal-lm",)
+TASKS = ("causal-lm", "seq-cls", "seq2seq")
 #: LoRA targets per architecture when none are given: the attention query and value projections,
 #: as in the QLoRA course (slide 1). Architectures not listed fall back to PEFT's own table.
 DEFAULT_TARGETS = {
@@ -74,7 +74,8 @@ class LoadConfig(_Config):
     alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     targets: list[str] | str | None = field(default=None, metadata={"help": "module names, 'all-linear', or None for the architecture's attention q/v"})
-    task: str = field(default="causal-lm", metadata={"help": "causal-lm"})
+    task: str = field(default="causal-lm", metadata={"help": "causal-lm (a decoder), seq-cls (text classification) or seq2seq (an encoder-decoder, e.g. summarization)"})
+    num_labels: int = field(default=2, metadata={"help": "classes of a seq-cls model (its head is made this size)"})
     adapter: str | None = field(default=None, metadata={"help": "folder of a saved adapter to restore"})
     device: str | None = field(default=None, metadata={"help": "'cuda', 'cpu', or None for CUDA when available"})
 
@@ -87,6 +88,9 @@ class LoadConfig(_Config):
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout!r}.")
         if self.task not in TASKS:
             raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}.")
+        _positive("--num-labels", self.num_labels)
+        if self.task == "seq-cls" and self.num_labels < 2:
+            raise ConfigError(f"--num-labels must be at least 2 for classification, got {self.num_labels!r}.")
         if isinstance(self.targets, str) and self.targets != "all-linear":
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         if isinstance(self.targets, (list, tuple)):
@@ -103,7 +107,8 @@ class TrainConfig(_Config):
 
     data: Any = field(default=None, metadata={"help": "Hub id, local .jsonl/.json/.csv/.parquet, list of dicts, DataFrame or datasets.Dataset"})
     prompt: str | None = field(default=None, metadata={"help": "prompt template with {field} placeholders"})
-    response: str | None = field(default=None, metadata={"help": "response template with {field} placeholders"})
+    response: str | None = field(default=None, metadata={"help": "response template with {field} placeholders (causal-lm: the answer; seq2seq: the target)"})
+    label: str | None = field(default=None, metadata={"help": "seq-cls: the column holding each row's class (strings or ids)"})
     chat: bool = field(default=False, metadata={"help": "wrap prompt/response as user/assistant turns of the chat template"})
     eval_split: float | None = field(default=None, metadata={"help": "fraction (0-1) or row count held out for evaluation"})
     max_length: int = field(default=512, metadata={"help": "longest example in tokens (longer ones are cut)"})
@@ -151,8 +156,8 @@ class TrainConfig(_Config):
             raise ConfigError(f"--display must be auto, html, widget, text or none, got {self.display!r}.")
         if self.prompt is None and self.data is not None:
             raise ConfigError("The cell body needs a prompt: template, e.g. prompt: \"Question: {question}\\nAnswer: \".")
-        if self.response is None and self.data is not None:
-            raise ConfigError("The cell body needs a response: template, e.g. response: \"{answer}\".")
+        if self.response is None and self.label is None and self.data is not None:
+            raise ConfigError("The cell body needs a response: template, e.g. response: \"{answer}\" (or, for --task seq-cls, label: <column>).")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Training data: where rows come from, the prompt/response templates, tokenization with the loss
-masked to the response, and batching with dynamic padding (or packing)."""
+masked to the response (or, for the other tasks, source/target pairs and class labels), and batching
+with dynamic padding (or packing)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,8 @@ def check_templates(prompt: str, response: str, columns) -> None:
     """Fail before training if a template names a column the data does not have."""
     columns = list(columns)
     for template, what in ((prompt, "prompt"), (response, "response")):
+        if template is None:  # a classifier has no response template
+            continue
         for name in template_fields(template, what):
             if name not in columns:
                 raise DataError(f"The {what} template uses {{{name}}}, but the data has no such column; its columns are: {', '.join(columns)}.")
@@ -126,6 +129,55 @@ class ExampleTokenizer:
         return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+class Seq2SeqExamples(ExampleTokenizer):
+    """For an encoder-decoder model: the prompt is the encoder's input, the response the decoder's
+    target (labels), ended by the end-of-sequence token. No chat template: these models have none."""
+
+    def __init__(self, tokenizer, prompt: str, response: str, max_length: int = 512):
+        super().__init__(tokenizer, prompt, response, chat=False, max_length=max_length)
+
+    def __call__(self, row) -> dict:
+        tok = self.tokenizer
+        input_ids = tok(render(self.prompt, row), add_special_tokens=True)["input_ids"][: self.max_length]
+        target = tok(render(self.response, row), add_special_tokens=True)["input_ids"]
+        if not target or target[-1] != tok.eos_token_id:  # T5/BART add it themselves; other tokenizers may not
+            target = target + [tok.eos_token_id]
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": target[: self.max_length]}
+
+
+def label_names(rows, column: str) -> list:
+    """The classes of a label column: string labels in sorted order (their ids are their positions);
+    integer labels are ids already, so names are 0..max."""
+    if column not in rows.column_names:
+        raise DataError(f"The data has no label column {column!r}; its columns are: {', '.join(rows.column_names)}.")
+    values = rows[column]
+    if any(v is None for v in values):
+        raise DataError(f"The label column {column!r} has empty values: every row needs a label.")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if min(values) < 0:
+            raise DataError(f"Label ids must be >= 0, got {min(values)} in column {column!r}.")
+        return list(range(max(values) + 1))
+    return sorted({str(v) for v in values})
+
+
+class ClassificationExamples(ExampleTokenizer):
+    """For sequence classification: the prompt template renders the text, `label` names the column of
+    its class; `names` are the classes in id order (see `label_names`)."""
+
+    def __init__(self, tokenizer, prompt: str, label: str, names: list, max_length: int = 512):
+        super().__init__(tokenizer, prompt, None, chat=False, max_length=max_length)
+        self.label, self.names = label, list(names)
+        self.ids = {str(name): i for i, name in enumerate(self.names)}
+
+    def __call__(self, row) -> dict:
+        input_ids = self.tokenizer(render(self.prompt, row), add_special_tokens=True)["input_ids"][: self.max_length]
+        value = row[self.label]
+        label = value if isinstance(value, int) and not isinstance(value, bool) else self.ids.get(str(value))
+        if label is None or not 0 <= label < len(self.names):
+            raise DataError(f"Label {value!r} is not one of the model's {len(self.names)} classes ({', '.join(map(str, self.names))}).")
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": label}
+
+
 def _ids(result):
     # apply_chat_template returns a list, or a BatchEncoding in newer transformers
     return list(result["input_ids"]) if hasattr(result, "keys") else list(result)
@@ -139,8 +191,9 @@ def prepare_datasets(rows, example_tokenizer: ExampleTokenizer, eval_split=None,
     with no_progress_bars():
         tokenized = rows.map(example_tokenizer, remove_columns=rows.column_names)
         before = len(tokenized)
-        # An example whose response was cut away entirely teaches nothing (and would give a NaN loss).
-        tokenized = tokenized.filter(lambda ex: any(label != IGNORE_INDEX for label in ex["labels"]))
+        if not isinstance(example_tokenizer, ClassificationExamples):  # a class label is never cut
+            # An example whose response was cut away entirely teaches nothing (and would give a NaN loss).
+            tokenized = tokenized.filter(lambda ex: any(label != IGNORE_INDEX for label in ex["labels"]))
     dropped = before - len(tokenized)
     if len(tokenized) == 0:
         raise DataError(f"Every example is longer than max_length={example_tokenizer.max_length} before its response starts: raise max_length.")
@@ -163,12 +216,14 @@ def prepare_datasets(rows, example_tokenizer: ExampleTokenizer, eval_split=None,
     return tokenized, eval_set, stats
 
 
-def make_collator(tokenizer, packing: bool = False):
+def make_collator(tokenizer, packing: bool = False, task: str = "causal-lm"):
     """Batches padded to the longest row in each batch, labels padded with -100; or, with packing,
     all rows of a batch in one sequence whose position ids restart per example, so attention stays
-    inside each example and no pad token is computed."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+    inside each example and no pad token is computed. A classifier's labels are one id per row."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, DataCollatorWithPadding
 
+    if task == "seq-cls":
+        return DataCollatorWithPadding(tokenizer, padding="longest")
     if packing:
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest")

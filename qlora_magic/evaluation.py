@@ -15,19 +15,27 @@ from dataclasses import dataclass, field
 
 from .adapters import BASE, active_adapter, check_adapter, using
 from .config import EvalConfig, GenerateConfig
-from .data import IGNORE_INDEX, ExampleTokenizer, load_rows, prepare_datasets, render
+from .data import IGNORE_INDEX, ExampleTokenizer, Seq2SeqExamples, load_rows, prepare_datasets, render
 from .errors import ConfigError, DataError
 from .formatting import html_grid, text_grid
 
 ROW_INDEX = "qlora_row"  # carried through tokenization so held-out rows can be found again
 
 
-class _IndexedExamples(ExampleTokenizer):
-    """ExampleTokenizer that keeps each row's position, so the held-out split re-made by
+class _KeepsRowIndex:
+    """Keeps each row's position through tokenization, so the held-out split re-made by
     prepare_datasets (same seed, same rows) can be mapped back to its prompts and references."""
 
     def __call__(self, row):
         return {**super().__call__(row), ROW_INDEX: row[ROW_INDEX]}
+
+
+class _IndexedExamples(_KeepsRowIndex, ExampleTokenizer):
+    pass
+
+
+class _IndexedSeq2SeqExamples(_KeepsRowIndex, Seq2SeqExamples):
+    pass
 
 
 @dataclass
@@ -54,7 +62,10 @@ def eval_data(session, config: EvalConfig) -> EvalData:
         raise ConfigError("Evaluation needs references: give a response template (response=, e.g. \"{answer}\").")
     chat = last.get("chat", False) if config.chat is None else config.chat
     max_length = config.max_length or last.get("max_length", 512)
-    examples = _IndexedExamples(session.tokenizer, prompt, response, chat=chat, max_length=max_length)
+    if getattr(session.load_config, "task", "causal-lm") == "seq2seq":  # source -> target, no chat turns
+        examples = _IndexedSeq2SeqExamples(session.tokenizer, prompt, response, max_length=max_length)
+    else:
+        examples = _IndexedExamples(session.tokenizer, prompt, response, chat=chat, max_length=max_length)
     if config.data is not None:
         rows = load_rows(config.data, config.split)
         eval_split, description = None, _describe(config.data, len(rows))
@@ -95,9 +106,14 @@ def response_nll(model, tokenizer, tokenized, batch_size=8) -> tuple[float, int]
             part = tokenized[start:start + batch_size]
             batch = collate([{k: part[k][i] for k in keep} for i in range(len(part["input_ids"]))])
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
+            if getattr(model.config, "is_encoder_decoder", False):
+                # The decoder reads the target shifted right (made from the labels): logit i predicts label i.
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+                labels = batch["labels"]
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                labels, logits = batch["labels"][:, 1:], logits[:, :-1]
+            total += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                      ignore_index=IGNORE_INDEX, reduction="sum").item()
             tokens += int((labels != IGNORE_INDEX).sum())
     return total, tokens

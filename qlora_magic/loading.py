@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -103,6 +104,30 @@ def adapter_base(adapter_path) -> tuple[str | None, int | None]:
     return base, None
 
 
+#: --task -> (the transformers Auto class, PEFT's task type)
+TASK_CLASSES = {
+    "causal-lm": ("AutoModelForCausalLM", "CAUSAL_LM"),
+    "seq-cls": ("AutoModelForSequenceClassification", "SEQ_CLS"),
+    "seq2seq": ("AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+}
+
+
+def check_task(path, config: LoadConfig):
+    """Fail in one line, before any weights load, when the model cannot do the task."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return  # resolved below by from_pretrained, which says why in its own error
+    encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
+    name = config.model or "the default model"
+    if config.task == "seq2seq" and not encoder_decoder:
+        raise ConfigError(f"{name!r} ({model_config.model_type}) is decoder-only: use --task causal-lm, or an encoder-decoder model such as google/flan-t5-base.")
+    if config.task == "causal-lm" and encoder_decoder:
+        raise ConfigError(f"{name!r} ({model_config.model_type}) is an encoder-decoder model: use --task seq2seq.")
+
+
 def load_model(config: LoadConfig):
     """Load tokenizer and quantized model, add LoRA (or restore a saved adapter).
 
@@ -111,23 +136,32 @@ def load_model(config: LoadConfig):
     quiet_bnb_warnings()  # before peft imports bitsandbytes
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
     started = time.perf_counter()
     if config.adapter:
         base, saved_bits = adapter_base(config.adapter)
         config = config.replace(model=config.model or base, bits=config.bits or saved_bits)
+        saved = saved_run(config.adapter).get("load_config", {})
+        if config.task == "causal-lm" and saved.get("task", "causal-lm") != "causal-lm":  # the adapter's own task
+            config = config.replace(task=saved["task"], num_labels=saved.get("num_labels", 2))
     config = config.replace(bits=config.bits or 8)
     device = choose_device(config.device)
     path = resolve_model(config.model)
+    check_task(path, config)
+    auto_class, task_type = TASK_CLASSES[config.task]
+    # A classifier's head is new: num_labels sizes it (the label names come from the data at training).
+    head = {"num_labels": config.num_labels} if config.task == "seq-cls" else {}
     try:
-        with no_progress_bars():
+        with no_progress_bars(), quiet_new_head_warning():
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(
+            model = getattr(transformers, auto_class).from_pretrained(
                 path,
                 quantization_config=quantization_config(config.bits, device),
                 dtype=compute_dtype(device) if device.startswith("cuda") else torch.float32,
                 device_map={"": device},
+                **head,
             )
     except OSError as error:
         raise ModelNotFoundError(
@@ -136,6 +170,8 @@ def load_model(config: LoadConfig):
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if config.task == "seq-cls":
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoders classify from the last non-pad token
     if config.bits in (4, 8):
         # Casts norms to fp32 for stable training. Gradient checkpointing is decided per training run.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -152,7 +188,7 @@ def load_model(config: LoadConfig):
                 lora_dropout=config.dropout,
                 target_modules=targets,
                 bias="none",
-                task_type="CAUSAL_LM",
+                task_type=task_type,  # SEQ_CLS also trains the new head (PEFT's modules_to_save)
             )
             model = get_peft_model(model, lora)
         except ValueError as error:
@@ -160,6 +196,20 @@ def load_model(config: LoadConfig):
         config = config.replace(targets=adapted_modules(model))
     report = LoadReport.measure(model, config, time.perf_counter() - started)
     return model, tokenizer, config, report
+
+
+@contextlib.contextmanager
+def quiet_new_head_warning():
+    """transformers warns that a classifier head is newly initialized and "should be trained": that is
+    what --task seq-cls is for, so the warning is noise here."""
+    from transformers.utils import logging
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
 
 
 @dataclass(repr=False)

@@ -20,7 +20,8 @@ from .errors import ConfigError
 @argument("--alpha", type=float, default=32, help="LoRA alpha; the update is scaled by alpha/r (default 32)")
 @argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
 @argument("--targets", default=None, help="comma-separated module names, or all-linear (default: the architecture's attention q/v)")
-@argument("--task", default="causal-lm", help="causal-lm")
+@argument("--task", default="causal-lm", help="causal-lm (default); seq-cls: text classification; seq2seq: an encoder-decoder model, e.g. summarization")
+@argument("--num-labels", type=int, default=None, help="seq-cls: number of classes (default 2)")
 @argument("--adapter", default=None, help="restore a saved adapter folder (and the base model it names)")
 @argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 def qlora_load(line=""):
@@ -31,6 +32,8 @@ def qlora_load(line=""):
         %qlora_load
         %qlora_load --bits 4 --r 16 --targets all-linear
         %qlora_load --adapter runs/my-adapter
+        %qlora_load microsoft/deberta-v3-base --task seq-cls --num-labels 2
+        %qlora_load google/flan-t5-base --task seq2seq
     """
 
 
@@ -65,6 +68,8 @@ def qlora_train(line="", cell=""):
         chat: false            # true: prompt/response become chat turns
         max_length: 512
 
+    With --task seq-cls, give label: <column> instead of response: (prompt: is the text to classify);
+    with --task seq2seq, prompt: is the source and response: the target.
     Any option above may also be written in the body (epochs: 2); flags win over the body.
     """
 
@@ -143,10 +148,10 @@ def parse_train(line: str, cell: str, namespace: dict | None = None) -> TrainCon
     body = {str(k).replace("-", "_"): v for k, v in body.items()}
     unknown = sorted(set(body) - BODY_KEYS)
     if unknown:
-        raise ConfigError(f"Unknown key {unknown[0]!r} in the cell body; known keys: data, prompt, response, chat, eval_split, max_length, split, and the options of %qlora_train?.")
+        raise ConfigError(f"Unknown key {unknown[0]!r} in the cell body; known keys: data, prompt, response, label, chat, eval_split, max_length, split, and the options of %qlora_train?.")
     for key in ("prompt", "response"):
         body[key] = _template_from_yaml(key, body.get(key))
-    body = {k: _number(v) if k not in ("prompt", "response", "data") else v for k, v in body.items()}
+    body = {k: _number(v) if k not in ("prompt", "response", "data", "label") else v for k, v in body.items()}
     if isinstance(body.get("data"), str) and body["data"].startswith("$"):
         body["data"] = _lookup(body["data"][1:], namespace)
     return TrainConfig(**{**body, **_options(args)})

@@ -93,6 +93,7 @@ def _make_callback(reporter: Reporter, history: list, stop: StopFlag, run_index:
                 self.last_time, self.last_tokens = now, tokens
             elif "eval_loss" in logs:
                 row["eval_loss"] = logs["eval_loss"]
+                row.update({k[5:]: logs[k] for k in ("eval_accuracy", "eval_f1") if k in logs})  # seq-cls
             else:
                 return  # the end-of-training summary log; the summary object carries it
             history.append(row)
@@ -213,19 +214,21 @@ def _has_int8_layers(model):
 
 def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, reporter: Reporter,
                  history: list, run_index: int = 0, stop: StopFlag | None = None,
-                 overrides: dict | None = None, callbacks: list | None = None):
+                 overrides: dict | None = None, callbacks: list | None = None, task: str = "causal-lm"):
     """Train `model` in place. Returns a TrainSummary. Rows are appended to `history` as they come.
 
     overrides: settings to force over `choose_settings`' choice (benchmarks compare layouts this way:
     {"batch": "4x4", "packing": False, "gradient_checkpointing": True, "bf16_stream": False,
     "chunked_loss": False, ...}).
     callbacks: extra transformers TrainerCallbacks.
+    task: the LoadConfig's task; seq-cls batches one label per row and reports accuracy and F1.
     """
     from torch.utils.tensorboard import SummaryWriter
     from transformers import PrinterCallback, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
     from .bnb_cpu import trainable_4bit
+    from .classification import classification_metrics
     from .data import make_collator
     from .speed import bf16_stream, dequantized_int8_training, no_kv_cache
 
@@ -279,7 +282,8 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=make_collator(tokenizer, packing=settings["packing"]),
+        data_collator=make_collator(tokenizer, packing=settings["packing"], task=task),
+        compute_metrics=classification_metrics if task == "seq-cls" else None,
         callbacks=[TensorBoardCallback(tb_writer=writer), _make_callback(reporter, history, stop, run_index, device), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the reporter shows them
@@ -363,6 +367,9 @@ class TrainSummary(Readout):
         e_first, e_last = self.eval_loss
         if e_first is not None:
             rows.append(("eval loss", f"{e_first:.4f} -> {e_last:.4f}"))
+        accuracy, f1 = self._series("accuracy"), self._series("f1")
+        if accuracy:
+            rows.append(("eval accuracy", f"{accuracy[0]:.1%} -> {accuracy[-1]:.1%} (macro F1 {f1[0]:.3f} -> {f1[-1]:.3f})"))
         rows.append(("time", f"{self.seconds:.1f} s" + (f" ({self.seconds_per_step:.2f} s/step)" if self.seconds_per_step else "")))
         if self.tokens_per_second:
             rows.append(("tokens/s", f"{self.tokens_per_second:,.0f}"))

@@ -62,3 +62,36 @@ def toy_rows(n=48):
     pairs = [("sky", "blue"), ("grass", "green"), ("sun", "yellow"), ("night", "black"),
              ("snow", "white"), ("fire", "red")]
     return [{"question": f"what is the color of the {a}", "answer": f"the {a} is {b}"} for a, b in (pairs * n)[:n]]
+
+
+def build_tiny_t5(folder: Path, d_model=64, layers=2) -> Path:
+    """Save a 2-layer T5 encoder-decoder (d_model 64) with random weights and the tiny tokenizer, for
+    --task seq2seq. Its decoder starts from the pad token, as T5's does."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=layers,
+        num_decoder_layers=layers, num_heads=4, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False, initializer_factor=0.5,
+    )
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(n=48):
+    """A learnable classification: the colour word decides the class (string labels)."""
+    words = [("blue", "calm"), ("green", "calm"), ("red", "angry"), ("black", "angry")]
+    return [{"text": f"the sky is {w}", "sentiment": s} for w, s in (words * n)[:n]]
+
+
+def summary_rows(n=48):
+    """A learnable seq2seq task: the summary is the colour word of the sentence."""
+    pairs = [("sky", "blue"), ("grass", "green"), ("fire", "red"), ("night", "black")]
+    return [{"article": f"what is the color of the {a}", "summary": b} for a, b in (pairs * n)[:n]]
