@@ -70,6 +70,7 @@ def add_adapter(session, name, *, r=None, alpha=None, dropout=None, targets=None
     from peft import LoraConfig
 
     from .config import LoadConfig
+    from .loading import TASK_CLASSES
 
     model = session.require_model("adding an adapter")
     _new_name(model, name)
@@ -78,7 +79,7 @@ def add_adapter(session, name, *, r=None, alpha=None, dropout=None, targets=None
     options = LoadConfig(r=r or loaded.r, alpha=alpha or loaded.alpha,
                          dropout=loaded.dropout if dropout is None else dropout, targets=targets or loaded.targets)
     lora = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                      target_modules=options.targets, bias="none", task_type="CAUSAL_LM")
+                      target_modules=options.targets, bias="none", task_type=TASK_CLASSES[loaded.task][1])
     try:
         model.add_adapter(name, lora)
     except ValueError as error:

@@ -34,6 +34,9 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     from .quiet import no_progress_bars
 
     model = session.require_model("merging")
+    task = getattr(session.load_config, "task", "causal-lm")
+    if task != "causal-lm":
+        raise ConfigError(f"%qlora_merge writes causal-lm models only; this one is {task}: save the adapter with %qlora_save instead.")
     name = check_adapter(model, config.adapter) if config.adapter else active_adapter(model)
     path = Path(config.path).expanduser()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):

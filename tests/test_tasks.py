@@ -132,3 +132,24 @@ def test_task_mismatch_is_a_one_line_error(tiny_model_dir, tiny_t5_dir):
     with pytest.raises(ConfigError, match="encoder-decoder model: use --task seq2seq"):
         qlora_magic.load(tiny_t5_dir, device="cpu")
     assert qlora_magic.get_session().model is None
+
+
+def test_second_adapter_and_merge_follow_the_task(tiny_classifier, tmp_path):
+    qlora_magic.add_adapter("task2")
+    assert qlora_magic.get_session().model.peft_config["task2"].task_type == "SEQ_CLS"
+    with pytest.raises(ConfigError, match="causal-lm models only; this one is seq-cls"):
+        qlora_magic.merge(tmp_path / "merged")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tasks_train_on_the_gpu(tiny_model_dir, tiny_t5_dir, bits):
+    qlora_magic.load(tiny_model_dir, bits=bits, task="seq-cls")
+    summary = qlora_magic.train(sentiment_rows(), prompt="{text}", label="sentiment", eval_split=0.25, lr=5e-3, **FAST)
+    assert summary.train_loss[1] < summary.train_loss[0] and summary.status == "completed"
+    assert qlora_magic.classify(["the sky is blue", "the sky is red"]).labels == ["calm", "angry"]
+    qlora_magic.load(tiny_t5_dir, bits=bits, task="seq2seq", targets="all-linear")
+    summary = qlora_magic.train(summary_rows(), prompt="{article}", response="{summary}", eval_split=0.25,
+                                lr=2e-2, **{**FAST, "max_steps": 40})
+    assert summary.train_loss[1] < summary.train_loss[0] / 2 and summary.status == "completed"
+    assert isinstance(qlora_magic.generate("what is the color of the sky", greedy=True, max_new_tokens=5, stream=False), str)
