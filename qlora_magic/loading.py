@@ -121,11 +121,11 @@ def check_task(path, config: LoadConfig):
     except (OSError, ValueError):
         return  # resolved below by from_pretrained, which says why in its own error
     encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
-    name = config.model or "the default model"
+    name = repr(config.model) if config.model else "The default model"
     if config.task == "seq2seq" and not encoder_decoder:
-        raise ConfigError(f"{name!r} ({model_config.model_type}) is decoder-only: use --task causal-lm, or an encoder-decoder model such as google/flan-t5-base.")
+        raise ConfigError(f"{name} ({model_config.model_type}) is decoder-only: use --task causal-lm, or an encoder-decoder model such as google/flan-t5-base.")
     if config.task == "causal-lm" and encoder_decoder:
-        raise ConfigError(f"{name!r} ({model_config.model_type}) is an encoder-decoder model: use --task seq2seq.")
+        raise ConfigError(f"{name} ({model_config.model_type}) is an encoder-decoder model: use --task seq2seq.")
 
 
 def load_model(config: LoadConfig):

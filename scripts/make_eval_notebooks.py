@@ -1,6 +1,7 @@
-"""Writes (and with --execute, runs in place) the course notebooks 08_evaluation, 09_adapters_and_merge, 10_tuning.
+"""Writes (and with --execute, runs in place) the course notebooks 08_evaluation, 09_adapters_and_merge, 10_tuning,
+11_classification_and_summarization.
 
-    python scripts/make_eval_notebooks.py --execute [08|09|10]
+    python scripts/make_eval_notebooks.py --execute [08|09|10|11]
 
 Same layout as scripts/make_course.py: each notebook is a list of ("md" | "code", source) cells.
 Each runs top to bottom on a CPU with the embedded default model (SmolLM2-135M) in a few minutes.
@@ -199,7 +200,84 @@ response: "{response}"
 eval_split: 0.2"""),
 ]
 
-NOTEBOOKS = {"08_evaluation.ipynb": EVALUATION, "09_adapters_and_merge.ipynb": ADAPTERS, "10_tuning.ipynb": TUNING}
+TASKS = [
+    ("md", """# Classification and summarization: `--task seq-cls` and `--task seq2seq`
+
+Slides 11 and 12 take QLoRA beyond answering prompts: sentiment classification (IMDB with DeBERTa-v3) and
+summarization (CNN/DailyMail with BART). Here both run offline on a CPU in about a minute:
+
+* **classification** on the embedded default model (SmolLM2-135M) with a new 2-class head, on short reviews
+  made up below. With a Hub connection, use `microsoft/deberta-v3-base` on `imdb` (see `docs/tasks.md`);
+* **summarization** on a tiny T5 built from a config (random weights: it shows the mechanics, not quality).
+  With a Hub connection, use `google/flan-t5-base` or `facebook/bart-base` on `cnn_dailymail`."""),
+    ("code", """%load_ext qlora_magic
+import itertools
+import qlora_magic as qm
+
+GOOD = ["wonderful", "brilliant", "moving", "delightful", "superb", "charming"]
+BAD = ["dull", "awful", "boring", "clumsy", "tedious", "dreadful"]
+THINGS = ["acting", "plot", "film", "ending", "script", "music"]
+REVIEWS = [{"text": f"The {thing} was {word}.", "sentiment": label}
+           for thing, (word, label) in itertools.product(THINGS, [(w, "positive") for w in GOOD] + [(w, "negative") for w in BAD])]
+len(REVIEWS), REVIEWS[0]"""),
+    ("md", """## Sentiment classification
+
+`--task seq-cls` loads `AutoModelForSequenceClassification`: the quantized decoder plus a new `score` head of
+`--num-labels` outputs (default 2). LoRA goes on `q_proj`/`v_proj` as usual, and PEFT's `SEQ_CLS` task type
+keeps the head trainable (`modules_to_save`), so it is saved with the adapter."""),
+    ("code", "%qlora_load --task seq-cls --num-labels 2"),
+    ("md", """The body names the text template (`prompt:`) and the label column (`label:`). String labels get ids in
+sorted order (`negative` = 0, `positive` = 1). With `eval_split`, every evaluation reports accuracy and macro F1
+on the held-out rows: here 18 reviews whose word and subject pairs were never seen in training."""),
+    ("code", """%%qlora_train --max-steps 10 --lr 1e-3 --batch-size 4 --grad-accum 1 --display text
+data: $REVIEWS
+prompt: "{text}"
+label: sentiment
+eval_split: 0.25"""),
+    ("md", "`qm.classify` gives each text's label and every class's probability, here on words not in the data:"),
+    ("code", """qm.classify(["The soundtrack was fantastic.", "The story was painfully slow.", "A masterpiece of a film."])"""),
+    ("md", "A classifier does not generate text; `%qlora_generate` says what to use instead, in one line:"),
+    ("error", "%qlora_generate The film was"),
+    ("md", """## Summarization with an encoder-decoder
+
+`--task seq2seq` loads `AutoModelForSeq2SeqLM`. Offline there is no pretrained one, so we build a 2-layer T5
+with random weights around the default model's tokenizer. An encoder-decoder needs `--task seq2seq`, and a
+decoder-only model cannot take it:"""),
+    ("error", "%qlora_load --task seq2seq"),
+    ("code", """from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+from qlora_magic.default_model import default_model_path
+import torch
+
+tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+config = T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  decoder_start_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+torch.manual_seed(0)
+T5ForConditionalGeneration(config).save_pretrained("runs/tiny-t5")
+tokenizer.save_pretrained("runs/tiny-t5")"""),
+    ("md", """Without `--targets`, PEFT's table for T5 puts LoRA on `q` and `v`; a random model needs more, so all linear
+layers here. `prompt:` is the source and `response:` the target: the loss is on the target tokens only."""),
+    ("code", "%qlora_load runs/tiny-t5 --task seq2seq --targets all-linear"),
+    ("code", """SUMMARIES = [{"article": r["text"].replace("The ", "Critics agreed that the "), "summary": r["sentiment"]} for r in REVIEWS]
+SUMMARIES[0]"""),
+    ("code", """%%qlora_train --max-steps 30 --lr 2e-2 --batch-size 4 --grad-accum 1 --display text
+data: $SUMMARIES
+prompt: "summarize: {article}"
+response: "{summary}"
+eval_split: 0.25"""),
+    ("md", """`%qlora_eval` works as for causal models: perplexity over the target tokens (from the decoder's logits)
+and ROUGE of the greedy outputs, base against adapter:"""),
+    ("code", "%qlora_eval --base --metrics perplexity,rouge --max-new-tokens 4"),
+    ("code", "%qlora_generate --greedy --max-new-tokens 4 summarize: Critics agreed that the music was superb."),
+    ("md", """From random weights, 30 steps teach the tiny T5 the form of the answer (one label word, perplexity down by
+orders of magnitude) but not yet which word: a pretrained encoder-decoder brings that. The same cells with
+`%qlora_load google/flan-t5-base --task seq2seq` and `data: cnn_dailymail` (prompt `summarize: {article}`,
+response `{highlights}`) are the course's slide 12."""),
+]
+
+NOTEBOOKS = {"08_evaluation.ipynb": EVALUATION, "09_adapters_and_merge.ipynb": ADAPTERS, "10_tuning.ipynb": TUNING,
+             "11_classification_and_summarization.ipynb": TASKS}
 
 
 def _course():

@@ -1,4 +1,4 @@
-"""Course notebooks 08_evaluation, 09_adapters_and_merge and 10_tuning: written by
+"""Course notebooks 08_evaluation, 09_adapters_and_merge, 10_tuning and 11_classification_and_summarization: written by
 scripts/make_eval_notebooks.py, and they run top to bottom (slow: a few minutes each on 2 CPU cores)."""
 
 import importlib.util
