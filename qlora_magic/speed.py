@@ -27,20 +27,22 @@ from .errors import ConfigError
 
 GB = 1024**3
 MB = 1024**2
-# Activation memory per token, calibrated on an H200 with a Llama-2-7B shape, LoRA r=8 on q/v and the bf16
-# residual stream (docs/benchmarks.md): peak allocated minus the model, divided by the largest micro-batch
-# the run actually saw (its tokens recomputed from the benchmark's data and the Trainer's sampler order).
-# Without checkpointing: 5.7 MB/token, of which 0.45 MB is the loss's logits; the rest is 164 KB per layer,
-# A x hidden + B x intermediate (this gives 168 KB at the 7B shape).
+# Activation memory, calibrated on an H200 with a Llama-2-7B shape, LoRA r=8 on q/v and the bf16 residual
+# stream (docs/benchmarks.md): peak allocated minus the model, at the largest micro-batch a run saw (its tokens
+# recomputed from the benchmark's data and the Trainer's sampler order), or with every example at max length.
+# Without checkpointing, ~165 KB per token and layer: A x hidden + B x intermediate (168 KB at the 7B shape).
 ACT_HIDDEN, ACT_INTERMEDIATE = 25, 6
-# With checkpointing each layer keeps only its input (bf16, 2 x hidden) and one layer is recomputed at a time
-# with its backward's temporaries (~1.5 x a layer's activations). Measured 0.69-0.74 MB/token with the
-# logits (0.26 MB inputs + 0.45 MB logits), at micro-batches of 1,700 to 4,100 tokens.
+# Attention over a packed micro-batch with SDPA keeps a (tokens x tokens) mask: 1 byte per query-key pair,
+# plus a 2-byte bias per layer saved for its backward (the peak grew with the square of the micro-batch's
+# length: 5.37 MB/token at 4,138 tokens, 5.65 at 8,192).
+MASK_BYTES, MASK_BYTES_PER_LAYER = 1, 2
+# With checkpointing each layer keeps only its input (bf16, 2 x hidden) and one layer at a time is recomputed
+# with its backward's temporaries: measured 1.2-1.3 x a layer's activations (with its mask bias).
 CKPT_HIDDEN = 2
-RECOMPUTE = 1.5
+RECOMPUTE = 1.4
 # The loss: the model's own keeps bf16 logits, their fp32 copy, log-softmax and its gradient at once (14 bytes
-# per token and vocabulary entry); the chunked loss keeps the hidden states and their gradient (bf16)
-# plus one chunk of logits at a time (CHUNK_BYTES, whatever the batch).
+# per token and vocabulary entry; 0.45 MB/token at a 32k vocabulary); the chunked loss keeps the hidden states
+# and their gradient (bf16) plus one chunk of logits at a time (CHUNK_BYTES, whatever the batch).
 LOGIT_BYTES = 14
 CHUNKED_HIDDEN = 4
 CHUNK_BYTES = 256 * MB
@@ -85,21 +87,28 @@ def workspace_bytes(dims: dict) -> int:
     return 2 * 2 * dims["hidden"] * max(dims["intermediate"], dims["hidden"]) + CUBLAS_WORKSPACE
 
 
-def activation_bytes(dims: dict, tokens: int, checkpointing: bool, chunked_loss: bool = False) -> int:
+def activation_bytes(dims: dict, tokens: int, checkpointing: bool, chunked_loss: bool = False,
+                     mask_pairs: int | None = None) -> int:
     """Estimated activation memory at the peak of one micro-batch of `tokens` tokens (forward + backward).
+    `mask_pairs`: query-key pairs in its attention mask (tokens squared when packed into one sequence,
+    the default; micro-batch x longest squared when padded).
 
     Without checkpointing the peak is at the loss's backward, with every layer's activations kept. With
     checkpointing it is either there (the model's own loss: the logits dominate) or while one layer is
     recomputed (the chunked loss)."""
+    pairs = tokens * tokens if mask_pairs is None else mask_pairs
     per_layer = ACT_HIDDEN * dims["hidden"] + ACT_INTERMEDIATE * dims["intermediate"]
     if chunked_loss:
         loss_per_token, loss_fixed = CHUNKED_HIDDEN * dims["hidden"], CHUNK_BYTES
     else:
         loss_per_token, loss_fixed = LOGIT_BYTES * dims["vocab"], 0
+    mask = pairs * MASK_BYTES
     if not checkpointing:
-        return tokens * (dims["layers"] * per_layer + loss_per_token) + loss_fixed
+        layers = tokens * per_layer + pairs * MASK_BYTES_PER_LAYER
+        return dims["layers"] * layers + mask + tokens * loss_per_token + loss_fixed
     inputs = tokens * dims["layers"] * CKPT_HIDDEN * dims["hidden"]
-    return int(inputs + max(tokens * loss_per_token + loss_fixed, tokens * RECOMPUTE * per_layer))
+    recompute = tokens * RECOMPUTE * per_layer + pairs * MASK_BYTES_PER_LAYER
+    return int(inputs + mask + max(tokens * loss_per_token + loss_fixed, recompute))
 
 
 def micro_batch_tokens(lengths: list[int], micro: int, packing: bool) -> tuple[int, float]:
@@ -112,6 +121,13 @@ def micro_batch_tokens(lengths: list[int], micro: int, packing: bool) -> tuple[i
     if not packing:  # padded to the longest in the batch: about the mean of the longest of `micro` draws
         typical = micro * min(longest[0], 1.5 * sum(lengths) / len(lengths))
     return worst, typical
+
+
+def mask_pairs(lengths: list[int], micro: int, packing: bool) -> int:
+    """Query-key pairs in the worst micro-batch's attention mask: one sequence when packed, else one
+    square per padded row."""
+    worst, _ = micro_batch_tokens(lengths, micro, packing)
+    return worst * worst if packing else worst * (worst // micro if micro else 0)
 
 
 def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict | None,
@@ -135,7 +151,7 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
     for recompute in (False, True) if checkpointing is None else (checkpointing,):
         for micro in divisors:
             worst, typical = micro_batch_tokens(lengths, micro, packing)
-            estimate = fixed + activation_bytes(dims, worst, recompute, chunked_loss)
+            estimate = fixed + activation_bytes(dims, worst, recompute, chunked_loss, mask_pairs(lengths, micro, packing))
             if estimate > SAFETY * budget:
                 continue
             accum = effective // micro
@@ -147,7 +163,7 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
         recompute = True if checkpointing is None else checkpointing
         worst, _ = micro_batch_tokens(lengths, 1, packing)
         return {"micro": 1, "accum": effective, "checkpointing": recompute,
-                "estimate": fixed + activation_bytes(dims, worst, recompute, chunked_loss)}
+                "estimate": fixed + activation_bytes(dims, worst, recompute, chunked_loss, mask_pairs(lengths, 1, packing))}
     return best[1]
 
 
