@@ -60,6 +60,8 @@ def readout_items(row_train: dict | None, row_eval: dict | None, progress: dict)
             items.append((row_train.get("memory_kind", "memory"), gb(row_train["memory"])))
     if row_eval:
         items.append(("eval loss", f"{row_eval['eval_loss']:.4f}"))
+        if row_eval.get("accuracy") is not None:  # a classifier (--task seq-cls)
+            items += [("accuracy", f"{row_eval['accuracy']:.1%}"), ("macro F1", f"{row_eval['f1']:.3f}")]
     return items
 
 

@@ -153,3 +153,18 @@ def test_tasks_train_on_the_gpu(tiny_model_dir, tiny_t5_dir, bits):
                                 lr=2e-2, **{**FAST, "max_steps": 40})
     assert summary.train_loss[1] < summary.train_loss[0] / 2 and summary.status == "completed"
     assert isinstance(qlora_magic.generate("what is the color of the sky", greedy=True, max_new_tokens=5, stream=False), str)
+
+
+def test_load_magic_passes_the_task(ip):
+    from unittest import mock
+
+    with mock.patch.object(qlora_magic.api, "load") as load:
+        ip.run_line_magic("qlora_load", "my/model --task seq-cls --num-labels 3")
+    assert load.call_args.kwargs["config"] == LoadConfig(model="my/model", task="seq-cls", num_labels=3)
+
+
+def test_text_progress_shows_accuracy():
+    from qlora_magic.reporters import readout_items
+
+    items = dict(readout_items(None, {"eval_loss": 0.5, "accuracy": 0.875, "f1": 0.8}, {"step": 4, "total_steps": 8}))
+    assert (items["accuracy"], items["macro F1"]) == ("87.5%", "0.800")
