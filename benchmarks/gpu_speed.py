@@ -535,6 +535,8 @@ def main(argv=None):
     parser.add_argument("--seed-steps", type=int, default=None, help="timed steps of the (slow) seed recipe")
     parser.add_argument("--checkpoint", default=None, help="folder for the random checkpoint (default: /dev/shm or tmp)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--rounds", type=int, default=1, help="CPU, --model default: rounds of qlora_magic vs plain "
+                        "Trainer, the order alternating (A B, B A, ...) so that a changing load evens out")
     parser.add_argument("--tag", default="", help="suffix of the result files' names (results-TAG.md)")
     parser.add_argument("--skip", default="", help="comma-separated variant groups to skip: "
                         "seed,q4,q8,budget,worst,levers,display (--converge: nowarmup)")
@@ -607,6 +609,24 @@ def main(argv=None):
 
     if "seed" not in skip:
         row(seed_recipe, path, rows, seed_steps, 1, device, tmp, label="seed")
+    def against_plain_trainer(bits):
+        """The CPU question: is qlora_magic's demo fine-tune slower than plain Trainer code doing the same?"""
+        pair = [(ours, f"qlora_magic --bits {bits} (defaults)"), (plain_trainer, f"plain Trainer, {bits}-bit, dynamic padding 4x4")]
+        for i in range(args.rounds):
+            for fn, label in pair if i % 2 == 0 else pair[::-1]:
+                row(fn, rows, steps, W, tmp, f"{label}, round {i + 1}")
+
+    cpu_default = device == "cpu" and args.model == "default"
+    if "q4" not in skip and cpu_default:
+        load_ours(path, 4)
+        against_plain_trainer(4)
+        free_model()
+    if "q8" not in skip and cpu_default:
+        load_ours(path, 8)
+        against_plain_trainer(8)
+        free_model()
+    if cpu_default:
+        skip |= {"q4", "q8"}
     if "q4" not in skip:
         load_s = load_ours(path, 4)
         log(f"loaded 4-bit in {load_s:.0f} s")
@@ -628,8 +648,6 @@ def main(argv=None):
                 with contextlib.redirect_stdout(io.StringIO()):  # outside a notebook display() prints
                     row(ours, rows, steps, W, tmp, "  4-bit defaults, live HTML display on", reporter=HtmlReporter())
                 row(ours, rows, steps, W, tmp, "  4-bit defaults again, display off")
-        if device == "cpu" and args.model == "default":
-            row(plain_trainer, rows, steps, 1, tmp, "plain Trainer, 4-bit, dynamic padding 4x4")
         free_model()
     if "q8" not in skip:
         load_s = load_ours(path, 8)
@@ -643,8 +661,6 @@ def main(argv=None):
             worst_case_rows(8)
             if "levers" not in skip:
                 row(ours, rows, steps, W, tmp, "  8-bit, LLM.int8 matmul (no dequantized path)", overrides={"int8_dequant": False})
-        if device == "cpu" and args.model == "default":
-            row(plain_trainer, rows, steps, 1, tmp, "plain Trainer, 8-bit, dynamic padding 4x4")
         free_model()
     log("\n" + header + "\n\n" + table(results, limit))
 
