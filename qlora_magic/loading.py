@@ -13,6 +13,7 @@ from .errors import ConfigError, ModelNotFoundError
 from .formatting import Readout, count, gb
 from .memory_usage import MemoryReport, memory_report
 from .quiet import no_progress_bars, quiet_bnb_warnings
+from .speed import use_expandable_segments
 
 RUN_FILE = "qlora_magic.json"  # our side file next to a saved adapter: load/train configs, metrics
 
@@ -150,6 +151,8 @@ def load_model(config: LoadConfig):
     device = choose_device(config.device)
     path = resolve_model(config.model)
     check_task(path, config)
+    if device.startswith("cuda"):
+        use_expandable_segments()
     auto_class, task_type = TASK_CLASSES[config.task]
     # A classifier's head is new: num_labels sizes it (the label names come from the data at training).
     head = {"num_labels": config.num_labels} if config.task == "seq-cls" else {}

@@ -183,6 +183,30 @@ def gpu_budget(device: str, max_memory=None) -> int:
     return int(min(budget, limit) if limit else budget)
 
 
+ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def use_expandable_segments() -> bool:
+    """Let the CUDA caching allocator grow segments in place instead of cutting new ones per shape.
+
+    Packed micro-batches change length every step; with fixed segments the first run after loading spent
+    its time in cudaMalloc/cudaFree (7B, --bits 4: 0.86 s/step, 0.49 with this; steady state unchanged).
+    The setting applies to segments made from now on, so it is set before the model's weights load.
+    A user's own allocator setting wins. Returns whether the setting was made.
+    """
+    import os
+
+    import torch
+
+    if any(os.environ.get(name) for name in ALLOCATOR_VARIABLES) or not torch.cuda.is_available():
+        return False
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):  # a private hook: absent or refused, training is only slower
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def no_kv_cache(model):
     """Turn the KV cache off for training. A training forward has no use for it, and with a cache

@@ -104,3 +104,16 @@ def test_checkpointing_asked_for_is_used_and_switched_off_after(tiny_model_dir, 
     assert summary.settings["gradient_checkpointing"] is True
     summary = qlora_magic.train(rows, prompt="Q: {question} ", response="{answer}", max_steps=2, display="none")
     assert summary.settings["gradient_checkpointing"] is False  # and switched off again for this run
+
+
+def test_loading_on_the_gpu_turns_on_expandable_segments(tiny_model_dir, monkeypatch):
+    """Without a user's allocator setting, segments made after %qlora_load can grow in place."""
+    import torch
+
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    qlora_magic.load(tiny_model_dir, bits=4, device="cuda")
+    after = torch.empty(64 * 1024**2, dtype=torch.uint8, device="cuda")  # a new segment
+    segments = torch.cuda.memory._snapshot()["segments"]
+    assert any(segment.get("is_expandable") for segment in segments), segments[:2]
+    del after
