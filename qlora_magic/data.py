@@ -216,17 +216,41 @@ def prepare_datasets(rows, example_tokenizer: ExampleTokenizer, eval_split=None,
     return tokenized, eval_set, stats
 
 
-def make_collator(tokenizer, packing: bool = False, task: str = "causal-lm"):
+def make_collator(tokenizer, packing: bool = False, task: str = "causal-lm", pad_to_multiple_of: int | None = None):
     """Batches padded to the longest row in each batch, labels padded with -100; or, with packing,
     all rows of a batch in one sequence whose position ids restart per example, so attention stays
-    inside each example and no pad token is computed. A classifier's labels are one id per row."""
+    inside each example and no pad token is computed. A classifier's labels are one id per row.
+    pad_to_multiple_of (packing only): end the packed sequence with a pad segment of its own so that
+    its length is a multiple of this (fewer distinct shapes for the GPU's per-shape caches)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, DataCollatorWithPadding
 
     if task == "seq-cls":
         return DataCollatorWithPadding(tokenizer, padding="longest")
     if packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        if not pad_to_multiple_of or pad_to_multiple_of <= 1:
+            return flatten
+        return _RoundedPacking(flatten, tokenizer.pad_token_id or 0, pad_to_multiple_of)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest")
+
+
+class _RoundedPacking:
+    """A packed batch padded at the end by one extra "example" of pad tokens: its position ids restart,
+    so nothing attends across into it, and its labels are -100, so the loss is unchanged."""
+
+    def __init__(self, flatten, pad_id: int, multiple: int):
+        self.flatten, self.pad_id, self.multiple = flatten, pad_id, multiple
+
+    def __call__(self, features):
+        import torch
+
+        batch = self.flatten(features)
+        extra = -batch["input_ids"].shape[1] % self.multiple
+        if extra:
+            fill = {"input_ids": torch.full((1, extra), self.pad_id), "labels": torch.full((1, extra), IGNORE_INDEX),
+                    "position_ids": torch.arange(extra).unsqueeze(0)}
+            batch = {k: torch.cat([v, fill[k].to(v.dtype)], dim=1) if k in fill else v for k, v in batch.items()}
+        return batch
 
 
 def show_masking(tokenizer, example: dict) -> list[tuple[str, bool]]:

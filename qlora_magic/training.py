@@ -282,7 +282,8 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=make_collator(tokenizer, packing=settings["packing"], task=task),
+        data_collator=make_collator(tokenizer, packing=settings["packing"], task=task,
+                                     pad_to_multiple_of=settings.get("pad_packed_to")),
         compute_metrics=classification_metrics if task == "seq-cls" else None,
         callbacks=[TensorBoardCallback(tb_writer=writer), _make_callback(reporter, history, stop, run_index, device), *(callbacks or [])],
     )

@@ -151,6 +151,25 @@ def test_packed_batch_has_the_padded_loss(tiny_model_dir):
     assert model.config.use_cache is True  # restored
 
 
+def test_packed_batch_rounded_up_keeps_the_loss(tiny_model_dir):
+    """The pad segment that rounds a packed batch's length is its own example with no labels."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_magic.data import make_collator
+    from qlora_magic.speed import no_kv_cache
+
+    tokenizer, rows = _tokenized(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
+    packed = make_collator(tokenizer, packing=True)([dict(r) for r in rows])
+    rounded = make_collator(tokenizer, packing=True, pad_to_multiple_of=64)([dict(r) for r in rows])
+    length = packed["input_ids"].shape[1]
+    assert length % 64 and rounded["input_ids"].shape[1] == length + (-length % 64)
+    assert rounded["position_ids"][0, length].item() == 0  # the pad segment starts a sequence of its own
+    with torch.no_grad(), no_kv_cache(model):
+        assert model(**rounded).loss.item() == pytest.approx(model(**packed).loss.item(), rel=1e-5)
+
+
 def test_training_packed_and_padded_take_the_same_first_step(tiny_model_dir, rows):
     """End to end on the real (8-bit, CPU) path: the first logged loss is the same batch's loss."""
     losses = {}
