@@ -230,8 +230,12 @@ def make_collator(tokenizer, packing: bool = False, task: str = "causal-lm", pad
         flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
         if not pad_to_multiple_of or pad_to_multiple_of <= 1:
             return flatten
-        return _RoundedPacking(flatten, tokenizer.pad_token_id or 0, pad_to_multiple_of)
+        return _RoundedPacking(flatten, pad_id(tokenizer), pad_to_multiple_of)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest")
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 class _RoundedPacking:
@@ -251,6 +255,15 @@ class _RoundedPacking:
                     "position_ids": torch.arange(extra).unsqueeze(0)}
             batch = {k: torch.cat([v, fill[k].to(v.dtype)], dim=1) if k in fill else v for k, v in batch.items()}
         return batch
+
+
+def packed_real_tokens(batch, pad_id: int) -> int:
+    """Tokens of a packed batch without the pad segment _RoundedPacking may have ended it with."""
+    ids, positions, labels = batch["input_ids"][0], batch["position_ids"][0], batch["labels"][0]
+    last = int((positions == 0).nonzero()[-1])
+    if last > 0 and bool((ids[last:] == pad_id).all()) and bool((labels[last:] == IGNORE_INDEX).all()):
+        return last
+    return ids.numel()
 
 
 def show_masking(tokenizer, example: dict) -> list[tuple[str, bool]]:

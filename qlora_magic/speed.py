@@ -47,6 +47,11 @@ LOGIT_BYTES = 14
 CHUNKED_HIDDEN = 4
 CHUNK_BYTES = 256 * MB
 CUBLAS_WORKSPACE = 64 * MB
+# A packed micro-batch's length is rounded up to a multiple of this (a pad segment of its own, no loss).
+# Every new length costs the GPU a first-time setup (7B, H200: the first run after loading took 0.50 s/step
+# over 10 steps with every length new, 0.38 once the same lengths came again); rounding bounds the number of
+# lengths a run can meet. Measured in docs/benchmarks.md ("Packed lengths").
+PACKED_LENGTH_MULTIPLE = 256
 SAFETY = 0.9  # never plan to fill more than this share of the budget (the allocator's fragmentation)
 # On the 7B shape a micro-batch costs ~0.3 s whatever its size between 800 and 3,500 tokens (the GPU
 # waits on kernel launches and dequantization, not on arithmetic), about what 8,192 tokens cost at full
@@ -112,12 +117,16 @@ def activation_bytes(dims: dict, tokens: int, checkpointing: bool, chunked_loss:
 
 
 def micro_batch_tokens(lengths: list[int], micro: int, packing: bool) -> tuple[int, float]:
-    """(worst case, typical) tokens in a micro-batch of `micro` examples."""
+    """(worst case, typical) tokens in a micro-batch of `micro` examples (packed: rounded up to
+    PACKED_LENGTH_MULTIPLE, as training on the GPU does)."""
     if not lengths:
         return 0, 0.0
     longest = sorted(lengths, reverse=True)[:micro]
     typical = micro * sum(lengths) / len(lengths)
     worst = sum(longest) if packing else micro * longest[0]
+    if packing:
+        worst += -worst % PACKED_LENGTH_MULTIPLE
+        typical += PACKED_LENGTH_MULTIPLE / 2
     if not packing:  # padded to the longest in the batch: about the mean of the longest of `micro` draws
         typical = micro * min(longest[0], 1.5 * sum(lengths) / len(lengths))
     return worst, typical

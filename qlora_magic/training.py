@@ -124,7 +124,7 @@ def choose_settings(config: TrainConfig, device: str, n_train: int, model=None, 
     """
     import torch
 
-    from .speed import fmt_bytes, gpu_budget, model_dims, output_head, plan_batches
+    from .speed import PACKED_LENGTH_MULTIPLE, fmt_bytes, gpu_budget, model_dims, output_head, plan_batches
 
     on_gpu = device.startswith("cuda")
     effective = config.batch_size * config.grad_accum
@@ -165,19 +165,35 @@ def choose_settings(config: TrainConfig, device: str, n_train: int, model=None, 
     }
     if on_gpu:
         settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
+        if packing:
+            settings["pad_packed_to"] = PACKED_LENGTH_MULTIPLE
         settings["memory_plan"] = f"{fmt_bytes(plan['estimate'])} of {fmt_bytes(budget)}"
         settings["bf16_stream"] = precision == "bf16"
         settings["int8_dequant"] = precision == "bf16" and _has_int8_layers(model)
     return settings
 
 
-def _trainer_class(chunked_loss: bool):
+def _trainer_class(chunked_loss: bool, rounded_pad_id: int | None = None):
     """transformers' Trainer, or one whose training loss comes from `speed.causal_lm_loss` (same numbers,
-    without the batch's logits). Evaluation keeps the model's own loss (it returns the logits)."""
+    without the batch's logits; evaluation keeps the model's own loss, it returns the logits), and which,
+    when packed batches are rounded up (rounded_pad_id given), counts tokens without the pad segment."""
     from transformers import Trainer
 
-    if not chunked_loss:
-        return Trainer
+    base = _chunked_loss_trainer() if chunked_loss else Trainer
+    if rounded_pad_id is None:
+        return base
+    from .data import packed_real_tokens
+
+    class RealTokensTrainer(base):
+        def _track_num_input_tokens(self, inputs):  # transformers >= 5.2x; older ones count the pad too
+            self.state.num_input_tokens_seen += packed_real_tokens(inputs, rounded_pad_id)
+
+    return RealTokensTrainer
+
+
+def _chunked_loss_trainer():
+    from transformers import Trainer
+
     from .speed import causal_lm_loss, hidden_states_as_logits, output_head
 
     class ChunkedLossTrainer(Trainer):
@@ -229,7 +245,7 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
 
     from .bnb_cpu import trainable_4bit
     from .classification import classification_metrics
-    from .data import make_collator
+    from .data import make_collator, pad_id
     from .speed import bf16_stream, dequantized_int8_training, no_kv_cache
 
     stop = stop if stop is not None else StopFlag()  # an unset StopFlag is falsy
@@ -277,7 +293,8 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
     if not settings["gradient_checkpointing"] and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()  # left on by an earlier run that needed it
     writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-    trainer = _trainer_class(settings.get("chunked_loss", False))(
+    rounded = settings["packing"] and (settings.get("pad_packed_to") or 1) > 1
+    trainer = _trainer_class(settings.get("chunked_loss", False), pad_id(tokenizer) if rounded else None)(
         model=model,
         args=args,
         train_dataset=train_set,

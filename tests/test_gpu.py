@@ -88,6 +88,9 @@ def test_fast_defaults_train_on_the_gpu(tiny_model_dir, rows, bits):
     assert settings["optimizer"] == "adamw_torch_fused" and settings["bf16_stream"] is True
     assert settings["chunked_loss"] is True
     assert settings["int8_dequant"] is (bits == 8)
+    from qlora_magic.speed import PACKED_LENGTH_MULTIPLE
+
+    assert settings["pad_packed_to"] == PACKED_LENGTH_MULTIPLE
     first, last = summary.train_loss
     assert last < first
     model = qlora_magic.get_session().model

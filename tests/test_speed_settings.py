@@ -156,7 +156,7 @@ def test_packed_batch_rounded_up_keeps_the_loss(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_magic.data import make_collator
+    from qlora_magic.data import make_collator, packed_real_tokens
     from qlora_magic.speed import no_kv_cache
 
     tokenizer, rows = _tokenized(tiny_model_dir)
@@ -166,8 +166,37 @@ def test_packed_batch_rounded_up_keeps_the_loss(tiny_model_dir):
     length = packed["input_ids"].shape[1]
     assert length % 64 and rounded["input_ids"].shape[1] == length + (-length % 64)
     assert rounded["position_ids"][0, length].item() == 0  # the pad segment starts a sequence of its own
+    # Tokens per second count real tokens only: the pad segment is found and left out.
+    assert packed_real_tokens(rounded, tokenizer.pad_token_id) == length == packed_real_tokens(packed, tokenizer.pad_token_id)
     with torch.no_grad(), no_kv_cache(model):
         assert model(**rounded).loss.item() == pytest.approx(model(**packed).loss.item(), rel=1e-5)
+
+
+def test_rounded_packing_trains_the_same_and_counts_real_tokens(tiny_model_dir, rows, tmp_path):
+    """A real run with the GPU's rounding forced on the CPU: same losses, same tokens counted."""
+    from transformers import TrainerCallback
+
+    from qlora_magic.config import TrainConfig
+    from qlora_magic.data import ExampleTokenizer, load_rows, prepare_datasets
+    from qlora_magic.reporters import NullReporter
+    from qlora_magic.training import run_training
+
+    class Tokens(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seen = state.num_input_tokens_seen
+
+    results = {}
+    for multiple in (1, 64):
+        qlora_magic.load(tiny_model_dir, bits=8)
+        session = qlora_magic.get_session()
+        config = TrainConfig(max_steps=2, output_dir=str(tmp_path / str(multiple)), display="none")
+        train_set, _, _ = prepare_datasets(load_rows(rows), ExampleTokenizer(session.tokenizer, "Q: {question} ", "{answer}"))
+        tokens = Tokens()
+        summary = run_training(session.model, session.tokenizer, config, train_set, None, NullReporter(), history=[],
+                               overrides={"packing": True, "pad_packed_to": multiple}, callbacks=[tokens])
+        results[multiple] = (summary.train_loss, tokens.seen)
+    assert results[64][1] == results[1][1] > 0
+    assert results[64][0] == pytest.approx(results[1][0], rel=1e-4)
 
 
 def test_training_packed_and_padded_take_the_same_first_step(tiny_model_dir, rows):
