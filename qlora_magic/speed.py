@@ -209,9 +209,11 @@ def use_expandable_segments() -> bool:
 
     if any(os.environ.get(name) for name in ALLOCATOR_VARIABLES) or not torch.cuda.is_available():
         return False
+    # A private hook (torch's own tests use it); its name moved in torch 2.9. Absent or refused: only slower.
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(torch.cuda.memory, "_set_allocator_settings", None)
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    except (AttributeError, RuntimeError):  # a private hook: absent or refused, training is only slower
+        setter("expandable_segments:True")
+    except (TypeError, RuntimeError):
         return False
     return True
 
