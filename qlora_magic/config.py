@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-BITS = (4, 8, 16)
+BITS = (4, 8, 16, "auto")  # auto: each layer 4- or 8-bit by its measured sensitivity (adaptive.py)
 TASKS = ("causal-lm", "seq-cls", "seq2seq")
 #: LoRA targets per architecture when none are given: the attention query and value projections,
 #: as in the QLoRA course (slide 1). Architectures not listed fall back to PEFT's own table.
@@ -69,7 +69,9 @@ class LoadConfig(_Config):
     """How to load the base model and which LoRA adapters to put on it."""
 
     model: str | None = field(default=None, metadata={"help": "Hub id or local folder; None is the embedded default model"})
-    bits: int | None = field(default=None, metadata={"help": "8 (LLM.int8, the default), 4 (NF4 + double quantization) or 16 (none); with an adapter, the bits it was trained with"})
+    bits: int | str | None = field(default=None, metadata={"help": "8 (LLM.int8, the default), 4 (NF4 + double quantization), 16 (none) or 'auto' (the layers 4-bit hurts most in 8-bit, the rest 4-bit); with an adapter, the bits it was trained with"})
+    keep_8bit: float | None = field(default=None, metadata={"help": "bits='auto': the largest fraction (0-1) of the quantized parameters kept in 8-bit; None: 0.25"})
+    layers_8bit: list[str] | None = field(default=None, metadata={"help": "bits='auto': the layers kept in 8-bit (filled in by the measurement; given, it is used as is)"})
     r: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -81,13 +83,21 @@ class LoadConfig(_Config):
 
     def __post_init__(self):
         if self.bits is not None and self.bits not in BITS:
-            raise ConfigError(f"--bits must be 4, 8 or 16, got {self.bits!r}.")
+            raise ConfigError(f"--bits must be 4, 8, 16 or auto, got {self.bits!r}.")
+        if self.keep_8bit is not None:
+            if not isinstance(self.keep_8bit, (int, float)) or isinstance(self.keep_8bit, bool) or not 0 <= self.keep_8bit <= 1:
+                raise ConfigError(f"--keep-8bit must be a fraction between 0 and 1, got {self.keep_8bit!r}.")
+        for name, value in (("--keep-8bit", self.keep_8bit), ("layers_8bit", self.layers_8bit)):
+            if value is not None and self.bits not in ("auto", None):
+                raise ConfigError(f"{name} chooses layers for --bits auto, not --bits {self.bits}: add --bits auto or drop {name}.")
         _positive("--r", self.r)
         _positive("--alpha", self.alpha, kind=float)
         if not (0 <= self.dropout < 1):
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout!r}.")
         if self.task not in TASKS:
             raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}.")
+        if self.bits == "auto" and self.task != "causal-lm" and self.layers_8bit is None:
+            raise ConfigError(f"--bits auto measures layers with a language model's loss, so it needs --task causal-lm, not {self.task}: use --bits 4 or 8.")
         _positive("--num-labels", self.num_labels)
         if self.task == "seq-cls" and self.num_labels < 2:
             raise ConfigError(f"--num-labels must be at least 2 for classification, got {self.num_labels!r}.")

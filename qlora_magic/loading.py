@@ -49,8 +49,8 @@ def resolve_model(name) -> str:
     return str(name)
 
 
-def quantization_config(bits: int, device: str):
-    import torch
+def quantization_config(bits: int, device: str, skip_modules=None):
+    """bitsandbytes settings for --bits; `skip_modules` (for auto) are left unquantized by the 4-bit load."""
     from transformers import BitsAndBytesConfig
 
     if bits == 8:
@@ -61,6 +61,7 @@ def quantization_config(bits: int, device: str):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(device),
+            llm_int8_skip_modules=skip_modules,
         )
     return None
 
@@ -143,10 +144,13 @@ def load_model(config: LoadConfig):
     started = time.perf_counter()
     if config.adapter:
         base, saved_bits = adapter_base(config.adapter)
-        config = config.replace(model=config.model or base, bits=config.bits or saved_bits)
         saved = saved_run(config.adapter).get("load_config", {})
         if config.task == "causal-lm" and saved.get("task", "causal-lm") != "causal-lm":  # the adapter's own task
             config = config.replace(task=saved["task"], num_labels=saved.get("num_labels", 2))
+        plan = {}
+        if (config.bits or saved_bits) == "auto" == saved_bits and config.keep_8bit is None:
+            plan = {"layers_8bit": config.layers_8bit or saved.get("layers_8bit"), "keep_8bit": saved.get("keep_8bit")}
+        config = config.replace(model=config.model or base, bits=config.bits or saved_bits, **plan)
     config = config.replace(bits=config.bits or 8)
     device = choose_device(config.device)
     path = resolve_model(config.model)
@@ -156,13 +160,23 @@ def load_model(config: LoadConfig):
     auto_class, task_type = TASK_CLASSES[config.task]
     # A classifier's head is new: num_labels sizes it (the label names come from the data at training).
     head = {"num_labels": config.num_labels} if config.task == "seq-cls" else {}
+    model_class = getattr(transformers, auto_class)
+    dtype = compute_dtype(device) if device.startswith("cuda") else torch.float32
+    adaptive_report = None
     try:
         with no_progress_bars(), quiet_new_head_warning():
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = getattr(transformers, auto_class).from_pretrained(
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            if config.bits == "auto":
+                adaptive_report, skip = plan_auto(model_class, path, tokenizer, config, dtype, device, head)
+                config = config.replace(layers_8bit=adaptive_report.layers_8bit if adaptive_report else config.layers_8bit,
+                                        keep_8bit=adaptive_report.keep_8bit if adaptive_report else config.keep_8bit)
+            model = model_class.from_pretrained(
                 path,
-                quantization_config=quantization_config(config.bits, device),
-                dtype=compute_dtype(device) if device.startswith("cuda") else torch.float32,
+                quantization_config=quantization_config(4 if config.bits == "auto" else config.bits, device,
+                                                         skip if config.bits == "auto" else None),
+                dtype=dtype,
                 device_map={"": device},
                 **head,
             )
@@ -171,11 +185,13 @@ def load_model(config: LoadConfig):
             f"Cannot load model {config.model!r}: {str(error).splitlines()[0]} "
             "Give a local model folder, or a Hub id while online."
         ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if config.bits == "auto":
+        from .adaptive import to_int8
+
+        to_int8(model, config.layers_8bit, device)
     if config.task == "seq-cls":
         model.config.pad_token_id = tokenizer.pad_token_id  # decoders classify from the last non-pad token
-    if config.bits in (4, 8):
+    if config.bits in (4, 8, "auto"):
         # Casts norms to fp32 for stable training. Gradient checkpointing is decided per training run.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.adapter:
@@ -197,8 +213,34 @@ def load_model(config: LoadConfig):
         except ValueError as error:
             raise ConfigError(f"--targets {targets!r} does not fit this model: {str(error).splitlines()[0]}") from None
         config = config.replace(targets=adapted_modules(model))
-    report = LoadReport.measure(model, config, time.perf_counter() - started)
+    report = LoadReport.measure(model, config, time.perf_counter() - started, adaptive_report)
     return model, tokenizer, config, report
+
+
+def plan_auto(model_class, path, tokenizer, config: LoadConfig, dtype, device, head):
+    """For --bits auto: (the measurement, or None when the layers are given, as when restoring an adapter;
+    the modules the 4-bit load must leave unquantized: the 8-bit layers and what transformers always skips)."""
+    import torch
+    from transformers import AutoConfig
+
+    from .adaptive import DEFAULT_KEEP_8BIT, measure, skip_patterns
+    from .memory_usage import release_memory
+
+    report = None
+    if config.layers_8bit is None:
+        unquantized = model_class.from_pretrained(path, dtype=dtype, device_map={"": device}, **head)
+        report = measure(unquantized, tokenizer, keep_8bit=DEFAULT_KEEP_8BIT if config.keep_8bit is None else config.keep_8bit)
+        del unquantized
+        release_memory()
+    with torch.device("meta"):  # the default skips (the output head...) from the architecture alone, no weights
+        skeleton = model_class.from_config(AutoConfig.from_pretrained(path, **head))
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    layers_8bit = report.layers_8bit if report else config.layers_8bit
+    unknown = sorted(set(layers_8bit) - {name for name, _ in skeleton.named_modules()})
+    if unknown:
+        raise ConfigError(f"layers_8bit names {unknown[0]!r}, which this model does not have: give names of its linear layers, or leave layers_8bit out to measure them.")
+    return report, get_keys_to_not_convert(skeleton) + skip_patterns(layers_8bit)
 
 
 @contextlib.contextmanager
@@ -233,9 +275,19 @@ class LoadReport(Readout):
 
     title = "Model loaded"
 
+    count_8bit: int = 0  # with bits "auto": how many layers are 8-bit and 4-bit
+    count_4bit: int = 0
+    adaptive: object = None  # with bits "auto" measured: the AdaptiveReport (sensitivities, quality table)
+
     @classmethod
-    def measure(cls, model, config: LoadConfig, seconds: float):
+    def measure(cls, model, config: LoadConfig, seconds: float, adaptive=None):
         trainable, total = model.get_nb_trainable_parameters()
+        if config.bits == "auto":
+            from .adaptive import quantized_layers
+
+            count_8bit, count_4bit = (len(names) for names in quantized_layers(model))
+        else:
+            count_8bit = count_4bit = 0
         return cls(
             model_name=config.model or "SmolLM2-135M-Instruct (embedded default)",
             bits=config.bits,
@@ -248,10 +300,15 @@ class LoadReport(Readout):
             memory=memory_report(model),
             load_seconds=seconds,
             adapter=config.adapter,
+            count_8bit=count_8bit,
+            count_4bit=count_4bit,
+            adaptive=adaptive,
         )
 
     @property
     def quantization(self):
+        if self.bits == "auto":
+            return f"auto: {self.count_8bit} layers 8-bit (LLM.int8), {self.count_4bit} 4-bit NF4"
         return {8: "8-bit (LLM.int8)", 4: "4-bit NF4, double quantization", 16: "none (16/32-bit weights)"}[self.bits]
 
     @property
@@ -278,6 +335,8 @@ class LoadReport(Readout):
         ]
         if self.adapter:
             rows.append(("adapter", self.adapter))
+        if self.adaptive is not None:
+            rows += [(f"  {label}", value) for label, value in self.adaptive.rows()]
         rows += self.memory.rows()
         rows.append(("load time", f"{self.load_seconds:.1f} s"))
         return rows

@@ -5,6 +5,7 @@ each magic's `%name?` help and the docs reference."""
 from __future__ import annotations
 
 import re
+from argparse import ArgumentTypeError
 
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
@@ -13,9 +14,20 @@ from .config import GenerateConfig, LoadConfig, TrainConfig
 from .errors import ConfigError
 
 
+def _bits(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ArgumentTypeError(f"choose from 4, 8, 16, auto, got {text!r}") from None
+
+
 @magic_arguments()
 @argument("model", nargs="?", default=None, help="Hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
-@argument("--bits", type=int, choices=[4, 8, 16], default=None, help="8: LLM.int8 (default); 4: NF4 with double quantization; 16: no quantization")
+@argument("--bits", type=_bits, choices=[4, 8, 16, "auto"], default=None,
+          help="8: LLM.int8 (default); 4: NF4 with double quantization; 16: no quantization; auto: the layers 4-bit hurts most in 8-bit, the rest 4-bit")
+@argument("--keep-8bit", type=float, default=None, help="with --bits auto: the largest fraction of the quantized parameters kept in 8-bit (default 0.25)")
 @argument("--r", type=int, default=8, help="LoRA rank (default 8)")
 @argument("--alpha", type=float, default=32, help="LoRA alpha; the update is scaled by alpha/r (default 32)")
 @argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
@@ -31,6 +43,7 @@ def qlora_load(line=""):
 
         %qlora_load
         %qlora_load --bits 4 --r 16 --targets all-linear
+        %qlora_load --bits auto --keep-8bit 0.25
         %qlora_load --adapter runs/my-adapter
         %qlora_load microsoft/deberta-v3-base --task seq-cls --num-labels 2
         %qlora_load google/flan-t5-base --task seq2seq

@@ -32,7 +32,7 @@ def test_help_is_generated_from_the_declared_options(ip):
     doc = ip.find_cell_magic("qlora_train").__doc__
     for option in ("--epochs", "--batch-size", "--grad-accum", "--lr", "--max-steps"):
         assert option in doc
-    assert "--bits {4,8,16}" in ip.find_line_magic("qlora_load").__doc__
+    assert "--bits {4,8,16,auto}" in ip.find_line_magic("qlora_load").__doc__
     assert "--greedy" in ip.find_line_magic("qlora_generate").__doc__
 
 
