@@ -19,6 +19,7 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
 
     >>> qlora_magic.load()                                # embedded SmolLM2-135M, 8-bit, r=8 on q/v
     >>> qlora_magic.load("my/model", bits=4, r=16, targets="all-linear")
+    >>> qlora_magic.load(bits="auto", keep_8bit=0.25)     # per layer: the most 4-bit-sensitive kept 8-bit
     >>> qlora_magic.load(adapter="runs/my-adapter")      # restore a saved adapter and its base
 
     The session's previous model is replaced only once the new one has loaded.

@@ -162,7 +162,7 @@ class Panel:
         # --- Load
         self.model = w.Text(description="model", placeholder="default: embedded SmolLM2-135M-Instruct",
                             style=short, layout=wide)
-        self.bits = w.Dropdown(description="bits", options=[("8 (LLM.int8)", None), ("4 (NF4)", 4), ("16 (none)", 16)],
+        self.bits = w.Dropdown(description="bits", options=[("8 (LLM.int8)", None), ("4 (NF4)", 4), ("16 (none)", 16), ("auto (per layer)", "auto")],
                                value=None, style=short)  # None: 8, or the bits a restored adapter was trained with
         self.r = w.BoundedIntText(description="LoRA r", value=8, min=1, max=1024, style=short)
         self.alpha = w.FloatText(description="LoRA alpha", value=32, style=short)
