@@ -171,10 +171,17 @@ class Panel:
                               style=short, layout=wide)
         self.adapter = w.Text(description="adapter", placeholder="optional: a saved adapter folder to restore",
                               style=short, layout=wide)
+        self.task = w.Dropdown(description="task", options=[("causal-lm (answers)", "causal-lm"),
+                                                             ("seq-cls (classifier)", "seq-cls"),
+                                                             ("seq2seq (encoder-decoder)", "seq2seq")],
+                               value="causal-lm", style=short)
+        self.num_labels = w.BoundedIntText(description="classes", value=2, min=2, max=10**5, style=short,
+                                           tooltip="size of the classifier head (--num-labels)")
+        self.task.observe(lambda _: self._show_task_fields(), names="value")
         self.load_button = w.Button(description="Load", button_style="primary", icon="download")
         self.load_info = w.HTML()
-        load_tab = w.VBox([self.model, w.HBox([self.bits, self.r]), w.HBox([self.alpha, self.dropout]),
-                           self.targets, self.adapter, self.load_button, self.load_info])
+        load_tab = w.VBox([self.model, w.HBox([self.task, self.num_labels]), w.HBox([self.bits, self.r]),
+                           w.HBox([self.alpha, self.dropout]), self.targets, self.adapter, self.load_button, self.load_info])
 
         # --- Train
         if data is None and prompt is None and response is None:
@@ -190,6 +197,8 @@ class Panel:
                                  placeholder="template with {field} placeholders")
         self.response = w.Textarea(description="response", value=response or "", style=short,
                                    layout=w.Layout(width="95%", height="40px"), placeholder="{answer}")
+        # A classifier (task seq-cls) trains on a label column instead of a response template.
+        self.label = w.Text(description="label column", style=short, layout=wide, placeholder="e.g. sentiment")
         self.chat = w.Checkbox(description="chat template", value=False, style=short)
         self.epochs = w.BoundedFloatText(description="epochs", value=1, min=0.01, max=1000, style=short)
         self.max_steps = w.BoundedIntText(description="max steps", value=0, min=0, max=10**7, style=short,
@@ -204,7 +213,7 @@ class Panel:
                                     tooltip="end training after the step in flight; the adapter keeps what it learned")
         self.reporter = WidgetReporter()
         train_tab = w.VBox([
-            self.data, self.prompt, self.response,
+            self.data, self.prompt, self.response, self.label,
             w.HBox([self.epochs, self.max_steps]), w.HBox([self.lr, self.eval_split]),
             w.HBox([self.batch_size, self.grad_accum]), self.chat,
             w.HBox([self.train_button, self.stop_button]), self.reporter.widget,
@@ -258,6 +267,7 @@ class Panel:
         self.stop_button.on_click(lambda _: self.stop())
         self.memory_refresh.on_click(lambda _: self._guarded(self.refresh_memory))
         self._say("Load a model to start." if api.get_session().model is None else "A model is loaded.")
+        self._show_task_fields()
         self._guarded(self.refresh_memory)
 
     # --- the actions: each reads the controls into a config and makes one API call
@@ -266,14 +276,17 @@ class Panel:
         return LoadConfig(
             model=self.model.value.strip() or None, bits=self.bits.value, r=self.r.value, alpha=self.alpha.value,
             dropout=self.dropout.value, targets=self.targets.value.strip() or None,
-            adapter=self.adapter.value.strip() or None,
+            adapter=self.adapter.value.strip() or None, task=self.task.value, num_labels=self.num_labels.value,
         )
 
     def train_config(self) -> TrainConfig:
         data = self._data_value()
         split = self.eval_split.value
+        classifier = _loaded_task() == "seq-cls"  # the fields the loaded model trains on, as _show_task_fields shows them
         return TrainConfig(
-            data=data, prompt=self.prompt.value or None, response=self.response.value or None, chat=self.chat.value,
+            data=data, prompt=self.prompt.value or None, chat=self.chat.value,
+            response=None if classifier else self.response.value or None,
+            label=(self.label.value.strip() or None) if classifier else None,
             epochs=self.epochs.value, max_steps=_none_if_zero(self.max_steps.value), lr=self.lr.value,
             batch_size=self.batch_size.value, grad_accum=self.grad_accum.value,
             eval_split=None if not split else (int(split) if split >= 1 else split), display="none",
@@ -306,8 +319,18 @@ class Panel:
         self._say("Loading the model…")
         report = api.load(config=config)
         self.load_info.value = report._repr_html_()
-        self._say(f"Loaded {report.model_name}: {report.quantization}, {gb(report.footprint)}, "
-                  f"{report.trainable_parameters:,} trainable parameters ({report.trainable_percent:.2f}%).")
+        self._show_task_fields()
+        task = _loaded_task()
+        self._say(f"Loaded {report.model_name}{'' if task == 'causal-lm' else f' ({task})'}: {report.quantization}, "
+                  f"{gb(report.footprint)}, {report.trainable_parameters:,} trainable parameters ({report.trainable_percent:.2f}%).")
+
+    def _show_task_fields(self):
+        """Classes only for a classifier; the Train tab asks for what the loaded model (else the chosen
+        task) trains on: a label column for seq-cls, a response template otherwise."""
+        self.num_labels.layout.display = None if self.task.value == "seq-cls" else "none"
+        classifier = (_loaded_task() or self.task.value) == "seq-cls"
+        self.label.layout.display = None if classifier else "none"
+        self.response.layout.display = "none" if classifier else None
 
     def _train(self):
         from .training import StopFlag
@@ -431,6 +454,12 @@ class Panel:
         from IPython.display import display
 
         display(self.widget)
+
+
+def _loaded_task() -> str | None:
+    """The task of the session's model (None when none is loaded)."""
+    session = api.get_session()
+    return None if session.model is None else getattr(session.load_config, "task", "causal-lm")
 
 
 def _pre(text) -> str:

@@ -199,3 +199,40 @@ def test_load_ext_does_not_import_ipywidgets_or_torch():
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True,
                          cwd=Path(__file__).parents[1], check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == [False, False]
+
+
+def test_load_tab_loads_a_classifier_and_the_train_tab_takes_a_label(tiny_model_dir):
+    from transformers import LlamaForSequenceClassification
+
+    from tiny_model import sentiment_rows
+
+    p = qlora_magic.panel(data=sentiment_rows(), prompt="{text}", response="{sentiment}")
+    assert p.num_labels.layout.display == "none" and p.label.layout.display == "none"  # causal-lm by default
+    p.task.value = "seq-cls"
+    assert p.num_labels.layout.display is None and p.label.layout.display is None and p.response.layout.display == "none"
+    p.model.value, p.num_labels.value = tiny_model_dir, 2
+    click(p, p.load_button)
+    assert p.last_error is None, p.status_text
+    session = qlora_magic.get_session()
+    assert isinstance(session.model.get_base_model(), LlamaForSequenceClassification)
+    assert session.load_config.task == "seq-cls" and session.model.config.num_labels == 2
+    assert "(seq-cls)" in p.status_text
+    p.label.value = "sentiment"
+    p.max_steps.value, p.batch_size.value, p.grad_accum.value, p.lr.value, p.eval_split.value = 2, 4, 1, 5e-3, 8
+    click(p, p.train_button)
+    assert p.last_error is None, p.status_text
+    assert session.train_configs[-1]["label"] == "sentiment" and session.train_configs[-1]["response"] is None
+    assert "accuracy" in p.reporter.readout.value
+
+
+def test_load_tab_seq2seq_on_a_decoder_only_model_is_one_red_line(tiny_model_dir):
+    qlora_magic.load(tiny_model_dir, bits=8)
+    session = qlora_magic.get_session()
+    before = (session.model, session.load_config)
+    p = qlora_magic.panel()
+    p.model.value, p.task.value = tiny_model_dir, "seq2seq"
+    assert p.num_labels.layout.display == "none"
+    click(p, p.load_button)
+    assert p.status_text.startswith("ConfigError: ") and "is decoder-only: use --task causal-lm" in p.status_text
+    assert "\n" not in p.status_text and "#d62728" in p.status.value
+    assert (session.model, session.load_config) == before and qlora_magic.get_session() is session
