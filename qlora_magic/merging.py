@@ -3,8 +3,13 @@
 Merging into 8- or 4-bit weights would round the update back onto the quantization grid (and PEFT
 dequantizes and requantizes to do it), so the base is reloaded from its original weights in 16 bits
 on the CPU, the adapter's weights are copied in, and `merge_and_unload` folds them into the linear
-layers. The result loads with `AutoModelForCausalLM.from_pretrained(path)`: no peft, no bitsandbytes.
-The check that follows compares the saved model with the adapter the session trained.
+layers. The result loads with the task's plain transformers Auto class (`AutoModelForCausalLM`,
+`AutoModelForSequenceClassification` or `AutoModelForSeq2SeqLM`): no peft, no bitsandbytes. A
+classifier's head is trained whole (PEFT's modules_to_save), so it is copied in too, and the class
+names training learned go into the saved config (id2label / label2id).
+
+The check that follows compares the saved model with the adapter the session trained: greedy answers
+and perplexity for causal-lm and seq2seq, predicted labels and logits for seq-cls.
 """
 
 from __future__ import annotations
@@ -21,37 +26,40 @@ from .errors import ConfigError, QloraError
 from .formatting import Readout, gb
 
 CHECK_ROWS = 4  # held-out rows the check answers and scores: enough to see drift, quick on a CPU
+CLASSIFY_ROWS = 64  # a classifier's check is one forward pass per batch: more rows, a real accuracy
 FALLBACK_PROMPTS = ["The capital of France is"]
 
 
 def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     """Write the merged model to `config.path` and, with `config.verify`, check it against the adapter."""
     import torch
+    import transformers
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
 
-    from .loading import resolve_model
+    from .loading import TASK_CLASSES, quiet_new_head_warning, resolve_model
     from .quiet import no_progress_bars
 
     model = session.require_model("merging")
     task = getattr(session.load_config, "task", "causal-lm")
-    if task != "causal-lm":
-        raise ConfigError(f"%qlora_merge writes causal-lm models only; this one is {task}: save the adapter with %qlora_save instead.")
     name = check_adapter(model, config.adapter) if config.adapter else active_adapter(model)
     path = Path(config.path).expanduser()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise QloraError(f"{str(path)!r} already exists and is not empty: choose a new folder for the merged model.")
     started = time.perf_counter()
+    # The check's rows are made first: bad data= fails before anything is written.
+    check = None if not config.verify else _classifier_check(session, config) if task == "seq-cls" else _check_data(session, config)
     dtype = getattr(torch, config.dtype)
     base_path = resolve_model(session.load_config.model if session.load_config else None)
-    with no_progress_bars():
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, device_map={"": "cpu"})
+    auto_class = getattr(transformers, TASK_CLASSES[task][0])
+    with no_progress_bars(), quiet_new_head_warning():
+        base = auto_class.from_pretrained(base_path, dtype=dtype, device_map={"": "cpu"}, **_head(model, session.tokenizer, task))
     lora = copy.deepcopy(model.peft_config[name])
     lora.inference_mode = True
     merged = get_peft_model(base, lora)
     loaded = set_peft_model_state_dict(merged, get_peft_model_state_dict(model, adapter_name=name))
-    missing = [k for k in loaded.missing_keys if "lora_" in k]
-    if missing:  # would silently merge an untrained (zero) update
+    # A missing LoRA weight would merge an untrained (zero) update; a missing head, a random classifier.
+    missing = [k for k in loaded.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if missing:
         raise QloraError(f"The adapter's weights do not fit the reloaded base ({missing[0]} missing): was the model loaded from {base_path}?")
     merged = merged.merge_and_unload()
     path.mkdir(parents=True, exist_ok=True)
@@ -61,11 +69,24 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     del merged, base
     report = MergeReport(path=str(path), adapter=name, dtype=config.dtype, base=str(base_path),
                          size=sum(f.stat().st_size for f in path.glob("*.safetensors")),
-                         seconds=time.perf_counter() - started, tolerance=config.tolerance)
+                         seconds=time.perf_counter() - started, tolerance=config.tolerance, task=task)
     if config.verify:
-        _verify(session, model, name, path, dtype, config, report)
+        with no_progress_bars():
+            saved = auto_class.from_pretrained(str(path), dtype=dtype, device_map={"": "cpu"})
+        (_verify_classifier if task == "seq-cls" else _verify_answers)(session, model, name, saved, config, report, check)
+        del saved
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _head(model, tokenizer, task) -> dict:
+    """A classifier's head as the session has it: its size, the class names training learned (so the
+    saved config maps ids to names), and the pad token it finds the last real token by."""
+    if task != "seq-cls":
+        return {}
+    config = model.config
+    return {"num_labels": config.num_labels, "id2label": dict(config.id2label), "label2id": dict(config.label2id),
+            "pad_token_id": tokenizer.pad_token_id}
 
 
 def _check_data(session, config: MergeConfig):
@@ -81,16 +102,11 @@ def _check_data(session, config: MergeConfig):
     return [data.examples.prompt_text(row) for row in data.rows], data.tokenized, data.examples.chat
 
 
-def _verify(session, model, name, path, dtype, config, report):
-    """Reload what was saved and compare its greedy answers and perplexity with the adapter's."""
-    from transformers import AutoModelForCausalLM
-
+def _verify_answers(session, model, name, saved, config, report, check):
+    """Compare the saved model's greedy answers and perplexity with the adapter's."""
     from .evaluation import greedy_answers, response_nll
-    from .quiet import no_progress_bars
 
-    prompts, tokenized, chat = _check_data(session, config)
-    with no_progress_bars():
-        saved = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map={"": "cpu"})
+    prompts, tokenized, chat = check
     tok = session.tokenizer
     with using(model, name):
         adapter_answers = greedy_answers(model, tok, prompts, config.max_new_tokens, chat)
@@ -102,12 +118,87 @@ def _verify(session, model, name, path, dtype, config, report):
         nll, n = response_nll(saved, tok, tokenized)
         report.merged_perplexity = math.exp(nll / n)
     report.prompts, report.adapter_answers = prompts, adapter_answers
-    del saved
+
+
+def _classifier_rows(session, config: MergeConfig):
+    """A classifier's check rows, tokenized with their label ids: `config.data` with the last run's
+    templates, else that run's held-out split made again (same seed); None when there are none."""
+    from .api import task_examples
+    from .config import TrainConfig
+    from .data import load_rows, prepare_datasets
+
+    last = session.train_configs[-1] if session.train_configs else None
+    if last is None or not last.get("label"):
+        return None
+    data, eval_split = config.data, None
+    if data is None:
+        data, eval_split = last["data"], last.get("eval_split")
+        if not eval_split or (isinstance(data, str) and data.startswith("<")):  # nothing held out, or not saved
+            return None
+    rows = load_rows(data, last.get("split", "train") if config.data is None else "train")
+    examples = task_examples(session, TrainConfig.from_dict({**last, "data": data}), rows)
+    train, held_out, _ = prepare_datasets(rows, examples, eval_split, seed=last.get("seed", 42))
+    tokenized = held_out if eval_split else train
+    tokenized = tokenized.select(range(min(CLASSIFY_ROWS, len(tokenized))))
+    texts = [session.tokenizer.decode(ids, skip_special_tokens=True) for ids in tokenized["input_ids"]]
+    return texts, tokenized
+
+
+def _logits(model, tokenizer, features, batch_size=16):
+    """The classifier's logits (float32, on the CPU) for tokenized rows."""
+    import torch
+
+    from .data import make_collator
+
+    collate = make_collator(tokenizer, task="seq-cls")
+    device = next(model.parameters()).device
+    model.eval()
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(features), batch_size):
+            batch = collate(features[start:start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            parts.append(model(**batch).logits.float().cpu())
+    return torch.cat(parts)
+
+
+def _classifier_check(session, config: MergeConfig):
+    """(texts, tokenized rows, label ids or None) for a classifier's check."""
+    found = None if config.prompts else _classifier_rows(session, config)
+    if found is None:  # no labelled rows: compare on the texts given (or a fallback), labels only
+        texts = list(config.prompts or FALLBACK_PROMPTS)
+        return texts, [dict(session.tokenizer(t)) for t in texts], None
+    texts, tokenized = found
+    features = [{"input_ids": ids, "attention_mask": mask} for ids, mask in zip(tokenized["input_ids"], tokenized["attention_mask"])]
+    return texts, features, tokenized["labels"]
+
+
+def _verify_classifier(session, model, name, saved, config, report, check):
+    """Compare the saved classifier's labels and logits with the adapter's, and both accuracies."""
+    from .classification import class_names
+
+    tok = session.tokenizer
+    texts, features, labels = check
+    with using(model, name):
+        adapter_logits = _logits(model, tok, features)
+    merged_logits = _logits(saved, tok, features)
+    names = class_names(model)
+    adapter_ids, merged_ids = adapter_logits.argmax(-1).tolist(), merged_logits.argmax(-1).tolist()
+    report.prompts = texts
+    report.adapter_answers = [names[i] for i in adapter_ids]
+    report.merged_answers = [names[i] for i in merged_ids]
+    report.max_logit_drift = float((merged_logits - adapter_logits).abs().max())
+    report.max_probability_drift = float((merged_logits.softmax(-1) - adapter_logits.softmax(-1)).abs().max())
+    if labels is not None:
+        report.adapter_accuracy = sum(p == y for p, y in zip(adapter_ids, labels)) / len(labels)
+        report.merged_accuracy = sum(p == y for p, y in zip(merged_ids, labels)) / len(labels)
 
 
 @dataclass(repr=False)
 class MergeReport(Readout):
-    """Where the merged model went, and how closely it matches the adapter it came from."""
+    """Where the merged model went, and how closely it matches the adapter it came from.
+
+    For a classifier the "answers" are the predicted class names, and the drift is in the logits."""
 
     path: str
     adapter: str
@@ -116,11 +207,16 @@ class MergeReport(Readout):
     size: int
     seconds: float
     tolerance: float = 0.05
+    task: str = "causal-lm"
     prompts: list = field(default_factory=list)
     adapter_answers: list = field(default_factory=list)
     merged_answers: list = field(default_factory=list)
     adapter_perplexity: float | None = None
     merged_perplexity: float | None = None
+    max_logit_drift: float | None = None  # seq-cls: largest |merged - adapter| logit over rows and classes
+    max_probability_drift: float | None = None  # seq-cls: the same for the class probabilities (softmax)
+    adapter_accuracy: float | None = None
+    merged_accuracy: float | None = None
 
     title = "Merged model"
 
@@ -140,22 +236,40 @@ class MergeReport(Readout):
         return (self.merged_perplexity - self.adapter_perplexity) / self.adapter_perplexity
 
     @property
+    def loss_drift(self) -> float | None:
+        """Change of the mean loss (nats per token), merged minus adapter: log of the perplexity ratio."""
+        if self.perplexity_drift is None:
+            return None
+        return math.log(self.merged_perplexity / self.adapter_perplexity)
+
+    @property
     def within_tolerance(self) -> bool | None:
         if not self.verified:
             return None
-        drift = self.perplexity_drift
+        # A classifier's logits may all shift together without changing anything; its probabilities may not.
+        drift = self.max_probability_drift if self.task == "seq-cls" else self.perplexity_drift
         return self.answers_matching == len(self.prompts) and (drift is None or abs(drift) <= self.tolerance)
 
     def rows(self):
         rows = [("saved to", f"{self.path}/ ({gb(self.size)} safetensors, {self.dtype})"),
-                ("adapter", f"{self.adapter}, merged into the unquantized base {self.base}")]
+                ("adapter", f"{self.adapter}, merged into the unquantized base {self.base} ({self.task})")]
         if self.verified:
-            rows.append(("greedy answers", f"{self.answers_matching}/{len(self.prompts)} identical to the adapter's"))
-            if self.perplexity_drift is not None:
-                rows.append(("perplexity", f"adapter {self.adapter_perplexity:.4f}, merged {self.merged_perplexity:.4f} "
-                                           f"(drift {self.perplexity_drift:+.2%})"))
-            verdict = "within" if self.within_tolerance else "OUTSIDE"
-            rows.append(("check", f"{verdict} tolerance (identical answers, perplexity drift <= {self.tolerance:.0%}); "
+            classifier = self.task == "seq-cls"
+            rows.append(("labels" if classifier else "greedy answers",
+                         f"{self.answers_matching}/{len(self.prompts)} identical to the adapter's"))
+            if classifier:
+                if self.adapter_accuracy is not None:
+                    rows.append(("accuracy", f"adapter {self.adapter_accuracy:.1%}, merged {self.merged_accuracy:.1%} "
+                                             f"on {len(self.prompts)} labelled rows"))
+                rows.append(("drift", f"largest change of a class probability {self.max_probability_drift:.4f}, "
+                                      f"of a logit {self.max_logit_drift:.4f}"))
+                rule = f"identical labels, probability drift <= {self.tolerance:g}"
+            else:
+                if self.perplexity_drift is not None:
+                    rows.append(("perplexity", f"adapter {self.adapter_perplexity:.4f}, merged {self.merged_perplexity:.4f} "
+                                               f"(drift {self.perplexity_drift:+.2%}, loss {self.loss_drift:+.4f} nats)"))
+                rule = f"identical answers, perplexity drift <= {self.tolerance:.0%}"
+            rows.append(("check", f"{'within' if self.within_tolerance else 'OUTSIDE'} tolerance ({rule}); "
                                   "the adapter ran on the quantized base, the merged model on the original weights"))
             for prompt, a, m in zip(self.prompts, self.adapter_answers, self.merged_answers):
                 if a != m:

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import qlora_magic  # noqa: E402
-from tiny_model import build_tiny_model, toy_rows  # noqa: E402
+from tiny_model import build_tiny_model, build_tiny_t5, toy_rows  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,6 +29,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory):
+    return str(build_tiny_t5(tmp_path_factory.mktemp("tiny-t5")))
 
 
 @pytest.fixture

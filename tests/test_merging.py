@@ -4,7 +4,7 @@ import pytest
 
 import qlora_magic
 from qlora_magic import parsing
-from qlora_magic.errors import ConfigError, QloraError
+from qlora_magic.errors import ConfigError, DataError, QloraError
 
 
 def test_parse_merge():
@@ -42,3 +42,47 @@ def test_merge_matches_the_adapter(tiny_loaded, rows, tmp_path):
 def test_merge_without_training_checks_answers_only(tiny_loaded, tmp_path):
     report = qlora_magic.merge(tmp_path / "m16", max_new_tokens=4)
     assert report.prompts == ["The capital of France is"] and report.perplexity_drift is None
+
+
+def test_merge_a_classifier_keeps_its_head_and_class_names(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from tiny_model import sentiment_rows
+
+    qlora_magic.load(tiny_model_dir, bits=8, task="seq-cls", device="cpu")
+    qlora_magic.train(sentiment_rows(), prompt="{text}", label="sentiment", eval_split=0.25, lr=5e-3, max_steps=12,
+                      batch_size=4, grad_accum=1, display="none")
+    report = qlora_magic.merge(tmp_path / "clf", dtype="float32")
+    assert len(report.prompts) == 12  # every held-out row, with its label
+    assert report.answers_matching == 12 and report.adapter_accuracy == report.merged_accuracy == 1.0
+    # 8-bit weights vs the originals: the logits move a little, never enough to change a label.
+    assert 0 < report.max_probability_drift < 0.05 and report.max_logit_drift > 0 and report.within_tolerance
+    assert "accuracy" in repr(report) and "probability drift" in report._repr_html_()
+    plain = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "clf"))  # no peft, no bitsandbytes
+    assert plain.config.id2label == {0: "angry", 1: "calm"} and plain.config.label2id == {"angry": 0, "calm": 1}
+    assert not any("lora" in n or "modules_to_save" in n for n, _ in plain.named_parameters())
+    tok = qlora_magic.get_session().tokenizer
+    batch = tok(["the sky is blue", "the sky is red"], return_tensors="pt", padding=True)
+    assert [plain.config.id2label[i] for i in plain(**batch).logits.argmax(-1).tolist()] == ["calm", "angry"]
+    with pytest.raises(DataError, match="no label column 'sentiment'") as info:  # data= without the last run's label column
+        qlora_magic.merge(tmp_path / "bad", data=[{"text": "the sky is blue"}])
+    assert "\n" not in str(info.value) and not (tmp_path / "bad").exists()
+
+
+def test_merge_a_seq2seq_model(tiny_t5_dir, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from tiny_model import summary_rows
+
+    qlora_magic.load(tiny_t5_dir, bits=8, task="seq2seq", device="cpu", targets="all-linear")
+    qlora_magic.train(summary_rows(), prompt="{article}", response="{summary}", eval_split=0.25, lr=2e-2, max_steps=40,
+                      batch_size=4, grad_accum=1, display="none")
+    report = qlora_magic.merge(tmp_path / "t5", dtype="float32", max_new_tokens=5)
+    assert len(report.prompts) == 4 and report.answers_matching == 4
+    assert abs(report.perplexity_drift) < 0.05 and report.within_tolerance and "loss" in repr(report)
+    plain = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "t5"))
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    tok = qlora_magic.get_session().tokenizer
+    ids = plain.generate(**tok("what is the color of the sky", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert tok.decode(ids[0], skip_special_tokens=True).strip() == qlora_magic.generate(
+        "what is the color of the sky", greedy=True, max_new_tokens=5, stream=False).strip()

@@ -9,15 +9,10 @@ from qlora_magic.classification import accuracy_and_f1
 from qlora_magic.config import LoadConfig, TrainConfig
 from qlora_magic.errors import ConfigError, DataError
 from qlora_magic.parsing import parse_load, parse_train
-from tiny_model import build_tiny_t5, sentiment_rows, summary_rows
+from tiny_model import sentiment_rows, summary_rows
 
 CLS_BODY = 'data: rows.jsonl\nprompt: "Review: {text}"\nlabel: sentiment\n'
 FAST = dict(max_steps=12, batch_size=4, grad_accum=1, display="none")
-
-
-@pytest.fixture(scope="session")
-def tiny_t5_dir(tmp_path_factory):
-    return str(build_tiny_t5(tmp_path_factory.mktemp("tiny-t5")))
 
 
 # --- parsing -------------------------------------------------------------------------------------
@@ -134,11 +129,9 @@ def test_task_mismatch_is_a_one_line_error(tiny_model_dir, tiny_t5_dir):
     assert qlora_magic.get_session().model is None
 
 
-def test_second_adapter_and_merge_follow_the_task(tiny_classifier, tmp_path):
+def test_second_adapter_follows_the_task(tiny_classifier):
     qlora_magic.add_adapter("task2")
     assert qlora_magic.get_session().model.peft_config["task2"].task_type == "SEQ_CLS"
-    with pytest.raises(ConfigError, match="causal-lm models only; this one is seq-cls"):
-        qlora_magic.merge(tmp_path / "merged")
 
 
 @pytest.mark.gpu
