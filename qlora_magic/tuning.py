@@ -10,6 +10,7 @@ measured after each trial, so growth would show in the table.
 
 from __future__ import annotations
 
+import html
 import time
 from dataclasses import dataclass, field
 
@@ -57,6 +58,27 @@ def _memory_now(model):
     return psutil.Process().memory_info().rss
 
 
+def other_tensor_bytes(model) -> int:
+    """Bytes of every tensor Python still holds (each storage counted once), less the LoRA weights the
+    model carries now: the base model plus whatever a finished trial left alive (its deleted adapter,
+    optimizer state, activations). On a CPU the process RSS also moves with the allocator's caching and
+    arena reuse; this moves only when tensors are kept alive, so it is the precise measure of a leak."""
+    import gc
+
+    import torch
+
+    adapters = sum(p.nbytes for name, p in model.named_parameters() if "lora_" in name)
+    storages = {}
+    for obj in gc.get_objects():
+        try:
+            if issubclass(type(obj), torch.Tensor) and not obj.is_meta:  # type(): no __getattr__ of lazy proxies
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError, ReferenceError):  # tensor subclasses without a plain storage
+            continue
+    return sum(storages.values()) - adapters
+
+
 def run_search(session, config: TuneConfig, on_trial=None) -> "TuneReport":
     """Run the trials; `on_trial(report)` is called after each one (for a live table)."""
     import optuna
@@ -100,7 +122,8 @@ def run_search(session, config: TuneConfig, on_trial=None) -> "TuneReport":
             best_name = name
         release_memory()
         report.trials.append({"trial": trial.number, **params, "eval_loss": value, "steps": summary.steps_done,
-                              "state": state, "seconds": time.perf_counter() - started, "memory": _memory_now(model)})
+                              "state": state, "seconds": time.perf_counter() - started, "memory": _memory_now(model),
+                              "other_tensors": other_tensor_bytes(model)})
         if on_trial:
             on_trial(report)
         if state == "interrupted":
@@ -154,8 +177,24 @@ class TuneReport:
             params = [f"{t[k]:.3g}" if isinstance(t[k], float) else str(t[k]) for k in self.search]
             loss = "-" if t["eval_loss"] is None else f"{t['eval_loss']:.4f}"
             rows.append([("* " if t is best else "") + str(t["trial"]), *params, loss, t["steps"], t["state"],
-                         f"{t['seconds']:.1f} s", gb(t["memory"])])
-        return ["trial", *self.search, "eval loss", "steps", "state", "time", "memory after"], rows
+                         f"{t['seconds']:.1f} s", gb(t["memory"]), _mb(t.get("other_tensors"))])
+        return ["trial", *self.search, "eval loss", "steps", "state", "time", "memory after", "other tensors"], rows
+
+    def memory_growth(self, key="memory") -> int | None:
+        """Bytes gained from after the first trial to after the last: `key` "memory" (process RSS on a
+        CPU, allocated on a GPU) or "other_tensors" (live tensors besides the loaded adapters)."""
+        values = [t.get(key) for t in self.trials]
+        return None if len(values) < 2 or None in values else values[-1] - values[0]
+
+    def _memory_line(self):
+        if self.memory_growth() is None:
+            return ""
+        first, last = self.trials[0], self.trials[-1]
+        line = (f"memory after trial {first['trial']} -> {last['trial']}: {gb(first['memory'])} -> {gb(last['memory'])} "
+                f"({self.memory_growth() / 2**20:+.1f} MB)")
+        if self.memory_growth("other_tensors") is not None:
+            line += f"; other tensors {self.memory_growth('other_tensors') / 2**20:+.3f} MB"
+        return line
 
     def _title(self):
         best = self.best
@@ -167,7 +206,13 @@ class TuneReport:
         return text
 
     def __repr__(self):
-        return text_grid(self._title(), *self._cells())
+        line = self._memory_line()
+        return text_grid(self._title(), *self._cells()) + (f"\n  {line}" if line else "")
 
     def _repr_html_(self):
-        return html_grid(self._title(), *self._cells())
+        line = self._memory_line()
+        return html_grid(self._title(), *self._cells()) + (f"<p>{html.escape(line)}</p>" if line else "")
+
+
+def _mb(value):
+    return "-" if value is None else f"{value / 2**20:.2f} MB"
