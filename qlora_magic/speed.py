@@ -48,10 +48,11 @@ CHUNKED_HIDDEN = 4
 CHUNK_BYTES = 256 * MB
 CUBLAS_WORKSPACE = 64 * MB
 # A packed micro-batch's length is rounded up to a multiple of this (a pad segment of its own, no loss).
-# Every new length costs the GPU a first-time setup (7B, H200: the first run after loading took 0.50 s/step
-# over 10 steps with every length new, 0.38 once the same lengths came again); rounding bounds the number of
-# lengths a run can meet. Measured in docs/benchmarks.md ("Packed lengths").
-PACKED_LENGTH_MULTIPLE = 256
+# Every new length costs the GPU a first-time setup: on the 7B shape (H200, 30 steps, the first run after
+# loading) 0.68 s/step with every length new, 0.41 rounded to 128, 0.39 to 256, 0.37 to 512, and 0.36-0.37
+# once all lengths had been seen. The pad costs nothing measurable (a micro-batch's time hardly depends on its
+# length there) and up to 511 tokens of activations, which the memory plan counts. docs/benchmarks.md.
+PACKED_LENGTH_MULTIPLE = 512
 SAFETY = 0.9  # never plan to fill more than this share of the budget (the allocator's fragmentation)
 # On the 7B shape a micro-batch costs ~0.3 s whatever its size between 800 and 3,500 tokens (the GPU
 # waits on kernel launches and dequantization, not on arithmetic), about what 8,192 tokens cost at full
