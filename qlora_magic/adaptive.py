@@ -89,14 +89,15 @@ class AdaptiveReport(Readout):
         return pd.DataFrame(self.layer_table(top))
 
     def layers_text(self, top=10) -> str:
-        rows = [[r["layer"], f"{r['parameters']:,}", f"{r['error_4bit']:.4f}", f"{r['error_8bit']:.5f}",
-                 "8-bit" if r["8-bit"] else "4-bit"] for r in self.layer_table(top)]
-        return text_grid("Most sensitive layers", ["layer", "parameters", "4-bit error", "8-bit error", "kept"], rows)
+        return text_grid("Most sensitive layers", *self._layer_cells(top))
 
     def layers_html(self, top=10) -> str:
+        return html_grid("Most sensitive layers", *self._layer_cells(top))
+
+    def _layer_cells(self, top):
         rows = [[r["layer"], f"{r['parameters']:,}", f"{r['error_4bit']:.4f}", f"{r['error_8bit']:.5f}",
                  "8-bit" if r["8-bit"] else "4-bit"] for r in self.layer_table(top)]
-        return html_grid("Most sensitive layers", ["layer", "parameters", "4-bit error", "8-bit error", "kept"], rows)
+        return ["layer", "parameters", "4-bit error", "8-bit error", "kept"], rows
 
 
 def short_name(name: str) -> str:

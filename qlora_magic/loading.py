@@ -262,7 +262,7 @@ class LoadReport(Readout):
     """What was loaded: quantization, footprint against the unquantized size, trainable parameters, memory."""
 
     model_name: str
-    bits: int
+    bits: int | str  # 4, 8, 16 or "auto"
     base_parameters: int
     trainable_parameters: int
     footprint: int

@@ -96,6 +96,20 @@ def _short(name):
     return name.removeprefix("base_model.model.").removesuffix(".base_layer")
 
 
+def _train_moves_lora_on_both_kinds(model, rows):
+    """Train a few steps; assert LoRA weights moved on 8-bit and on 4-bit layers. Returns the summary."""
+    import torch
+
+    eight, four = quantized_layers(model)
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    summary = qlora_magic.train(rows, prompt="Q: {question} ", response="{answer}", max_steps=4, lr=1e-2,
+                                batch_size=8, grad_accum=1, display="none")
+    changed = {n for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(p, lora_b[n])}
+    for kind in (eight, four):
+        assert any(n.removesuffix(".base_layer") + ".lora_B.default.weight" in changed for n in kind), kind
+    return summary
+
+
 def test_auto_mixes_8_and_4_bit_layers_by_measured_error(tiny_model_dir):
     report = qlora_magic.load(tiny_model_dir, bits="auto", targets="all-linear")
     session = qlora_magic.get_session()
@@ -132,19 +146,11 @@ def test_auto_mixes_8_and_4_bit_layers_by_measured_error(tiny_model_dir):
 
 
 def test_auto_trains_both_kinds_and_restores_the_same_mix(tiny_model_dir, rows, tmp_path):
-    import torch
-
     qlora_magic.load(tiny_model_dir, bits="auto", keep_8bit=0.4, targets="all-linear")
     session = qlora_magic.get_session()
     eight, four = quantized_layers(session.model)
-    lora_b = {n: p.detach().clone() for n, p in session.model.named_parameters() if "lora_B" in n}
-    summary = qlora_magic.train(rows, prompt="Q: {question} ", response="{answer}", max_steps=4, lr=1e-2,
-                                batch_size=8, grad_accum=1, display="none")
-    first, last = summary.train_loss
+    first, last = _train_moves_lora_on_both_kinds(session.model, rows).train_loss
     assert last != first
-    changed = {n for n, p in session.model.named_parameters() if "lora_B" in n and not torch.equal(p, lora_b[n])}
-    for kind in (eight, four):  # LoRA weights moved on 8-bit and on 4-bit layers
-        assert any(n.removesuffix(".base_layer") + ".lora_B.default.weight" in changed for n in kind), kind
 
     prompt = dict(prompt="Q: the sky is", greedy=True, max_new_tokens=8, stream=False)
     answer = qlora_magic.generate(**prompt)
@@ -162,14 +168,9 @@ def test_auto_trains_both_kinds_and_restores_the_same_mix(tiny_model_dir, rows, 
 
 @pytest.mark.gpu
 def test_auto_on_the_gpu(tiny_model_dir, rows):
-    import torch
-
     report = qlora_magic.load(tiny_model_dir, bits="auto", targets="all-linear", device="cuda")
     model = qlora_magic.get_session().model
     eight, four = quantized_layers(model)
     assert eight and four and report.adaptive.losses["auto"] < report.adaptive.losses["4-bit"]
-    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    qlora_magic.train(rows, prompt="Q: {question} ", response="{answer}", max_steps=4, lr=1e-2, display="none")
-    changed = {n for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(p, lora_b[n])}
-    for kind in (eight, four):
-        assert any(n.removesuffix(".base_layer") + ".lora_B.default.weight" in changed for n in kind), kind
+    assert next(model.parameters()).device.type == "cuda"
+    _train_moves_lora_on_both_kinds(model, rows)
