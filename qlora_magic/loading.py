@@ -168,14 +168,14 @@ def load_model(config: LoadConfig):
             tokenizer = AutoTokenizer.from_pretrained(path)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            if config.bits == "auto":
-                adaptive_report, skip = plan_auto(model_class, path, tokenizer, config, dtype, device, head)
-                config = config.replace(layers_8bit=adaptive_report.layers_8bit if adaptive_report else config.layers_8bit,
-                                        keep_8bit=adaptive_report.keep_8bit if adaptive_report else config.keep_8bit)
+            if config.bits == "auto":  # NF4, but for the layers measured (or saved) as needing 8 bits
+                adaptive_report, config, skip = plan_auto(model_class, path, tokenizer, config, dtype, device, head)
+                quantization = quantization_config(4, device, skip_modules=skip)
+            else:
+                quantization = quantization_config(config.bits, device)
             model = model_class.from_pretrained(
                 path,
-                quantization_config=quantization_config(4 if config.bits == "auto" else config.bits, device,
-                                                         skip if config.bits == "auto" else None),
+                quantization_config=quantization,
                 dtype=dtype,
                 device_map={"": device},
                 **head,
@@ -218,12 +218,14 @@ def load_model(config: LoadConfig):
 
 
 def plan_auto(model_class, path, tokenizer, config: LoadConfig, dtype, device, head):
-    """For --bits auto: (the measurement, or None when the layers are given, as when restoring an adapter;
-    the modules the 4-bit load must leave unquantized: the 8-bit layers and what transformers always skips)."""
+    """For --bits auto: (the measurement, or None when the 8-bit layers are given, as when restoring an adapter;
+    the config with the layers filled in; the modules the 4-bit load must leave unquantized: the 8-bit layers
+    and those transformers always leaves, like the output head)."""
     import torch
     from transformers import AutoConfig
+    from transformers.quantizers.base import get_keys_to_not_convert
 
-    from .adaptive import DEFAULT_KEEP_8BIT, measure, skip_patterns
+    from .adaptive import DEFAULT_KEEP_8BIT, measure, quantizable_linears, skip_patterns
     from .memory_usage import release_memory
 
     report = None
@@ -232,15 +234,13 @@ def plan_auto(model_class, path, tokenizer, config: LoadConfig, dtype, device, h
         report = measure(unquantized, tokenizer, keep_8bit=DEFAULT_KEEP_8BIT if config.keep_8bit is None else config.keep_8bit)
         del unquantized
         release_memory()
-    with torch.device("meta"):  # the default skips (the output head...) from the architecture alone, no weights
+        config = config.replace(layers_8bit=report.layers_8bit, keep_8bit=report.keep_8bit)
+    with torch.device("meta"):  # the architecture alone, no weights
         skeleton = model_class.from_config(AutoConfig.from_pretrained(path, **head))
-    from transformers.quantizers.base import get_keys_to_not_convert
-
-    layers_8bit = report.layers_8bit if report else config.layers_8bit
-    unknown = sorted(set(layers_8bit) - {name for name, _ in skeleton.named_modules()})
+    unknown = sorted(set(config.layers_8bit) - set(quantizable_linears(skeleton)))
     if unknown:
-        raise ConfigError(f"layers_8bit names {unknown[0]!r}, which this model does not have: give names of its linear layers, or leave layers_8bit out to measure them.")
-    return report, get_keys_to_not_convert(skeleton) + skip_patterns(layers_8bit)
+        raise ConfigError(f"layers_8bit names {unknown[0]!r}, which is not a quantizable linear layer of this model: give such names, or leave layers_8bit out to measure them.")
+    return report, config, get_keys_to_not_convert(skeleton) + skip_patterns(config.layers_8bit)
 
 
 @contextlib.contextmanager
@@ -273,11 +273,11 @@ class LoadReport(Readout):
     load_seconds: float
     adapter: str | None = None
 
-    title = "Model loaded"
-
     count_8bit: int = 0  # with bits "auto": how many layers are 8-bit and 4-bit
     count_4bit: int = 0
     adaptive: object = None  # with bits "auto" measured: the AdaptiveReport (sensitivities, quality table)
+
+    title = "Model loaded"
 
     @classmethod
     def measure(cls, model, config: LoadConfig, seconds: float, adaptive=None):

@@ -89,6 +89,15 @@ def test_bad_auto_input_fails_in_one_line_and_keeps_the_session(ip, capsys, tiny
     assert qlora_magic.get_session().model is model and tiny_loaded.load_config.bits == 8
 
 
+def test_unknown_8bit_layer_is_a_one_line_error_before_any_weights_load(tiny_loaded):
+    model = tiny_loaded.model
+    with pytest.raises(ConfigError, match="layers_8bit names 'model.layers.9.mlp.up_proj', which is not a quantizable"):
+        qlora_magic.load(tiny_loaded.load_config.model, bits="auto", layers_8bit=["model.layers.9.mlp.up_proj"])
+    with pytest.raises(ConfigError, match="'lm_head', which is not a quantizable"):  # transformers keeps it unquantized
+        qlora_magic.load(tiny_loaded.load_config.model, bits="auto", layers_8bit=["lm_head"])
+    assert qlora_magic.get_session().model is model
+
+
 # --- real runs on the tiny model ----------------------------------------------------------------------------
 
 
