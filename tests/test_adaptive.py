@@ -76,6 +76,17 @@ def test_load_magic_passes_bits_auto(ip):
     assert load.call_args.kwargs["config"] == LoadConfig(bits="auto", keep_8bit=0.5)
 
 
+def test_panel_offers_auto_and_passes_it_to_load(monkeypatch):
+    pytest.importorskip("ipywidgets")
+    calls = []
+    monkeypatch.setattr(api, "load", lambda config: calls.append(config))
+    p = qlora_magic.panel()
+    p.bits.value = "auto"
+    p.load_button.click()
+    p.wait(timeout=60)
+    assert calls and calls[0].bits == "auto"
+
+
 @pytest.mark.parametrize("line, error", [
     ("--bits auto --keep-8bit 2", "--keep-8bit must be a fraction between 0 and 1"),
     ("--keep-8bit 0.3", "--keep-8bit chooses layers for --bits auto, not --bits 8"),  # checked before any weights load
@@ -185,3 +196,4 @@ def test_auto_on_the_gpu(tiny_model_dir, rows):
     assert eight and four and report.adaptive.losses["auto"] < report.adaptive.losses["4-bit"]
     assert next(model.parameters()).device.type == "cuda"
     _train_moves_lora_on_both_kinds(model, rows)
+
