@@ -149,16 +149,18 @@ def int8_dequantize(packed, dtype):
 # --- measuring ----------------------------------------------------------------------------------------------
 
 
-def calibration_texts(tokenizer, rows=None) -> tuple[list[str], list[str]]:
-    """(texts to measure on, held-out texts to score on): rows of the shipped word_forms data written with the
-    chat template (or as prompt + response where there is none), every tenth row each, 10 and 10."""
+def calibration_texts(tokenizer, texts=None) -> tuple[list[str], list[str]]:
+    """(texts to measure on, held-out texts to score on): the given texts, every other one each; by default rows
+    of the shipped word_forms data written with the chat template (or as prompt + response where there is
+    none), every tenth row each, 10 and 10."""
     import json
 
     from .examples import path
 
-    if rows is None:
-        with open(path("word_forms")) as file:
-            rows = [json.loads(line) for line in file]
+    if texts is not None:
+        return list(texts[0::2]), list(texts[1::2])
+    with open(path("word_forms")) as file:
+        rows = [json.loads(line) for line in file]
     texts = []
     for row in rows:
         prompt = f"{row['instruction']}\n\n{row['context']}"
@@ -240,7 +242,7 @@ def footprint(model, linears: dict, layers_8bit) -> int:
     return int(total)
 
 
-def measure(model, tokenizer, keep_8bit=DEFAULT_KEEP_8BIT, layers_8bit=None, rows=None) -> AdaptiveReport:
+def measure(model, tokenizer, keep_8bit=DEFAULT_KEEP_8BIT, layers_8bit=None, texts=None) -> AdaptiveReport:
     """Measure every quantizable layer of the unquantized `model` and choose the 8-bit ones (or take the
     given `layers_8bit`); score uniform 4-bit, the mix and uniform 8-bit on held-out texts. The model's
     weights end up replaced by their int8 round trips: it is meant to be dropped afterwards."""
@@ -249,7 +251,7 @@ def measure(model, tokenizer, keep_8bit=DEFAULT_KEEP_8BIT, layers_8bit=None, row
     started = time.perf_counter()
     device = next(model.parameters()).device
     linears = quantizable_linears(model)
-    measure_texts, score_texts = calibration_texts(tokenizer, rows)
+    measure_texts, score_texts = calibration_texts(tokenizer, texts)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch, held_out = _batch(tokenizer, measure_texts, device), _batch(tokenizer, score_texts, device)

@@ -72,6 +72,7 @@ class LoadConfig(_Config):
     bits: int | str | None = field(default=None, metadata={"help": "8 (LLM.int8, the default), 4 (NF4 + double quantization), 16 (none) or 'auto' (the layers 4-bit hurts most in 8-bit, the rest 4-bit); with an adapter, the bits it was trained with"})
     keep_8bit: float | None = field(default=None, metadata={"help": "bits='auto': the largest fraction (0-1) of the quantized parameters kept in 8-bit; None: 0.25"})
     layers_8bit: list[str] | None = field(default=None, metadata={"help": "bits='auto': the layers kept in 8-bit (filled in by the measurement; given, it is used as is)"})
+    calibration: list[str] | None = field(default=None, metadata={"help": "bits='auto': your texts to measure the layers on and score the choice with (every other one each); None: 20 rows of the shipped word_forms data"})
     r: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -87,7 +88,10 @@ class LoadConfig(_Config):
         if self.keep_8bit is not None:
             if not isinstance(self.keep_8bit, (int, float)) or isinstance(self.keep_8bit, bool) or not 0 <= self.keep_8bit <= 1:
                 raise ConfigError(f"--keep-8bit must be a fraction between 0 and 1, got {self.keep_8bit!r}.")
-        for name, value in (("--keep-8bit", self.keep_8bit), ("layers_8bit", self.layers_8bit)):
+        if self.calibration is not None and (isinstance(self.calibration, str) or len(self.calibration) < 2
+                                             or not all(isinstance(t, str) and t.strip() for t in self.calibration)):
+            raise ConfigError("calibration must be a list of at least 2 non-empty texts (every other one measures, the rest score).")
+        for name, value in (("--keep-8bit", self.keep_8bit), ("layers_8bit", self.layers_8bit), ("calibration", self.calibration)):
             if value is not None and self.bits not in ("auto", None):
                 raise ConfigError(f"{name} chooses layers for --bits auto, not --bits {self.bits}: add --bits auto or drop {name}.")
         _positive("--r", self.r)

@@ -231,7 +231,8 @@ def plan_auto(model_class, path, tokenizer, config: LoadConfig, dtype, device, h
     report = None
     if config.layers_8bit is None:
         unquantized = model_class.from_pretrained(path, dtype=dtype, device_map={"": device}, **head)
-        report = measure(unquantized, tokenizer, keep_8bit=DEFAULT_KEEP_8BIT if config.keep_8bit is None else config.keep_8bit)
+        report = measure(unquantized, tokenizer, keep_8bit=DEFAULT_KEEP_8BIT if config.keep_8bit is None else config.keep_8bit,
+                         texts=config.calibration)
         del unquantized
         release_memory()
         config = config.replace(layers_8bit=report.layers_8bit, keep_8bit=report.keep_8bit)

@@ -36,7 +36,7 @@ def save_adapter(session, path) -> Path:
     record = {
         "qlora_magic_version": __version__,
         "saved_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "load_config": session.load_config.to_dict(),
+        "load_config": {**session.load_config.to_dict(), "calibration": describe_data(session.load_config.calibration)},
         "train_configs": [{**c, "data": describe_data(c.get("data"))} for c in session.train_configs],
         "history": session.history,
     }

@@ -1,5 +1,6 @@
 """--bits auto: parsing, one-line errors, wiring, and real runs on the tiny model (bitsandbytes and PEFT)."""
 
+import json
 from unittest import mock
 
 import pytest
@@ -32,6 +33,12 @@ def test_bad_auto_options_are_one_line_config_errors(line, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as error:
         parse_load(line)
     assert len(error.value._render_traceback_()) == 1
+
+
+@pytest.mark.parametrize("calibration", ["one text", ["only one"], ["a", "  "], ["a", 3]])
+def test_calibration_must_be_two_or_more_texts(calibration):
+    with pytest.raises(ConfigError, match="calibration must be a list of at least 2 non-empty texts"):
+        LoadConfig(bits="auto", calibration=calibration)
 
 
 def test_bits_must_be_a_known_choice():
@@ -110,6 +117,20 @@ def test_unknown_8bit_layer_is_a_one_line_error_before_any_weights_load(tiny_loa
 
 
 # --- real runs on the tiny model ----------------------------------------------------------------------------
+
+
+def test_your_own_calibration_texts_are_measured_and_not_saved(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = ["the cat sat on the mat", "the dog ran in the park", "what is the color of the sky",
+             "the sky is blue", "grass is green", "red green blue yellow"]
+    report = qlora_magic.load(tiny_model_dir, bits="auto", calibration=texts)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert report.adaptive.tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts[0::2])
+    saved = qlora_magic.save(str(tmp_path / "adapter"))
+    record = json.loads((saved / "qlora_magic.json").read_text())["load_config"]
+    assert record["calibration"] == "<list of 6 rows>" and record["layers_8bit"] == report.adaptive.layers_8bit
+
 
 
 def _short(name):
