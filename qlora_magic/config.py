@@ -287,7 +287,7 @@ class MergeConfig(_Config):
     data: Any = field(default=None, metadata={"help": "rows to check on, with the last run's templates; None: its held-out rows"})
     prompts: list[str] | None = field(default=None, metadata={"help": "prompts for an answers-only check, instead of data"})
     max_new_tokens: int = field(default=24, metadata={"help": "length of the greedy answers compared"})
-    tolerance: float = field(default=0.05, metadata={"help": "largest relative perplexity drift still reported as a match"})
+    tolerance: float = field(default=0.05, metadata={"help": "largest drift still reported as a match: relative perplexity, or for --task seq-cls the mean change of class probabilities"})
 
     def __post_init__(self):
         if not isinstance(self.path, str) or not self.path.strip():

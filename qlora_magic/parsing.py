@@ -354,7 +354,7 @@ def qlora_adapters(line=""):
 @argument("--adapter", default=None, help="adapter to merge (default: the active one)")
 @argument("--no-verify", action="store_true", help="skip the check of merged vs adapter answers and perplexity")
 @argument("--max-new-tokens", type=int, default=None, help="length of the greedy answers compared (default 24)")
-@argument("--tolerance", type=float, default=None, help="largest relative perplexity drift reported as a match (default 0.05)")
+@argument("--tolerance", type=float, default=None, help="largest drift reported as a match: relative perplexity, or for --task seq-cls the mean change of class probabilities (default 0.05)")
 def qlora_merge(line=""):
     """Merge the adapter into an unquantized 16-bit copy of the base (reloaded from its original
     weights, not dequantized from 8/4-bit) and save it as a plain transformers model; then check that
