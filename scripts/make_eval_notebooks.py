@@ -153,6 +153,12 @@ split in the last run, `data=` names the rows to check on (the last run's templa
 shutil.rmtree("runs/merged/past-tense", ignore_errors=True)
 report = qm.merge("runs/merged/past-tense", data=past_test)   # %qlora_merge runs/merged/past-tense checks on held-out rows
 report"""),
+    ("md", """The check compares two different models on purpose: the adapter *as trained*, on the 8-bit base, and the
+merged model, on the original 16-bit weights, which is what you ship. Perplexity moves by about a percent,
+usually down, since the original weights are the better ones. A greedy answer can flip where the model's two
+best next words were close (an odd verb for a 10-step adapter, say), and then the check says so instead of
+passing: read the `differs` rows. The merge itself adds nothing: on a 16-bit base (`--bits 16`) the merged
+model's logits equal the adapter's up to float rounding (`tests/test_merging.py`)."""),
     ("md", "The merged folder is a plain transformers model: no peft, no bitsandbytes."),
     ("code", """from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -191,15 +197,15 @@ search:
 Two measures after each trial: the process's resident memory (RSS; on a GPU, allocated memory), and the live
 tensors besides the adapters still loaded, i.e. the quantized base plus anything a finished trial left behind.
 A trial that leaked would keep at least its adapter and Adam's two states of it: about 2.8 MB at `r: 4`, 11 MB at
-`r: 16`. So the check below allows 1 MB of tensor growth from the first trial to the last, and 50 MB of RSS
-(the allocator's arenas and Python-side caches move it by a few tens of MB; a kept copy of the 221 MB model, or
-of a trial's Trainer with its data, would not fit)."""),
+`r: 16`. So the check below allows 1 MB of tensor growth from the first trial to the last. RSS is the coarser
+measure: the C allocator's arenas and Python-side caches move it by tens of MB either way (+33 and +58 MB in two
+runs of this notebook, with the tensors unchanged), so it is held only below a kept copy of the 221 MB model."""),
     ("code", """import pandas as pd
 
 report = qm.get_session().last_tune_report
 rss_growth, tensor_growth = report.memory_growth() / 2**20, report.memory_growth("other_tensors") / 2**20
 print(f"after trial 0 -> trial {len(report.trials) - 1}: RSS {rss_growth:+.1f} MB, other tensors {tensor_growth:+.3f} MB")
-assert rss_growth <= 50 and tensor_growth <= 1, "memory grew from trial to trial"
+assert tensor_growth <= 1 and rss_growth < 200, "memory grew from trial to trial"
 pd.DataFrame([{"trial": t["trial"], "state": t["state"], "RSS (MB)": round(t["memory"] / 2**20, 1),
                "other tensors (MB)": round(t["other_tensors"] / 2**20, 3)} for t in report.trials]).set_index("trial")"""),
     ("md", """The best trial's settings are kept for a longer run (`best_train_config` is a ready `TrainConfig`; the LoRA
@@ -272,8 +278,8 @@ print(classifier.config.id2label, [classifier.config.id2label[i] for i in classi
 del classifier"""),
     ("md", """What the check measures is the distance between the adapter *as trained*, on 8-bit weights, and the merged
 model on the original 16-bit ones. The labels and the accuracy agree; the class probabilities move by a few
-hundredths, which can be more than the default `--tolerance 0.05`, and then the check says so rather than pass.
-That drift comes from the quantization, not from the merge: `tests/test_merging.py` and a 16-bit load
+hundredths on average (the check's `--tolerance 0.05` is on that mean), more on a row near the decision
+boundary. That drift comes from the quantization, not from the merge: `tests/test_merging.py` and a 16-bit load
 (`--bits 16`) give logits equal to the adapter's within about 1e-6 in float32."""),
     ("md", """## Summarization with an encoder-decoder
 

@@ -39,6 +39,25 @@ def test_merge_matches_the_adapter(tiny_loaded, rows, tmp_path):
         qlora_magic.merge(tmp_path / "merged")
 
 
+def test_merge_on_a_16_bit_base_is_exact(tiny_model_dir, rows, tmp_path):
+    """What the merge itself adds, without quantization in between: nothing beyond float rounding."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    qlora_magic.load(tiny_model_dir, bits=16, device="cpu")
+    qlora_magic.train(rows, prompt="Q: {question}\nA: ", response="{answer}", max_steps=3, lr=1e-2, display="none")
+    report = qlora_magic.merge(tmp_path / "merged16", dtype="float32", max_new_tokens=4)
+    session = qlora_magic.get_session()
+    ids = session.tokenizer(["Q: what is two plus two?\nA: four"], return_tensors="pt")
+    session.model.eval()
+    with torch.no_grad():
+        adapter_logits = session.model(**ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged16"))(**ids).logits
+    assert session.model.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"].weight.abs().max() > 0
+    assert (merged_logits - adapter_logits).abs().max().item() < 1e-4
+    assert report.answers_matching == len(report.prompts)
+
+
 def test_merge_without_training_checks_answers_only(tiny_loaded, tmp_path):
     report = qlora_magic.merge(tmp_path / "m16", max_new_tokens=4)
     assert report.prompts == ["The capital of France is"] and report.perplexity_drift is None

@@ -84,10 +84,10 @@ def test_five_trials_keep_the_best_adapter_and_do_not_grow_memory(tiny_loaded, r
     # bytes), so 2 KB separates the two.
     assert max(tensors) - min(tensors) < 2048 and report.memory_growth("other_tensors") < 2048
     # Process RSS also counts the allocator's arenas and Python-side caches (datasets fingerprints, the
-    # Optuna study, history rows): measured +3 to +5 MB over 5 trials, mostly in the first. 32 MB leaves
-    # room for a busy machine and still fails if a trial's Trainer (its datasets, optimizer) stayed alive
-    # every trial.
-    assert rss[-1] - rss[0] < 32 * 2**20 and report.memory_growth() == rss[-1] - rss[0]
+    # Optuna study, history rows): measured +3 to +5 MB over 5 trials, mostly in the first; with the default
+    # model the notebook saw +33 and +58 MB with no tensor left behind. So RSS only guards against gross
+    # leaks (a copy of the model per trial); the tensor count above is the exact check.
+    assert rss[-1] - rss[0] < 64 * 2**20 and report.memory_growth() == rss[-1] - rss[0]
     text = repr(report)
     assert "eval loss" in text and "other tensors" in text and "memory after trial 0 -> 4" in text
     assert "<table>" in report._repr_html_()
