@@ -272,8 +272,10 @@ def measure(model, tokenizer, keep_8bit=DEFAULT_KEEP_8BIT, layers_8bit=None, tex
     if layers_8bit is None:
         layers_8bit = choose_layers_8bit(layers, keep_8bit)
     losses["4-bit"] = mean_loss(model, held_out)
-    kept = [name for name in linears if name in set(layers_8bit)]
-    for kind, names in (("auto", kept), ("8-bit", [n for n in linears if n not in set(kept)])):
+    chosen = set(layers_8bit)
+    kept = [name for name in linears if name in chosen]
+    # The mix first, then the rest of the layers to 8-bit too: each step swaps in only what changes.
+    for kind, names in (("auto", kept), ("8-bit", [n for n in linears if n not in chosen])):
         with torch.no_grad():
             for name in names:
                 weight = linears[name].weight.data

@@ -42,9 +42,8 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
         run = saved_run(config.adapter)
         session.train_configs = run.get("train_configs", [])
         session.history = run.get("history", [])
-        names = next((c["label_names"] for c in reversed(session.train_configs) if c.get("label_names")), None)
-        if config.task == "seq-cls" and names:
-            _set_class_names(new_model, names)
+        if config.task == "seq-cls" and session.label_names:
+            _set_class_names(new_model, session.label_names)
     session.last_load_report = report
     return report
 
@@ -68,7 +67,7 @@ def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=N
     model = session.require_model("training")
     if config.data is None:
         raise ConfigError("No data given: pass data= (a file, Hub id, list of dicts, DataFrame or Dataset).")
-    task = _task(session)
+    task = session.task
     if task != "causal-lm":
         if config.packing:
             raise ConfigError(f"--packing is for causal-lm models; a {task} model trains on padded batches: drop --packing.")
@@ -89,20 +88,16 @@ def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=N
     return summary
 
 
-def _task(session) -> str:
-    return getattr(session.load_config, "task", "causal-lm")
-
-
 def task_examples(session, config, rows):
     """The row tokenizer for the loaded model's task (checked against the templates given)."""
     from .data import ClassificationExamples, ExampleTokenizer, Seq2SeqExamples, label_names
 
-    task = _task(session)
+    task = session.task
     if task == "seq-cls":
         if not config.label:
             raise ConfigError("A seq-cls model trains on classes: add label: <column> to the cell body (label= in Python).")
         names = label_names(rows, config.label)
-        previous = next((c["label_names"] for c in reversed(session.train_configs) if c.get("label_names")), None)
+        previous = session.label_names
         if previous and set(map(str, names)) <= set(map(str, previous)):
             names = previous  # the ids an earlier run (or the restored adapter) gave these classes
         head = session.model.config.num_labels
@@ -126,7 +121,7 @@ def _set_class_names(model, names):
 
 
 def _not_for_classifier(session, action):
-    if _task(session) == "seq-cls":
+    if session.task == "seq-cls":
         raise ConfigError(f"This model is a classifier (--task seq-cls), so {action} does not apply: use qm.classify(texts) for labels and probabilities.")
 
 
@@ -155,7 +150,7 @@ def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None,
     session = get_session()
     model = session.require_model("generation")
     _not_for_classifier(session, "generation")
-    if _task(session) == "seq2seq":
+    if session.task == "seq2seq":
         config = config.replace(raw=True)  # the encoder reads the text as written: no chat template
     text = generate_text(model, session.tokenizer, config, on_text=on_text)
     session.last_generation = text

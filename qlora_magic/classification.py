@@ -49,7 +49,7 @@ def classify_texts(session, texts, batch_size: int = 16, max_length: int = 512) 
     import torch
 
     model = session.require_model("classification")
-    if getattr(session.load_config, "task", None) != "seq-cls":
+    if session.task != "seq-cls":
         raise ConfigError("classify() needs a classifier: load one with --task seq-cls (qlora_magic.load(..., task='seq-cls')).")
     if isinstance(texts, str):
         texts = [texts]

@@ -62,7 +62,7 @@ def eval_data(session, config: EvalConfig) -> EvalData:
         raise ConfigError("Evaluation needs references: give a response template (response=, e.g. \"{answer}\").")
     chat = last.get("chat", False) if config.chat is None else config.chat
     max_length = config.max_length or last.get("max_length", 512)
-    if getattr(session.load_config, "task", "causal-lm") == "seq2seq":  # source -> target, no chat turns
+    if session.task == "seq2seq":  # source -> target, no chat turns
         examples = _IndexedSeq2SeqExamples(session.tokenizer, prompt, response, max_length=max_length)
     else:
         examples = _IndexedExamples(session.tokenizer, prompt, response, chat=chat, max_length=max_length)

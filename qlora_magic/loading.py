@@ -94,16 +94,17 @@ def saved_run(adapter_path) -> dict:
     return json.loads(file.read_text()) if file.exists() else {}
 
 
-def adapter_base(adapter_path) -> tuple[str | None, int | None]:
-    """The base model and bits a saved adapter was trained on."""
+def adapter_base(adapter_path) -> tuple[str | None, dict]:
+    """The base model a saved adapter was trained on, and the load settings qlora_magic saved beside it
+    (bits, task, 8-bit layers; {} for an adapter saved by other tools)."""
     path = Path(adapter_path).expanduser()
     if not (path / "adapter_config.json").exists():
         raise ModelNotFoundError(f"No saved adapter at {str(adapter_path)!r} (adapter_config.json is missing): give the folder %qlora_save wrote.")
     run = saved_run(path).get("load_config", {})
     if "model" in run:  # our own save: None means the embedded default model
-        return run["model"], run.get("bits")
+        return run["model"], run
     base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    return base, None
+    return base, {}
 
 
 #: --task -> (the transformers Auto class, PEFT's task type)
@@ -143,8 +144,8 @@ def load_model(config: LoadConfig):
 
     started = time.perf_counter()
     if config.adapter:
-        base, saved_bits = adapter_base(config.adapter)
-        saved = saved_run(config.adapter).get("load_config", {})
+        base, saved = adapter_base(config.adapter)
+        saved_bits = saved.get("bits")
         if config.task == "causal-lm" and saved.get("task", "causal-lm") != "causal-lm":  # the adapter's own task
             config = config.replace(task=saved["task"], num_labels=saved.get("num_labels", 2))
         plan = {}

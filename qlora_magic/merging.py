@@ -40,7 +40,7 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     from .quiet import no_progress_bars
 
     model = session.require_model("merging")
-    task = getattr(session.load_config, "task", "causal-lm")
+    task = session.task
     name = check_adapter(model, config.adapter) if config.adapter else active_adapter(model)
     path = Path(config.path).expanduser()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):

@@ -459,7 +459,7 @@ class Panel:
 def _loaded_task() -> str | None:
     """The task of the session's model (None when none is loaded)."""
     session = api.get_session()
-    return None if session.model is None else getattr(session.load_config, "task", "causal-lm")
+    return None if session.model is None else session.task
 
 
 def _pre(text) -> str:

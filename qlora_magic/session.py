@@ -42,6 +42,16 @@ class Session:
     def device(self):
         return None if self.model is None else next(self.model.parameters()).device
 
+    @property
+    def task(self) -> str:
+        """The loaded model's --task (causal-lm before anything is loaded)."""
+        return getattr(self.load_config, "task", "causal-lm")
+
+    @property
+    def label_names(self) -> list | None:
+        """The class names the last classifier run trained (restored with its adapter), or None."""
+        return next((c["label_names"] for c in reversed(self.train_configs) if c.get("label_names")), None)
+
 
 _session: Session | None = None
 

@@ -37,7 +37,6 @@ def build_tokenizer():
 
 def build_tiny_model(folder: Path, hidden=64, layers=2) -> Path:
     """Save a 2-layer Llama (hidden 64) with random weights and its tokenizer into `folder`."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
@@ -49,12 +48,7 @@ def build_tiny_model(folder: Path, hidden=64, layers=2) -> Path:
         # Large enough that a frozen lm_head can separate tokens by several nats (0.02 caps it near 1).
         initializer_range=0.2,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return _save_seeded(LlamaForCausalLM, config, tokenizer, folder)
 
 
 def toy_rows(n=48):
@@ -67,7 +61,6 @@ def toy_rows(n=48):
 def build_tiny_t5(folder: Path, d_model=64, layers=2) -> Path:
     """Save a 2-layer T5 encoder-decoder (d_model 64) with random weights and the tiny tokenizer, for
     --task seq2seq. Its decoder starts from the pad token, as T5's does."""
-    import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
     tokenizer = build_tokenizer()
@@ -77,8 +70,15 @@ def build_tiny_t5(folder: Path, d_model=64, layers=2) -> Path:
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False, initializer_factor=0.5,
     )
+    return _save_seeded(T5ForConditionalGeneration, config, tokenizer, folder)
+
+
+def _save_seeded(model_class, config, tokenizer, folder: Path) -> Path:
+    """Random weights from seed 0 (the same model every run), saved with the tokenizer."""
+    import torch
+
     torch.manual_seed(0)
-    model = T5ForConditionalGeneration(config)
+    model = model_class(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
