@@ -1,0 +1,42 @@
+"""Every notebook in notebooks/ is its jupytext source in notebooks/src/, executed.
+
+Edit notebooks/src/<name>.py, never the .ipynb, then `python scripts/notebooks.py execute <name>` and commit both
+(the script's docstring says more). Fast: reads files only.
+"""
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+SOURCES = NOTEBOOKS / "src"
+NAMES = sorted({p.stem for p in NOTEBOOKS.glob("*.ipynb")} | {p.stem for p in SOURCES.glob("*.py")})
+
+
+def cells(nb):
+    return [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells]
+
+
+def test_the_course_is_there():
+    for prefix in ("01_", "02_", "03_", "04_", "05_", "06_", "07_", "08_", "09_", "10_", "11_", "12_", "panel"):
+        assert any(n.startswith(prefix) for n in NAMES), f"no notebooks/{prefix}*.ipynb"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_its_source_executed(name):
+    import jupytext
+    import nbformat
+
+    notebook, source = NOTEBOOKS / f"{name}.ipynb", SOURCES / f"{name}.py"
+    assert source.exists(), f"notebooks/{name}.ipynb has no source: write notebooks/src/{name}.py (jupytext percent format)"
+    assert notebook.exists(), f"notebooks/src/{name}.py has no notebook: run python scripts/notebooks.py execute {name}"
+    nb = nbformat.read(notebook, as_version=4)
+    expected = cells(jupytext.read(source))
+    got = cells(nb)
+    first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    assert got == expected, (
+        f"notebooks/{name}.ipynb differs from notebooks/src/{name}.py from cell {first} on "
+        f"({len(got)} vs {len(expected)} cells): run python scripts/notebooks.py execute {name}")
+    unexecuted = [c.source[:60] for c in nb.cells if c.cell_type == "code" and not c.get("execution_count")]
+    assert not unexecuted, f"notebooks/{name}.ipynb has unexecuted cells {unexecuted}: run python scripts/notebooks.py execute {name}"
