@@ -57,8 +57,8 @@ def combine(source: nbformat.NotebookNode, old: nbformat.NotebookNode | None) ->
     nb = new_notebook()
     if old is not None:
         nb.metadata.update(copy.deepcopy(old.metadata))  # language_info, widget state
-    nb.metadata.update({k: v for k, v in source.metadata.items() if k != "jupytext"})
-    nb.metadata.pop("jupytext", None)
+    nb.metadata.update(copy.deepcopy(source.metadata))  # kernelspec
+    nb.metadata.pop("jupytext", None)  # how jupytext read the source, not a pairing
     nb.cells = []
     old_cells = old.cells if old is not None else []
     kept = {}  # index in source -> index in old
