@@ -103,7 +103,7 @@ def synthetic_rows(n, vocab, max_length=512, median=180, seed=0, all_max_length=
 def demo_rows(tokenizer, max_length=512):
     """The shipped demo data tokenized as qlora_magic does it (the CPU benchmark's data)."""
     from qlora_magic import examples
-    from qlora_magic.data import ExampleTokenizer, load_rows
+    from qlora_magic.engine.data import ExampleTokenizer, load_rows
 
     rows = load_rows(examples.path("word_forms"))
     tok = ExampleTokenizer(tokenizer, "Instruction: {instruction}\n\nInput: {context}\n\nResponse: ", "{response}",
@@ -157,7 +157,7 @@ def real_text_rows(tokenizer, max_length=512, n=None, seed=0):
     """The shipped demo data and standard-library docstrings as instruction examples ("Explain X" ->
     its documentation), tokenized as qlora_magic does it, in a fixed shuffled order."""
     from qlora_magic import examples
-    from qlora_magic.data import ExampleTokenizer, load_rows
+    from qlora_magic.engine.data import ExampleTokenizer, load_rows
 
     rows = list(load_rows(examples.path("word_forms")))
     rows += [{"instruction": f"Explain {name} from Python's standard library.", "context": "", "response": doc}
@@ -274,7 +274,7 @@ def seed_recipe(path, rows, steps, warmup, device, tmp, pad_length=512, init_see
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments, default_data_collator
 
-    from qlora_magic.quiet import quiet_bnb_warnings
+    from qlora_magic.engine.quiet import quiet_bnb_warnings
 
     quiet_bnb_warnings()
     reset_peak()
@@ -316,7 +316,7 @@ def plain_trainer(rows, steps, warmup, tmp, label):
     from transformers import Trainer, TrainingArguments
 
     import qlora_magic
-    from qlora_magic.data import make_collator
+    from qlora_magic.engine.data import make_collator
 
     session = qlora_magic.get_session()
     timer = step_timer()
@@ -337,8 +337,8 @@ def ours(rows, steps, warmup, tmp, label, overrides=None, max_memory=None, repor
     config_values: TrainConfig fields to change from the defaults ({"warmup": 0}, say)."""
     import qlora_magic
     from qlora_magic.config import TrainConfig
-    from qlora_magic.reporters import NullReporter
-    from qlora_magic.training import run_training
+    from qlora_magic.display.reporters import NullReporter
+    from qlora_magic.engine.training import run_training
 
     session = qlora_magic.get_session()
     config = TrainConfig(max_steps=warmup + steps, batch_size=4, grad_accum=4, max_memory=max_memory,
@@ -474,7 +474,7 @@ def converge(args, device, out, tmp, env):
     from transformers import AutoTokenizer
 
     import qlora_magic
-    from qlora_magic.default_model import default_model_path
+    from qlora_magic.engine.default_model import default_model_path
 
     path = args.model_path or str(default_model_path())
     steps = args.steps or (100 if device == "cuda" else 6)
@@ -561,7 +561,7 @@ def main(argv=None):
     if args.model == "default":
         from transformers import AutoTokenizer
 
-        from qlora_magic.default_model import default_model_path
+        from qlora_magic.engine.default_model import default_model_path
 
         path = str(default_model_path())
         rows = demo_rows(AutoTokenizer.from_pretrained(path))
@@ -645,7 +645,7 @@ def main(argv=None):
                 row(ours, rows, 4, W, tmp, "  4-bit, 4x4, padded, checkpointing",
                     overrides={"batch": "4x4", "packing": False, "gradient_checkpointing": True})
             if "display" not in skip:
-                from qlora_magic.reporters import HtmlReporter
+                from qlora_magic.display.reporters import HtmlReporter
 
                 with contextlib.redirect_stdout(io.StringIO()):  # outside a notebook display() prints
                     row(ours, rows, steps, W, tmp, "  4-bit defaults, live HTML display on", reporter=HtmlReporter())

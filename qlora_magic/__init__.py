@@ -9,7 +9,7 @@ or from Python: qlora_magic.load(), .train(), .generate(), .classify(), .save(),
 Importing this package (and %load_ext) does not import torch; the verbs import it when first used.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from .api import classify, generate, load, memory, save, train  # noqa: E402
 from .api import (add_adapter, combine_adapters, compare, delete_adapter, evaluate, list_adapters,  # noqa: E402
@@ -17,21 +17,22 @@ from .api import (add_adapter, combine_adapters, compare, delete_adapter, evalua
 from .errors import QloraError  # noqa: E402
 from . import examples  # noqa: E402
 from .session import get_session, reset_session  # noqa: E402
-# The function shadows its module on purpose (qlora_magic.panel() is the verb); the module imports
-# ipywidgets only when a panel is built.
-from .panel import panel  # noqa: E402
+from .front.panel import panel  # noqa: E402  (imports ipywidgets only when a panel is built)
+from . import _moved  # noqa: E402
+
+_moved.install(__name__)  # qlora_magic.data, .training, ... (the paths before the layers) still import
 
 
 def load_ipython_extension(ipython):
-    from . import prompt_lines
-    from .magics import QloraMagics
+    from .front import prompt_lines
+    from .front.magics import QloraMagics
 
     ipython.register_magics(QloraMagics)
     prompt_lines.register(ipython)
 
 
 def unload_ipython_extension(ipython):
-    from . import prompt_lines
+    from .front import prompt_lines
 
     prompt_lines.unregister(ipython)
 

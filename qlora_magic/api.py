@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .config import GenerateConfig, LoadConfig, TrainConfig
 from .errors import ConfigError, NoModelError
+from .engine.stopping import StopFlag
 from .session import get_session
 
 
@@ -24,8 +25,8 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
 
     The session's previous model is replaced only once the new one has loaded.
     """
-    from .loading import load_model
-    from .memory_usage import release_memory
+    from .engine.loading import load_model
+    from .engine.memory_usage import release_memory
 
     if model is not None:
         options["model"] = model
@@ -37,13 +38,14 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
     session.model, session.tokenizer, session.load_config = new_model, tokenizer, config
     session.train_configs, session.history, session.last_generation = [], [], None
     if config.adapter:
-        from .loading import saved_run
+        from .engine.adapter_folder import saved_run
+        from .tasks.finetune import set_class_names
 
         run = saved_run(config.adapter)
         session.train_configs = run.get("train_configs", [])
         session.history = run.get("history", [])
         if config.task == "seq-cls" and session.label_names:
-            _set_class_names(new_model, session.label_names)
+            set_class_names(new_model, session.label_names)
     session.last_load_report = report
     return report
 
@@ -54,70 +56,13 @@ def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=N
     >>> qlora_magic.train(rows, prompt="Q: {question}\\nA: ", response="{answer}", epochs=1, eval_split=0.1)
 
     Rows go to `get_session().history` as they are logged. Ctrl-C stops at the next step and keeps the
-    adapter as trained so far.
+    adapter as trained so far; so does `stop.set()` on the `StopFlag` given as `stop=` (the panel's Stop).
     """
-    from .data import load_rows, prepare_datasets
-    from .reporters import choose_reporter
-    from .training import run_training
+    from .tasks.finetune import finetune
 
     if data is not None:
         options["data"] = data
-    config = _config(TrainConfig, config, options)
-    session = get_session()
-    model = session.require_model("training")
-    if config.data is None:
-        raise ConfigError("No data given: pass data= (a file, Hub id, list of dicts, DataFrame or Dataset).")
-    task = session.task
-    if task != "causal-lm":
-        if config.packing:
-            raise ConfigError(f"--packing is for causal-lm models; a {task} model trains on padded batches: drop --packing.")
-        config = config.replace(packing=False)
-    # Everything that can fail on bad input runs before the model is touched.
-    rows = load_rows(config.data, config.split)
-    examples = task_examples(session, config, rows)
-    train_set, eval_set, _ = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
-    reporter = reporter or choose_reporter(config.display)
-    record = config.to_dict()
-    if task == "seq-cls":
-        record["label_names"] = examples.names
-        _set_class_names(model, examples.names)
-    session.train_configs.append(record)
-    summary = run_training(model, session.tokenizer, config, train_set, eval_set, reporter,
-                           session.history, run_index=len(session.train_configs) - 1, stop=stop, task=task)
-    session.last_train_summary = summary
-    return summary
-
-
-def task_examples(session, config, rows):
-    """The row tokenizer for the loaded model's task (checked against the templates given)."""
-    from .data import ClassificationExamples, ExampleTokenizer, Seq2SeqExamples, label_names
-
-    task = session.task
-    if task == "seq-cls":
-        if not config.label:
-            raise ConfigError("A seq-cls model trains on classes: add label: <column> to the cell body (label= in Python).")
-        names = label_names(rows, config.label)
-        previous = session.label_names
-        if previous and set(map(str, names)) <= set(map(str, previous)):
-            names = previous  # the ids an earlier run (or the restored adapter) gave these classes
-        head = session.model.config.num_labels
-        if len(names) > head:
-            shown = ", ".join(map(str, names[:6])) + (", ..." if len(names) > 6 else "")
-            raise ConfigError(f"The data has {len(names)} classes ({shown}) but the model was loaded for {head}: reload with --num-labels {len(names)}.")
-        names = list(names) + [f"LABEL_{i}" for i in range(len(names), head)]
-        return ClassificationExamples(session.tokenizer, config.prompt, config.label, names, max_length=config.max_length)
-    if config.label:
-        raise ConfigError(f"label: is for --task seq-cls models; this one is {task}: give a response: template instead.")
-    if config.response is None:
-        raise ConfigError("The cell body needs a response: template, e.g. response: \"{answer}\".")
-    if task == "seq2seq":
-        return Seq2SeqExamples(session.tokenizer, config.prompt, config.response, max_length=config.max_length)
-    return ExampleTokenizer(session.tokenizer, config.prompt, config.response, chat=config.chat, max_length=config.max_length)
-
-
-def _set_class_names(model, names):
-    model.config.id2label = {i: str(name) for i, name in enumerate(names)}
-    model.config.label2id = {str(name): i for i, name in enumerate(names)}
+    return finetune(get_session(), _config(TrainConfig, config, options), reporter=reporter, stop=stop)
 
 
 def _not_for_classifier(session, action):
@@ -131,7 +76,7 @@ def classify(texts, *, batch_size=16, max_length=512):
     >>> result = qlora_magic.classify(["A wonderful film.", "Dull and too long."])
     >>> result.labels, result.probabilities[0]
     """
-    from .classification import classify_texts
+    from .engine.classification import classify_texts
 
     return classify_texts(get_session(), texts, batch_size=batch_size, max_length=max_length)
 
@@ -142,7 +87,7 @@ def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None,
     >>> qlora_magic.generate("What is the capital of France?", greedy=True)
     >>> qlora_magic.generate("Instruction: ...\\n\\nResponse: ", raw=True, base=True)
     """
-    from .generation import generate_text
+    from .engine.generation import generate_text
 
     if prompt is not None:
         options["prompt"] = prompt
@@ -159,7 +104,7 @@ def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None,
 
 def save(path):
     """Save the adapter (PEFT format), tokenizer and run record to the folder `path`; returns the Path."""
-    from .saving import save_adapter
+    from .engine.adapter_folder import save_adapter
 
     session = get_session()
     session.require_model("saving")
@@ -168,12 +113,12 @@ def save(path):
 
 def memory():
     """The memory readout now: model footprint, GPU allocated/reserved/total, or CPU memory."""
-    from .memory_usage import memory_report
+    from .engine.memory_usage import memory_report
 
     return memory_report(get_session().model)
 
 
-__all__ = ["load", "train", "generate", "classify", "save", "memory", "NoModelError"]
+__all__ = ["load", "train", "generate", "classify", "save", "memory", "NoModelError", "StopFlag"]
 
 
 # --- evaluation, comparison, adapters, merge -------------------------------------------------------
@@ -186,7 +131,7 @@ def evaluate(data=None, *, config=None, **options):
     >>> qlora_magic.evaluate(rows, prompt="Q: {q}\\nA: ", response="{a}", metrics=["perplexity", "bleu", "rouge"])
     """
     from .config import EvalConfig
-    from .evaluation import evaluate_model
+    from .tasks.evaluation import evaluate_model
 
     if data is not None:
         options["data"] = data
@@ -200,7 +145,7 @@ def compare(prompts=None, *, config=None, on_update=None, **options):
 
     >>> qlora_magic.compare(["Instruction: ...\\n\\nResponse: "], raw=True, max_new_tokens=20)
     """
-    from .comparison import compare_answers
+    from .tasks.comparison import compare_answers
     from .config import CompareConfig
 
     if prompts is not None:
@@ -211,7 +156,7 @@ def compare(prompts=None, *, config=None, on_update=None, **options):
 
 def list_adapters():
     """The adapters on the loaded model (name, active, r, alpha, targets, size)."""
-    from .adapters import adapter_table
+    from .engine.adapters import adapter_table
 
     return adapter_table(get_session().require_model("listing adapters"))
 
@@ -219,35 +164,35 @@ def list_adapters():
 def add_adapter(name, *, r=None, alpha=None, dropout=None, targets=None, activate=True):
     """Add a fresh LoRA adapter beside the existing ones, on the same quantized base; it becomes the
     active one (trained by the next train(), used by generate()) unless activate=False."""
-    from . import adapters
+    from .engine import adapters
 
     return adapters.add_adapter(get_session(), name, r=r, alpha=alpha, dropout=dropout, targets=targets, activate=activate)
 
 
 def load_adapter(path, name=None, *, activate=True):
     """Load a saved adapter folder beside the existing adapters."""
-    from . import adapters
+    from .engine import adapters
 
     return adapters.load_adapter(get_session(), path, name, activate=activate)
 
 
 def switch_adapter(name):
     """Make adapter `name` the active one."""
-    from . import adapters
+    from .engine import adapters
 
     return adapters.switch_adapter(get_session(), name)
 
 
 def delete_adapter(name):
     """Remove adapter `name` (not the last one)."""
-    from . import adapters
+    from .engine import adapters
 
     return adapters.delete_adapter(get_session(), name)
 
 
 def combine_adapters(name, weights, *, combination_type=None, activate=True):
     """Add adapter `name`, a weighted combination of existing ones: weights={"default": 0.5, "task2": 0.5}."""
-    from . import adapters
+    from .engine import adapters
 
     return adapters.combine_adapters(get_session(), name, weights, combination_type=combination_type, activate=activate)
 
@@ -259,7 +204,7 @@ def merge(path=None, *, config=None, **options):
     >>> qlora_magic.merge("merged/word-forms")                 # float16; dtype="bfloat16" or "float32"
     """
     from .config import MergeConfig
-    from .merging import merge_adapter
+    from .tasks.merging import merge_adapter
 
     if path is not None:
         options["path"] = str(path)
@@ -278,7 +223,7 @@ def tune(data=None, *, search=None, config=None, on_trial=None, **options):
     ...                  search={"r": [4, 8, 16], "lr": {"low": 1e-4, "high": 1e-2, "log": True}}, trials=5)
     """
     from .config import TrainConfig, TuneConfig
-    from .tuning import run_search
+    from .tasks.tuning import run_search
 
     if config is None:
         tune_keys = {"trials", "prune", "seed", "keep"}

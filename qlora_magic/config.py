@@ -7,6 +7,7 @@ Every check quotes the bad value and says what would be accepted.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,19 @@ def _fraction(name, value, low_open=True):
     ok = (0 < value < 1) if low_open else (0 <= value < 1)
     if not ok:
         raise ConfigError(f"{name} must be between 0 and 1, got {value!r}.")
+
+
+def parse_memory(value) -> int | None:
+    """'10GB', '10 GiB', '512MB', 10 (GB) or a byte count -> bytes; None stays None."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value * 1024**3) if value < 4096 else int(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--max-memory must look like 10GB or 512MB, got {value!r}.")
+    number, unit = float(match.group(1)), match.group(2).upper() or "G"
+    return int(number * 1024 ** "KMGT".index(unit) * 1024)
 
 
 class _Config:
@@ -163,8 +177,6 @@ class TrainConfig(_Config):
             if not (is_fraction or is_count):
                 raise ConfigError(f"eval_split must be a fraction between 0 and 1 or a row count, got {v!r}.")
         if self.max_memory is not None:
-            from .speed import parse_memory
-
             parse_memory(self.max_memory)  # a malformed budget fails here, in one line
         if self.display not in ("auto", "html", "widget", "text", "none"):
             raise ConfigError(f"--display must be auto, html, widget, text or none, got {self.display!r}.")

@@ -69,7 +69,7 @@ def reset_session() -> Session:
     global _session
     old, _session = _session, Session()
     if old is not None and old.model is not None:
-        from .memory_usage import release_memory
+        from .engine.memory_usage import release_memory
 
         old.model = None
         release_memory()

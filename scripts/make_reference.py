@@ -1,6 +1,6 @@
 """Writes docs/reference.md from the code itself, so the reference cannot drift from it:
 
-- every magic from its declared options (qlora_magic.parsing.MAGIC_DECLARATIONS: the argparse usage that
+- every magic from its declared options (qlora_magic.front.parsing.MAGIC_DECLARATIONS: the argparse usage that
   `%name?` prints, the docstring, one table row per option);
 - every public function of the package (`qlora_magic.__all__`): signature and docstring;
 - every settings dataclass (qlora_magic.config): field, default and the `help` of its metadata.
@@ -129,8 +129,9 @@ def config_section(cls) -> str:
 
 def render() -> str:
     import qlora_magic
-    from qlora_magic import config, parsing
-    from qlora_magic.magics import QloraMagics
+    from qlora_magic import config
+    from qlora_magic.front import parsing
+    from qlora_magic.front.magics import QloraMagics
 
     kinds = {kind: set(names) for kind, names in QloraMagics.magics.items()}
     out = [
@@ -161,12 +162,13 @@ def render() -> str:
             out.append(function_section(f"qlora_magic.{name}", obj))
         elif inspect.isclass(obj) and issubclass(obj, BaseException):
             out += [f"### `qlora_magic.{name}`", "", _doc_markdown(_doc(obj)), ""]
-    from qlora_magic.panel import Panel, WidgetReporter
+    from qlora_magic.display.widget_reporter import WidgetReporter
+    from qlora_magic.front.panel import Panel
 
     out += ["### The panel object", "", _doc_markdown(_doc(Panel)), ""]
     for method in ("wait", "stop", "refresh_memory"):
         out.append(function_section(f"Panel.{method}", getattr(Panel, method)))
-    out += ["### `qlora_magic.panel.WidgetReporter`", "", _doc_markdown(_doc(WidgetReporter)), ""]
+    out += ["### `qlora_magic.display.widget_reporter.WidgetReporter`", "", _doc_markdown(_doc(WidgetReporter)), ""]
     out += ["## Settings dataclasses", "", "`qlora_magic.config`: each checks its values when built and quotes a bad one.", ""]
     for name, cls in inspect.getmembers(config, inspect.isclass):
         if dataclasses.is_dataclass(cls) and cls.__module__ == config.__name__:

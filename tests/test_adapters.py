@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qlora_magic
-from qlora_magic import parsing
+from qlora_magic.front import parsing
 from qlora_magic.errors import AdapterError, ConfigError
 
 

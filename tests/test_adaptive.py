@@ -8,10 +8,10 @@ from IPython.core.error import UsageError
 
 import qlora_magic
 from qlora_magic import api
-from qlora_magic.adaptive import AdaptiveReport, LayerError, choose_layers_8bit, quantized_layers
+from qlora_magic.engine.adaptive import AdaptiveReport, LayerError, choose_layers_8bit, quantized_layers
 from qlora_magic.config import LoadConfig
 from qlora_magic.errors import ConfigError
-from qlora_magic.parsing import parse_load
+from qlora_magic.front.parsing import parse_load
 
 # --- parsing --------------------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 import pytest
 
 import qlora_magic
-from qlora_magic import parsing
+from qlora_magic.front import parsing
 from qlora_magic.errors import AdapterError, ConfigError
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import qlora_magic as qm
 from qlora_magic.errors import ConfigError, DataError, ModelNotFoundError, QloraError
-from qlora_magic.reporters import Reporter
+from qlora_magic.display.reporters import Reporter
 
 PROMPT, RESPONSE = "{question} ", "{answer}"
 FAST = dict(prompt=PROMPT, response=RESPONSE, batch_size=8, grad_accum=1, lr=2e-2, display="none")
@@ -57,7 +57,7 @@ def test_training_lowers_the_loss_and_fills_history(tiny_model_dir, rows, bits):
 
 
 def test_loss_is_on_response_tokens_only(tiny_model_dir):
-    from qlora_magic.data import IGNORE_INDEX, ExampleTokenizer
+    from qlora_magic.engine.data import IGNORE_INDEX, ExampleTokenizer
 
     qm.load(tiny_model_dir)
     tok = qm.get_session().tokenizer
@@ -69,7 +69,7 @@ def test_loss_is_on_response_tokens_only(tiny_model_dir):
 
 
 def test_chat_mode_masks_the_user_turn(tiny_model_dir):
-    from qlora_magic.data import IGNORE_INDEX, ExampleTokenizer
+    from qlora_magic.engine.data import IGNORE_INDEX, ExampleTokenizer
 
     qm.load(tiny_model_dir)
     tok = qm.get_session().tokenizer
@@ -79,7 +79,7 @@ def test_chat_mode_masks_the_user_turn(tiny_model_dir):
 
 
 def test_batches_are_padded_dynamically(tiny_model_dir):
-    from qlora_magic.data import IGNORE_INDEX, make_collator
+    from qlora_magic.engine.data import IGNORE_INDEX, make_collator
 
     qm.load(tiny_model_dir)
     tok = qm.get_session().tokenizer
@@ -192,7 +192,7 @@ def test_data_sources(tiny_loaded, rows, tmp_path):
     import datasets
     import pandas as pd
 
-    from qlora_magic.data import load_rows
+    from qlora_magic.engine.data import load_rows
 
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
@@ -210,7 +210,7 @@ def test_memory_readout(tiny_loaded):
 
 
 def test_missing_default_model_says_how_to_install_it(monkeypatch, tmp_path):
-    from qlora_magic import default_model
+    from qlora_magic.engine import default_model
 
     monkeypatch.setenv("QLORA_MAGIC_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)

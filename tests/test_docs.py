@@ -14,7 +14,7 @@ def test_reference_matches_the_code():
 
 
 def test_every_magic_is_in_the_reference():
-    from qlora_magic.magics import QloraMagics
+    from qlora_magic.front.magics import QloraMagics
 
     text = (ROOT / "docs" / "reference.md").read_text()
     names = {name for kind in QloraMagics.magics.values() for name in kind}

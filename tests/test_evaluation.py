@@ -5,7 +5,7 @@ import math
 import pytest
 
 import qlora_magic
-from qlora_magic import parsing
+from qlora_magic.front import parsing
 from qlora_magic.config import EvalConfig
 from qlora_magic.errors import AdapterError, ConfigError, DataError
 
@@ -64,7 +64,7 @@ def test_magic_without_a_model_fails_in_one_line(ip):
 # --- metrics -----------------------------------------------------------------------------------------
 
 def test_text_metrics_on_known_answers():
-    from qlora_magic.evaluation import text_metrics
+    from qlora_magic.tasks.evaluation import text_metrics
 
     same = text_metrics(["the sky is blue"], ["the sky is blue"], ["bleu", "rouge", "exact_match"])
     assert same["bleu"] == pytest.approx(100) and same["rougeL"] == 1 and same["exact_match"] == 1
@@ -78,8 +78,8 @@ def test_perplexity_is_the_masked_response_loss(tiny_loaded, rows):
     """One example: our perplexity is exp of the model's own loss with the prompt masked out."""
     import torch
 
-    from qlora_magic.data import ExampleTokenizer
-    from qlora_magic.evaluation import response_nll
+    from qlora_magic.engine.data import ExampleTokenizer
+    from qlora_magic.tasks.evaluation import response_nll
 
     session = tiny_loaded
     example = ExampleTokenizer(session.tokenizer, PROMPT, RESPONSE)(rows[0])

@@ -11,8 +11,8 @@ def test_packed_batch_has_the_padded_loss_on_the_gpu(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_magic.data import ExampleTokenizer, make_collator
-    from qlora_magic.speed import no_kv_cache
+    from qlora_magic.engine.data import ExampleTokenizer, make_collator
+    from qlora_magic.engine.speed import no_kv_cache
     from tiny_model import toy_rows
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -30,7 +30,7 @@ def test_dequantized_int8_matmul_matches_the_dequantized_weight():
     import bitsandbytes as bnb
     import torch
 
-    from qlora_magic.speed import _Int8DequantLinear
+    from qlora_magic.engine.speed import _Int8DequantLinear
 
     torch.manual_seed(0)
     layer = bnb.nn.Linear8bitLt(256, 128, bias=True, has_fp16_weights=False).cuda()
@@ -54,7 +54,7 @@ def test_chunked_loss_matches_the_models_loss_in_bf16(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_magic.speed import causal_lm_loss, hidden_states_as_logits, output_head
+    from qlora_magic.engine.speed import causal_lm_loss, hidden_states_as_logits, output_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).cuda().train()
     for param in model.parameters():
@@ -88,7 +88,7 @@ def test_fast_defaults_train_on_the_gpu(tiny_model_dir, rows, bits):
     assert settings["optimizer"] == "adamw_torch_fused" and settings["bf16_stream"] is True
     assert settings["chunked_loss"] is True
     assert settings["int8_dequant"] is (bits == 8)
-    from qlora_magic.speed import PACKED_LENGTH_MULTIPLE
+    from qlora_magic.engine.speed import PACKED_LENGTH_MULTIPLE
 
     assert settings["pad_packed_to"] == PACKED_LENGTH_MULTIPLE
     first, last = summary.train_loss

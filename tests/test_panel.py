@@ -9,8 +9,9 @@ import pytest
 import qlora_magic
 from qlora_magic import api
 from qlora_magic.errors import QloraError
-from qlora_magic.panel import Panel, WidgetReporter
-from qlora_magic.reporters import choose_reporter
+from qlora_magic.display.widget_reporter import WidgetReporter
+from qlora_magic.front.panel import Panel
+from qlora_magic.display import choose_reporter
 
 pytest.importorskip("ipywidgets")
 
@@ -163,7 +164,7 @@ def test_train_from_a_notebook_variable(tiny_loaded, rows, ip):
 
 
 def test_widget_reporter_draws_events():
-    from qlora_magic.training import TrainSummary
+    from qlora_magic.engine.training import TrainSummary
 
     r = WidgetReporter(refresh_seconds=0)
     r.start({"total_steps": 4, "settings": {"lr": 0.001}})

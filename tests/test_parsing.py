@@ -5,7 +5,7 @@ from IPython.core.error import UsageError
 
 from qlora_magic.config import LoadConfig, TrainConfig
 from qlora_magic.errors import ConfigError
-from qlora_magic.parsing import parse_generate, parse_load, parse_save, parse_train, split_generate_line
+from qlora_magic.front.parsing import parse_generate, parse_load, parse_save, parse_train, split_generate_line
 
 BODY = 'data: rows.jsonl\nprompt: "Q: {question}\\nA: "\nresponse: "{answer}"\n'
 

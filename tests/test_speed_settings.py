@@ -5,7 +5,8 @@ import pytest
 import qlora_magic
 from qlora_magic.config import TrainConfig
 from qlora_magic.errors import ConfigError
-from qlora_magic.speed import GB, SAFETY, activation_bytes, parse_memory, plan_batches, workspace_bytes
+from qlora_magic.config import parse_memory
+from qlora_magic.engine.speed import GB, SAFETY, activation_bytes, plan_batches, workspace_bytes
 
 LLAMA_7B = {"hidden": 4096, "intermediate": 11008, "layers": 32, "vocab": 32000}
 LENGTHS = [180] * 900 + [512] * 100  # instruction data: most short, some cut at max_length
@@ -123,7 +124,7 @@ def test_automatic_plan_fits_a_card_even_when_every_example_is_max_length(bits, 
 def _tokenized(tiny_model_dir, n=8):
     from transformers import AutoTokenizer
 
-    from qlora_magic.data import ExampleTokenizer
+    from qlora_magic.engine.data import ExampleTokenizer
     from tiny_model import toy_rows
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -137,8 +138,8 @@ def test_packed_batch_has_the_padded_loss(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_magic.data import make_collator
-    from qlora_magic.speed import no_kv_cache
+    from qlora_magic.engine.data import make_collator
+    from qlora_magic.engine.speed import no_kv_cache
 
     tokenizer, rows = _tokenized(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -156,8 +157,8 @@ def test_packed_batch_rounded_up_keeps_the_loss(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_magic.data import make_collator, packed_real_tokens
-    from qlora_magic.speed import no_kv_cache
+    from qlora_magic.engine.data import make_collator, packed_real_tokens
+    from qlora_magic.engine.speed import no_kv_cache
 
     tokenizer, rows = _tokenized(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
@@ -177,9 +178,9 @@ def test_rounded_packing_trains_the_same_and_counts_real_tokens(tiny_model_dir, 
     from transformers import TrainerCallback
 
     from qlora_magic.config import TrainConfig
-    from qlora_magic.data import ExampleTokenizer, load_rows, prepare_datasets
-    from qlora_magic.reporters import NullReporter
-    from qlora_magic.training import run_training
+    from qlora_magic.engine.data import ExampleTokenizer, load_rows, prepare_datasets
+    from qlora_magic.display.reporters import NullReporter
+    from qlora_magic.engine.training import run_training
 
     class Tokens(TrainerCallback):
         def on_train_end(self, args, state, control, **kwargs):
@@ -224,7 +225,7 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_model_dir, num_i
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_magic.speed import causal_lm_loss, hidden_states_as_logits, output_head
+    from qlora_magic.engine.speed import causal_lm_loss, hidden_states_as_logits, output_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     for param in model.parameters():
@@ -252,7 +253,7 @@ def test_chunked_loss_is_only_for_plain_frozen_heads(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_magic.speed import output_head
+    from qlora_magic.engine.speed import output_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.get_output_embeddings().weight.requires_grad_(False)
@@ -270,8 +271,8 @@ def test_training_with_the_chunked_loss_takes_the_same_steps(tiny_model_dir):
     import torch
 
     from qlora_magic.config import TrainConfig
-    from qlora_magic.reporters import NullReporter
-    from qlora_magic.training import run_training
+    from qlora_magic.display.reporters import NullReporter
+    from qlora_magic.engine.training import run_training
 
     _, rows = _tokenized(tiny_model_dir, n=16)
     losses = {}

@@ -5,10 +5,10 @@ import pytest
 from IPython.core.error import UsageError
 
 import qlora_magic
-from qlora_magic.classification import accuracy_and_f1
+from qlora_magic.engine.classification import accuracy_and_f1
 from qlora_magic.config import LoadConfig, TrainConfig
 from qlora_magic.errors import ConfigError, DataError
-from qlora_magic.parsing import parse_load, parse_train
+from qlora_magic.front.parsing import parse_load, parse_train
 from tiny_model import sentiment_rows, summary_rows
 
 CLS_BODY = 'data: rows.jsonl\nprompt: "Review: {text}"\nlabel: sentiment\n'
@@ -160,7 +160,7 @@ def test_load_magic_passes_the_task(ip):
 
 
 def test_text_progress_shows_accuracy():
-    from qlora_magic.reporters import readout_items
+    from qlora_magic.display.reporters import readout_items
 
     items = dict(readout_items(None, {"eval_loss": 0.5, "accuracy": 0.875, "f1": 0.8}, {"step": 4, "total_steps": 8}))
     assert (items["accuracy"], items["macro F1"]) == ("87.5%", "0.800")

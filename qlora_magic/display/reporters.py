@@ -4,7 +4,7 @@
   VS Code and Colab, and the last state stays in the saved notebook).
 - TextReporter: a tqdm bar and a line per log, for terminals, scripts and CI.
 - NullReporter: nothing.
-The widget panel (qlora_magic.panel) brings its own reporter built on the same events.
+- WidgetReporter (widget_reporter.py): widgets, for the panel and --display widget.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def readout_items(row_train: dict | None, row_eval: dict | None, progress: dict)
     return items
 
 
-def _last(history, key):
+def last_row(history, key):
+    """The newest history row that has `key` (None when none has)."""
     return next((r for r in reversed(history) if r.get(key) is not None), None)
 
 
@@ -117,7 +118,7 @@ class HtmlReporter(Reporter):
         p = self._progress
         fraction = p["step"] / p["total_steps"] if p.get("total_steps") else 0
         color = {"running": "#1f77b4", "completed": "#2ca02c", "interrupted": "#ff7f0e", "failed": "#d62728"}[self._status]
-        items = readout_items(_last(self._history, "loss"), _last(self._history, "eval_loss"), p)
+        items = readout_items(last_row(self._history, "loss"), last_row(self._history, "eval_loss"), p)
         readouts = " · ".join(f"<b>{html.escape(k)}</b> {html.escape(v)}" for k, v in items)
         settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
         image = png_img_tag(loss_chart_png(self._history)) if chart and self._history else ""
@@ -158,25 +159,3 @@ class TextReporter(Reporter):
     def end(self, summary):
         if self.bar is not None:
             self.bar.close()
-
-
-def in_notebook() -> bool:
-    """True inside a Jupyter kernel (which can render HTML), False in a terminal or script."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
-def choose_reporter(kind="auto") -> Reporter:
-    if kind == "none":
-        return NullReporter()
-    if kind == "widget":  # explicit only: widget state is not kept in a saved notebook, HTML is
-        from .panel import WidgetReporter
-
-        return WidgetReporter(show=True)
-    if kind == "html" or (kind == "auto" and in_notebook()):
-        return HtmlReporter()
-    return TextReporter()

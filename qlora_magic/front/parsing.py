@@ -10,8 +10,8 @@ from argparse import ArgumentTypeError
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .config import GenerateConfig, LoadConfig, TrainConfig
-from .errors import ConfigError
+from ..config import GenerateConfig, LoadConfig, TrainConfig
+from ..errors import ConfigError
 
 
 def _bits(text):
@@ -166,7 +166,7 @@ def parse_train(line: str, cell: str, namespace: dict | None = None) -> TrainCon
         body[key] = _template_from_yaml(key, body.get(key))
     body = {k: _number(v) if k not in ("prompt", "response", "data", "label") else v for k, v in body.items()}
     if isinstance(body.get("data"), str) and body["data"].startswith("$"):
-        body["data"] = _lookup(body["data"][1:], namespace)
+        body["data"] = lookup_variable(body["data"][1:], namespace)
     return TrainConfig(**{**body, **_options(args)})
 
 
@@ -190,7 +190,8 @@ def _template_from_yaml(key, value):
     return value
 
 
-def _lookup(name, namespace):
+def lookup_variable(name, namespace):
+    """The notebook variable `$name` names (data: $rows), or a one-line error."""
     if not name.isidentifier():
         raise ConfigError(f"data: ${name} is not a variable name.")
     if namespace is None or name not in namespace:
@@ -388,13 +389,13 @@ def _yaml_body(cell, known, magic):
 
 
 def parse_eval(line: str, cell: str | None = None, namespace: dict | None = None):
-    from .config import EvalConfig
+    from ..config import EvalConfig
 
     args = parse_argstring(qlora_eval, line)
     body = _yaml_body(cell, EvalConfig.__dataclass_fields__, "%%qlora_eval") if cell is not None else {}
     options = {**body, **_options(args)}
     if isinstance(options.get("data"), str) and options["data"].startswith("$"):
-        options["data"] = _lookup(options["data"][1:], namespace)
+        options["data"] = lookup_variable(options["data"][1:], namespace)
     return EvalConfig(**options)
 
 
@@ -402,7 +403,7 @@ _SEPARATOR = re.compile(r"^\s*---\s*$", re.MULTILINE)
 
 
 def parse_compare(line: str, cell: str | None = None):
-    from .config import CompareConfig
+    from ..config import CompareConfig
 
     options_text, prompt = split_generate_line(line, qlora_compare)
     args = parse_argstring(qlora_compare, options_text)
@@ -432,15 +433,27 @@ def parse_adapters(line: str) -> dict:
     if action == "load":
         return {"action": action, "path": args.name, "name": args.as_name, "activate": not args.keep_active}
     if action == "combine":
-        from .adapters import parse_weights
-
         return {"action": action, "name": args.name, "weights": parse_weights(args.weights),
                 "combination_type": args.combination, "activate": not args.keep_active}
     return {"action": action, "name": args.name}
 
 
+def parse_weights(text: str) -> dict:
+    """'default=0.7,task2=0.3' -> {'default': 0.7, 'task2': 0.3}; a bare name weighs 1."""
+    weights = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, _, value = part.partition("=")
+        try:
+            weights[key.strip()] = float(value) if value.strip() else 1.0
+        except ValueError:
+            raise ConfigError(f"--weights: {value.strip()!r} is not a number; write name=weight, e.g. default=0.5.") from None
+    return weights
+
+
 def parse_merge(line: str):
-    from .config import MergeConfig
+    from ..config import MergeConfig
 
     args = parse_argstring(qlora_merge, line)
     return MergeConfig(verify=not args.no_verify, **_options(args, skip={"no_verify"}))
@@ -476,7 +489,7 @@ def qlora_tune(line="", cell=""):
 
 def parse_tune(line: str, cell: str, namespace: dict | None = None):
     """`%%qlora_tune` flags + body -> TuneConfig; the body minus search: is read as %%qlora_train's."""
-    from .config import TuneConfig
+    from ..config import TuneConfig
 
     args = parse_argstring(qlora_tune, line)
     body = _yaml_body(cell, set(BODY_KEYS) | {"search", "trials"}, "%%qlora_tune")
@@ -490,7 +503,7 @@ def parse_tune(line: str, cell: str, namespace: dict | None = None):
     # The rest is %%qlora_train's body, read as parse_train reads it (not re-dumped to YAML: that loses newlines).
     body = {k: v if k in ("prompt", "response", "data") else _number(v) for k, v in body.items()}
     if isinstance(body.get("data"), str) and body["data"].startswith("$"):
-        body["data"] = _lookup(body["data"][1:], namespace)
+        body["data"] = lookup_variable(body["data"][1:], namespace)
     train = TrainConfig(**body)
     options = {"trials": args.trials or trials, "seed": args.sampler_seed}
     return TuneConfig(train=train, search=search, prune=not args.no_prune, keep=not args.no_keep,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 
-from .formatting import Readout, gb
+from ..display.formatting import Readout, gb
 
 
 @dataclass(repr=False)  # the repr is Readout's text table

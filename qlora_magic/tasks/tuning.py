@@ -3,8 +3,8 @@
 Every trial trains a fresh LoRA adapter on the same quantized base: a new adapter's update starts at
 zero (PEFT initializes B = 0), so each trial starts from the same weights without reloading the model.
 The objective is the held-out eval loss (the masked response loss). A trial whose eval loss trails the
-median of earlier trials at the same step is stopped early (Optuna's MedianPruner), through the same
-stop flag Ctrl-C uses. The adapters of finished trials are deleted, except the best so far; memory is
+median of earlier trials at the same step is stopped early (Optuna's MedianPruner), by a Trainer
+callback that sets the same stop flag Ctrl-C sets. The adapters of finished trials are deleted, except the best so far; memory is
 measured after each trial, so growth would show in the table.
 """
 
@@ -14,23 +14,28 @@ import html
 import time
 from dataclasses import dataclass, field
 
-from .config import TUNE_LORA, TuneConfig
-from .formatting import gb, html_grid, text_grid
-from .reporters import NullReporter
+from ..config import TUNE_LORA, TuneConfig
+from ..display.formatting import gb, html_grid, text_grid
 
-class _PruningReporter(NullReporter):
-    """Hands each eval loss to Optuna and asks training to stop when the trial should be pruned."""
+def _pruning_callback(trial, stop):
+    """A TrainerCallback that hands each eval loss to Optuna and ends the run when the trial should be
+    pruned. It sets the run's stop flag, as Ctrl-C does, so no final evaluation follows."""
+    from transformers import TrainerCallback
 
-    def __init__(self, trial, stop):
-        self.trial, self.stop, self.pruned = trial, stop, False
+    class PruneTrial(TrainerCallback):
+        pruned = False
 
-    def log(self, row, progress, history):
-        if row.get("eval_loss") is None or row["step"] == 0:
-            return
-        self.trial.report(row["eval_loss"], row["step"])
-        if self.trial.should_prune():
-            self.pruned = True
-            self.stop.set("pruned")
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None or state.global_step == 0:  # the "before" point of eval_on_start
+                return
+            trial.report(loss, state.global_step)
+            if trial.should_prune():
+                self.pruned = True
+                stop.set("pruned")
+                control.should_training_stop = True
+
+    return PruneTrial()
 
 
 def _suggest(trial, config: TuneConfig) -> dict:
@@ -83,72 +88,89 @@ def run_search(session, config: TuneConfig, on_trial=None) -> "TuneReport":
     """Run the trials; `on_trial(report)` is called after each one (for a live table)."""
     import optuna
 
-    from . import api
-    from .adapters import add_adapter, adapter_names, delete_adapter, switch_adapter
-    from .memory_usage import release_memory
-    from .training import StopFlag
+    from ..engine.adapters import adapter_names, delete_adapter, switch_adapter
 
     model = session.require_model("tuning")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     previous = model.active_adapter
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=config.seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if config.prune else optuna.pruners.NopPruner())
-    report = TuneReport(search=config.search)
-    best_name = None
-
-    def objective(trial):
-        nonlocal best_name
-        params = _suggest(trial, config)
-        name = f"trial{trial.number}"
-        lora = {k: v for k, v in params.items() if k in TUNE_LORA}
-        add_adapter(session, name, **lora)
-        stop = StopFlag()
-        reporter = _PruningReporter(trial, stop)
-        started = time.perf_counter()
-        train_options = {k: v for k, v in params.items() if k not in TUNE_LORA}
-        try:
-            summary = api.train(config=config.train.replace(display="none", **train_options), reporter=reporter, stop=stop)
-        except BaseException:
-            delete_adapter(session, name)
-            raise
-        value = summary.eval_loss[1]
-        state = "pruned" if reporter.pruned else ("interrupted" if summary.status == "interrupted" else "complete")
-        is_best = state == "complete" and value is not None and (report.best is None or value < report.best["eval_loss"])
-        if is_best and best_name:
-            delete_adapter(session, best_name)
-        if not is_best:
-            delete_adapter(session, name)
-        else:
-            best_name = name
-        release_memory()
-        report.trials.append({"trial": trial.number, **params, "eval_loss": value, "steps": summary.steps_done,
-                              "state": state, "seconds": time.perf_counter() - started, "memory": _memory_now(model),
-                              "other_tensors": other_tensor_bytes(model)})
-        if on_trial:
-            on_trial(report)
-        if state == "interrupted":
-            study.stop()
-        if reporter.pruned:
-            raise optuna.TrialPruned()
-        return value
-
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if config.prune else optuna.pruners.NopPruner()
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=config.seed), pruner=pruner)
+    search = _Search(session, config, study, on_trial)
     try:
-        study.optimize(objective, n_trials=config.trials, catch=())
+        study.optimize(search.objective, n_trials=config.trials, catch=())
     finally:
-        if best_name and config.keep:
-            switch_adapter(session, best_name)  # the winner stays, active, under its trial's name
+        if search.best_name and config.keep:
+            switch_adapter(session, search.best_name)  # the winner stays, active, under its trial's name
         else:
-            if best_name:
-                delete_adapter(session, best_name)
+            if search.best_name:
+                delete_adapter(session, search.best_name)
             if previous in adapter_names(model):
                 switch_adapter(session, previous)
-    report.kept = best_name if config.keep else None
+    report = search.report
+    report.kept = search.best_name if config.keep else None
     if report.best:
         best_params = {k: report.best[k] for k in config.search}
         report.best_train_config = config.train.replace(**{k: v for k, v in best_params.items() if k not in TUNE_LORA})
         report.best_lora = {k: v for k, v in best_params.items() if k in TUNE_LORA}
     session.last_tune_report = report
     return report
+
+
+class _Search:
+    """The objective Optuna calls once per trial: a fresh adapter, one training run, the eval loss; it keeps
+    the best trial's adapter and deletes the others."""
+
+    def __init__(self, session, config: TuneConfig, study, on_trial=None):
+        self.session, self.config, self.study, self.on_trial = session, config, study, on_trial
+        self.report = TuneReport(search=config.search)
+        self.best_name = None
+
+    def objective(self, trial):
+        import optuna
+
+        from ..engine.adapters import add_adapter, delete_adapter
+        from ..engine.memory_usage import release_memory
+        from ..engine.stopping import StopFlag
+        from .finetune import finetune
+
+        params = _suggest(trial, self.config)
+        name = f"trial{trial.number}"
+        add_adapter(self.session, name, **{k: v for k, v in params.items() if k in TUNE_LORA})
+        stop = StopFlag()
+        pruning = _pruning_callback(trial, stop)
+        started = time.perf_counter()
+        train_config = self.config.train.replace(display="none", **{k: v for k, v in params.items() if k not in TUNE_LORA})
+        try:
+            summary = finetune(self.session, train_config, stop=stop, callbacks=[pruning])
+        except BaseException:
+            delete_adapter(self.session, name)
+            raise
+        value = summary.eval_loss[1]
+        state = "pruned" if pruning.pruned else ("interrupted" if summary.status == "interrupted" else "complete")
+        self._keep_if_best(name, state, value)
+        release_memory()
+        model = self.session.model
+        self.report.trials.append({"trial": trial.number, **params, "eval_loss": value, "steps": summary.steps_done,
+                                   "state": state, "seconds": time.perf_counter() - started, "memory": _memory_now(model),
+                                   "other_tensors": other_tensor_bytes(model)})
+        if self.on_trial:
+            self.on_trial(self.report)
+        if state == "interrupted":
+            self.study.stop()
+        if pruning.pruned:
+            raise optuna.TrialPruned()
+        return value
+
+    def _keep_if_best(self, name, state, value):
+        from ..engine.adapters import delete_adapter
+
+        best = self.report.best
+        if state == "complete" and value is not None and (best is None or value < best["eval_loss"]):
+            if self.best_name:
+                delete_adapter(self.session, self.best_name)
+            self.best_name = name
+        else:
+            delete_adapter(self.session, name)
 
 
 @dataclass(repr=False)
@@ -191,9 +213,9 @@ class TuneReport:
             return ""
         first, last = self.trials[0], self.trials[-1]
         line = (f"memory after trial {first['trial']} -> {last['trial']}: {gb(first['memory'])} -> {gb(last['memory'])} "
-                f"({self.memory_growth() / 2**20:+.1f} MB)")
+                f"({self.memory_growth() / 1e6:+.1f} MB)")
         if self.memory_growth("other_tensors") is not None:
-            line += f"; other tensors {self.memory_growth('other_tensors') / 2**20:+.3f} MB"
+            line += f"; other tensors {self.memory_growth('other_tensors') / 1e6:+.3f} MB"
         return line
 
     def _title(self):
@@ -215,4 +237,4 @@ class TuneReport:
 
 
 def _mb(value):
-    return "-" if value is None else f"{value / 2**20:.2f} MB"
+    return "-" if value is None else f"{value / 1e6:.2f} MB"

@@ -21,9 +21,11 @@ Everything here is pure Python except the two context managers, so the choices a
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 
-from .errors import ConfigError
+from ..config import parse_memory
+from ..errors import ConfigError
 
 GB = 1024**3
 MB = 1024**2
@@ -59,19 +61,6 @@ SAFETY = 0.9  # never plan to fill more than this share of the budget (the alloc
 # speed: so fewer, bigger micro-batches win, and checkpointing (x1.37 measured) beats a split in two.
 MICRO_BATCH_OVERHEAD_TOKENS = 8192
 CHECKPOINTING_COST = 4 / 3  # the forward runs twice (1.37x measured)
-
-
-def parse_memory(value) -> int | None:
-    """'10GB', '10 GiB', '512MB', 10 (GB) or a byte count -> bytes; None stays None."""
-    if value is None or value == "auto":
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value * GB) if value < 4096 else int(value)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(value), re.IGNORECASE)
-    if not match:
-        raise ConfigError(f"--max-memory must look like 10GB or 512MB, got {value!r}.")
-    number, unit = float(match.group(1)), match.group(2).upper() or "G"
-    return int(number * 1024 ** "KMGT".index(unit) * 1024)
 
 
 def model_dims(model) -> dict:
@@ -241,7 +230,6 @@ def bf16_stream(model, dtype):
     and back afterwards. LoRA weights (trainable) stay fp32 for the optimizer."""
     import torch
 
-    from .training import _frozen_fp32
 
     cast = _frozen_fp32(model) if dtype is not None and dtype != torch.float32 else []
     for param in cast:
@@ -415,3 +403,70 @@ def causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
 def fmt_bytes(n) -> str:
     return "-" if n is None else f"{n / GB:.1f} GB"
 
+
+# --- the layout policy: what a run uses, decided from the device and its memory
+
+def choose_settings(config, device: str, n_train: int, model=None, lengths=None) -> dict:
+    """Settings the user did not fix, decided from the device and its free memory. Shown in the readout.
+
+    The effective batch (batch_size x grad_accum) is kept; how it is split into micro-batches, packing
+    and gradient checkpointing are chosen for speed within the memory budget (see speed.py).
+    """
+    import torch
+
+    on_gpu = device.startswith("cuda")
+    effective = config.batch_size * config.grad_accum
+    steps_per_epoch = math.ceil(n_train / effective)
+    total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32"
+    # Packing computes no pad token; transformers keeps attention inside each example from the
+    # restarting position ids (tests/test_speed_settings.py checks the loss equals the padded one).
+    # On the CPU neither packing nor a bigger micro-batch paid (the default model's demo ran 6-14%
+    # slower than plain 4x4 dynamic padding, docs/benchmarks.md), so there the user's layout is kept.
+    packing = on_gpu if config.packing is None else config.packing
+    budget = gpu_budget(device, config.max_memory) if on_gpu else None
+    in_use = torch.cuda.memory_allocated(device) if on_gpu else 0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
+    dims = model_dims(model) if model is not None else None
+    if on_gpu and precision == "bf16" and model is not None:
+        in_use -= sum(p.numel() * 2 for p in _frozen_fp32(model))  # bf16_stream halves them during the run
+    # The loss from hidden states in chunks: the batch's fp32 logits never exist (0.45 MB/token on a 7B
+    # model, two thirds of a checkpointed step's activations), which lets a memory budget take bigger
+    # micro-batches. On the CPU memory is not what limits, so the model's own loss is kept there.
+    chunked_loss = on_gpu and model is not None and output_head(model) is not None
+    if on_gpu:
+        plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
+                            checkpointing=config.gradient_checkpointing, chunked_loss=chunked_loss)
+    else:
+        plan = {"micro": config.batch_size, "accum": config.grad_accum,
+                "checkpointing": bool(config.gradient_checkpointing), "estimate": None}
+    settings = {
+        "device": device,
+        "precision": precision,
+        "batch": f"{plan['micro']}x{plan['accum']}",
+        "effective_batch": effective,
+        "lr": config.lr,
+        "steps": total,
+        "packing": packing,
+        "gradient_checkpointing": plan["checkpointing"],
+        "chunked_loss": chunked_loss,
+    }
+    if on_gpu:
+        settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
+        if packing:
+            settings["pad_packed_to"] = PACKED_LENGTH_MULTIPLE
+        settings["memory_plan"] = f"{fmt_bytes(plan['estimate'])} of {fmt_bytes(budget)}"
+        settings["bf16_stream"] = precision == "bf16"
+        settings["int8_dequant"] = precision == "bf16" and _has_int8_layers(model)
+    return settings
+
+
+def _frozen_fp32(model):
+    import torch
+
+    return [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32
+            and p.__class__.__name__ not in ("Params4bit", "Int8Params")]
+
+
+def _has_int8_layers(model):
+    return model is not None and any(type(m).__name__ == "Linear8bitLt" for m in model.modules())

@@ -1,4 +1,6 @@
-"""Save the adapter in PEFT's own format, with the tokenizer and our run record beside it."""
+"""The adapter folder: PEFT's own format (adapter_config.json + adapter_model.safetensors, loadable by plain
+`PeftModel.from_pretrained`), the tokenizer, and our run record `qlora_magic.json` beside them. Writing one
+and reading one back both live here."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ import datetime
 import json
 from pathlib import Path
 
-from .errors import QloraError
-from .loading import RUN_FILE
+from ..errors import ModelNotFoundError, QloraError
+
+RUN_FILE = "qlora_magic.json"  # our side file next to a saved adapter: load/train configs, metrics
 
 
 def describe_data(data):
@@ -23,7 +26,7 @@ def describe_data(data):
 def save_adapter(session, path) -> Path:
     """Write adapter_model.safetensors + adapter_config.json (loadable by plain PeftModel.from_pretrained),
     the tokenizer, and qlora_magic.json (load config, training configs, history)."""
-    from . import __version__
+    from .._version import __version__
 
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
@@ -42,3 +45,22 @@ def save_adapter(session, path) -> Path:
     }
     (path / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
     return path
+
+
+def saved_run(adapter_path) -> dict:
+    """The qlora_magic.json beside a saved adapter ({} when the adapter was saved by other tools)."""
+    file = Path(adapter_path) / RUN_FILE
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def adapter_base(adapter_path) -> tuple[str | None, dict]:
+    """The base model a saved adapter was trained on, and the load settings qlora_magic saved beside it
+    (bits, task, 8-bit layers; {} for an adapter saved by other tools)."""
+    path = Path(adapter_path).expanduser()
+    if not (path / "adapter_config.json").exists():
+        raise ModelNotFoundError(f"No saved adapter at {str(adapter_path)!r} (adapter_config.json is missing): give the folder %qlora_save wrote.")
+    run = saved_run(path).get("load_config", {})
+    if "model" in run:  # our own save: None means the embedded default model
+        return run["model"], run
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    return base, {}

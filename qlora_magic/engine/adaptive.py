@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from .formatting import Readout, gb, html_grid, text_grid
+from ..display.formatting import Readout, gb, html_grid, text_grid
 
 #: Fraction of the quantized parameters kept in 8-bit by default (docs/user-guide.md has the measurement).
 DEFAULT_KEEP_8BIT = 0.25
@@ -155,7 +155,7 @@ def calibration_texts(tokenizer, texts=None) -> tuple[list[str], list[str]]:
     none), every tenth row each, 10 and 10."""
     import json
 
-    from .examples import path
+    from ..examples import path
 
     if texts is not None:
         return list(texts[0::2]), list(texts[1::2])

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_TARGETS, LoadConfig
-from .errors import ConfigError, ModelNotFoundError
-from .formatting import Readout, count, gb
+from ..config import DEFAULT_TARGETS, LoadConfig
+from ..errors import ConfigError, ModelNotFoundError
+from ..display.formatting import Readout, count, gb
+from .adapter_folder import adapter_base
 from .memory_usage import MemoryReport, memory_report
 from .quiet import no_progress_bars, quiet_bnb_warnings
 from .speed import use_expandable_segments
-
-RUN_FILE = "qlora_magic.json"  # our side file next to a saved adapter: load/train configs, metrics
-
-
-def _not_cast_notice(record):
-    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
-
 
 def choose_device(requested=None) -> str:
     import torch
@@ -86,25 +79,6 @@ def adapted_modules(model) -> list[str]:
     from peft.tuners.lora import LoraLayer
 
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoraLayer)})
-
-
-def saved_run(adapter_path) -> dict:
-    """The qlora_magic.json beside a saved adapter ({} when the adapter was saved by other tools)."""
-    file = Path(adapter_path) / RUN_FILE
-    return json.loads(file.read_text()) if file.exists() else {}
-
-
-def adapter_base(adapter_path) -> tuple[str | None, dict]:
-    """The base model a saved adapter was trained on, and the load settings qlora_magic saved beside it
-    (bits, task, 8-bit layers; {} for an adapter saved by other tools)."""
-    path = Path(adapter_path).expanduser()
-    if not (path / "adapter_config.json").exists():
-        raise ModelNotFoundError(f"No saved adapter at {str(adapter_path)!r} (adapter_config.json is missing): give the folder %qlora_save wrote.")
-    run = saved_run(path).get("load_config", {})
-    if "model" in run:  # our own save: None means the embedded default model
-        return run["model"], run
-    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    return base, {}
 
 
 #: --task -> (the transformers Auto class, PEFT's task type)

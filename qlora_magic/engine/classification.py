@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
-from .formatting import html_grid, text_grid
+from ..errors import ConfigError
+from ..display.formatting import html_grid, text_grid
 
 
 def accuracy_and_f1(predictions, labels, num_labels: int | None = None) -> dict:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .adapters import BASE, adapter_names, check_adapter, using
-from .config import CompareConfig, GenerateConfig
-from .formatting import html_grid
+from ..engine.adapters import BASE, adapter_names, check_adapter, using
+from ..config import CompareConfig, GenerateConfig
+from ..display.formatting import html_grid
 
 
 PENDING = "…"
@@ -19,7 +19,7 @@ PENDING = "…"
 def compare_answers(session, config: CompareConfig, on_update=None) -> "Comparison":
     """Answer every prompt with every model of the comparison; `on_update(comparison)` receives the
     table so far (pending answers shown as …) after each answer, for a live display."""
-    from .generation import generate_text
+    from ..engine.generation import generate_text
 
     model = session.require_model("comparison")
     adapters = config.adapters if config.adapters is not None else adapter_names(model)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .adapters import BASE, active_adapter, check_adapter, using
-from .config import EvalConfig, GenerateConfig
-from .data import IGNORE_INDEX, ExampleTokenizer, Seq2SeqExamples, load_rows, prepare_datasets, render
-from .errors import ConfigError, DataError
-from .formatting import html_grid, text_grid
+from ..engine.adapters import BASE, active_adapter, check_adapter, using
+from ..config import EvalConfig, GenerateConfig
+from ..engine.data import IGNORE_INDEX, ExampleTokenizer, Seq2SeqExamples, load_rows, prepare_datasets, render
+from ..errors import ConfigError, DataError
+from ..display.formatting import html_grid, text_grid
 
 ROW_INDEX = "qlora_row"  # carried through tokenization so held-out rows can be found again
 
@@ -94,7 +94,7 @@ def response_nll(model, tokenizer, tokenized, batch_size=8) -> tuple[float, int]
     import torch
     import torch.nn.functional as F
 
-    from .data import make_collator
+    from ..engine.data import make_collator
 
     collate = make_collator(tokenizer)
     device = next(model.parameters()).device
@@ -121,7 +121,7 @@ def response_nll(model, tokenizer, tokenized, batch_size=8) -> tuple[float, int]
 
 def greedy_answers(model, tokenizer, prompts, max_new_tokens=64, chat=False) -> list[str]:
     """The model's greedy answer to each prompt, prompted exactly as in training."""
-    from .generation import generate_text
+    from ..engine.generation import generate_text
 
     return [generate_text(model, tokenizer, GenerateConfig(prompt=p, raw=not chat, greedy=True, stream=False,
                                                            max_new_tokens=max_new_tokens)).strip()

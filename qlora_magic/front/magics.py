@@ -6,7 +6,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.display import display
 from traitlets import Unicode
 
-from . import api, parsing
+from .. import api; from . import parsing
 
 
 def _doc_from(declaration):

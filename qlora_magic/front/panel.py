@@ -17,117 +17,27 @@ action buttons are disabled meanwhile, and `Panel.wait()` blocks until the actio
 Errors in an action show as one line in the panel's status line, like the magics show them; the
 exception is also kept in `Panel.last_error`.
 
-`WidgetReporter` is the training display built of widgets (a progress bar, the readouts and the loss
-chart); the panel shows one, and `%%qlora_train --display widget` uses one on its own.
+The Train tab shows training with `display.widget_reporter.WidgetReporter`, the reporter
+`%%qlora_train --display widget` uses on its own.
 """
 
 from __future__ import annotations
 
 import html
 import threading
-import time
 
-from . import api
-from .config import GenerateConfig, LoadConfig, TrainConfig
-from .errors import ConfigError, QloraError
-from .formatting import gb
-from .reporters import Reporter, readout_items
+from .. import api
+from ..config import GenerateConfig, LoadConfig, TrainConfig
+from ..errors import ConfigError, QloraError
+from ..display.formatting import gb
+from ..display.widget_reporter import WidgetReporter, require_ipywidgets
 
-WIDGET_REFRESH_SECONDS = 1.0  # redrawing the chart PNG costs ~50 ms; once a second keeps it under 5%
-BAR_STYLES = {"running": "info", "completed": "success", "interrupted": "warning", "failed": "danger"}
 GIVEN_ROWS = "(the rows given to panel())"  # shown in the data field when panel(data=rows) got objects
 # One action at a time across all panels: they share the one session (and its model).
 _ACTION_LOCK = threading.Lock()
 
 
-def _widgets():
-    try:
-        import ipywidgets
-    except ImportError:
-        raise QloraError("The panel needs ipywidgets: pip install ipywidgets (the magics work without it).") from None
-    return ipywidgets
-
-
-def _last(history, key):
-    return next((r for r in reversed(history) if r.get(key) is not None), None)
-
-
-class WidgetReporter(Reporter):
-    """Training shown with widgets: a progress bar, a line of readouts and the loss chart.
-
-    Only widget values change while training runs, which ipywidgets sends from any thread, so it
-    also works when training runs in the background (as in the panel). `show=True` displays the
-    widget when training starts (what `--display widget` does); the panel places it itself.
-    """
-
-    def __init__(self, show=False, refresh_seconds=WIDGET_REFRESH_SECONDS):
-        w = _widgets()
-        self.show = show
-        self.refresh_seconds = refresh_seconds
-        self.settings = w.HTML(layout=w.Layout(width="100%"))
-        self.bar = w.FloatProgress(value=0, min=0, max=1, bar_style="info", description="training",
-                                   layout=w.Layout(width="100%", max_width="540px"))
-        self.readout = w.HTML()
-        self.chart = w.Image(format="png", layout=w.Layout(max_width="540px"))
-        self.widget = w.VBox([self.settings, self.bar, self.readout, self.chart])
-        self.status = "idle"
-        self.history: list = []
-        self._progress = {"step": 0, "total_steps": 0}
-        self._last_chart = 0.0
-
-    def start(self, info):
-        self.status, self.history = "running", []
-        self._progress = {"step": 0, "total_steps": info["total_steps"]}
-        settings = ", ".join(f"{k}={v}" for k, v in info.get("settings", {}).items())
-        self.settings.value = f"<span style='color:#555;font-size:90%'>{html.escape(settings)}</span>"
-        self.bar.bar_style, self.bar.value = BAR_STYLES["running"], 0
-        self.chart.value = b""
-        self._draw_readout()
-        if self.show:
-            from IPython.display import display
-
-            display(self.widget)
-
-    def step(self, progress):
-        self._progress = progress
-        self._draw_readout()
-
-    def log(self, row, progress, history):
-        self._progress, self.history = progress, history
-        self._draw_readout()
-        if time.monotonic() - self._last_chart >= self.refresh_seconds:
-            self._draw_chart()
-
-    def end(self, summary):
-        self.status = summary.status
-        self.bar.bar_style = BAR_STYLES.get(summary.status, "info")
-        self.bar.description = summary.status
-        self._progress = {**self._progress, "step": summary.steps_done}
-        self.history = summary.history or self.history
-        self._draw_readout()
-        self._draw_chart()
-
-    def _draw_readout(self):
-        p = self._progress
-        self.bar.value = p["step"] / p["total_steps"] if p.get("total_steps") else 0
-        items = readout_items(_last(self.history, "loss"), _last(self.history, "eval_loss"), p)
-        self.readout.value = f"{html.escape(self.status)} · " + " · ".join(
-            f"<b>{html.escape(k)}</b> {html.escape(v)}" for k, v in items)
-
-    def _draw_chart(self):
-        from .chart import loss_chart_png
-
-        if self.history:
-            self.chart.value = loss_chart_png(self.history)
-        self._last_chart = time.monotonic()
-
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget)
-
-
-def _enable_colab_widgets():
+def _enable_colabrequire_ipywidgets():
     """Colab renders ipywidgets 8 only through its custom widget manager; switch it on there."""
     try:
         from google.colab import output  # type: ignore[import-not-found]
@@ -149,8 +59,8 @@ class Panel:
     """
 
     def __init__(self, data=None, prompt=None, response=None):
-        w = _widgets()
-        from . import examples
+        w = require_ipywidgets()
+        from .. import examples
 
         self.last_error: BaseException | None = None
         self._worker: threading.Thread | None = None
@@ -308,10 +218,10 @@ class Panel:
         if text.startswith("$"):
             from IPython import get_ipython
 
-            from .parsing import _lookup
+            from .parsing import lookup_variable
 
             shell = get_ipython()
-            return _lookup(text[1:], shell.user_ns if shell is not None else None)
+            return lookup_variable(text[1:], shell.user_ns if shell is not None else None)
         return text
 
     def _load(self):
@@ -333,10 +243,8 @@ class Panel:
         self.response.layout.display = "none" if classifier else None
 
     def _train(self):
-        from .training import StopFlag
-
         config = self.train_config()
-        self._stop = StopFlag()
+        self._stop = api.StopFlag()
         self.stop_button.disabled = False
         self._say("Training… (Stop ends it after the step in flight)")
         try:
@@ -478,5 +386,5 @@ def panel(data=None, prompt=None, response=None) -> Panel:
     >>> p = qlora_magic.panel()                       # Train tab offers the shipped word_forms example
     >>> p = qlora_magic.panel(data="$rows", prompt="Q: {q}\\nA: ", response="{a}")
     """
-    _enable_colab_widgets()
+    _enable_colabrequire_ipywidgets()
     return Panel(data=data, prompt=prompt, response=response)

@@ -11,8 +11,8 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdapterError, ConfigError
-from .formatting import html_grid, text_grid
+from ..errors import AdapterError, ConfigError
+from ..display.formatting import html_grid, text_grid
 
 BASE = "base"  # the column name of the base model in tables; never an adapter's name
 
@@ -69,7 +69,7 @@ def add_adapter(session, name, *, r=None, alpha=None, dropout=None, targets=None
     those of the loaded model's first adapter. With `activate`, it becomes the one trained and used."""
     from peft import LoraConfig
 
-    from .config import LoadConfig
+    from ..config import LoadConfig
     from .loading import TASK_CLASSES
 
     model = session.require_model("adding an adapter")
@@ -146,20 +146,6 @@ def combine_adapters(session, name, weights: dict, *, combination_type=None, act
     if activate:
         model.set_adapter(name)
     return adapter_table(model)
-
-
-def parse_weights(text: str) -> dict:
-    """'default=0.7,task2=0.3' -> {'default': 0.7, 'task2': 0.3}; a bare name weighs 1."""
-    weights = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        key, _, value = part.partition("=")
-        try:
-            weights[key.strip()] = float(value) if value.strip() else 1.0
-        except ValueError:
-            raise ConfigError(f"--weights: {value.strip()!r} is not a number; write name=weight, e.g. default=0.5.") from None
-    return weights
 
 
 def adapter_table(model) -> "AdapterTable":

@@ -6,7 +6,7 @@ import contextlib
 import sys
 import threading
 
-from .config import GenerateConfig
+from ..config import GenerateConfig
 
 
 def build_inputs(tokenizer, config: GenerateConfig):

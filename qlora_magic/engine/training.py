@@ -3,54 +3,16 @@ Ctrl-C (a kernel interrupt) stops at the next step boundary and keeps what was l
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TrainConfig
-from .formatting import Readout, gb
-from .reporters import Reporter
-
-
-class StopFlag:
-    """Set by Ctrl-C or a Stop button; the training callback checks it after every step."""
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.reason = None
-
-    def set(self, reason="interrupted"):
-        self.reason = reason
-        self.event.set()
-
-    def __bool__(self):
-        return self.event.is_set()
-
-
-@contextlib.contextmanager
-def stop_on_interrupt(flag: StopFlag):
-    """The first Ctrl-C asks the run to stop at the next step boundary; a second one interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        if flag:
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        flag.set("interrupted")
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+from ..config import TrainConfig
+from ..display.formatting import Readout, gb
+from ..display.reporters import Reporter
+from .speed import choose_settings
+from .stopping import StopFlag, stop_on_interrupt
 
 
 def _make_callback(reporter: Reporter, history: list, stop: StopFlag, run_index: int, device: str):
@@ -116,63 +78,6 @@ def default_run_dir() -> Path:
     return Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def choose_settings(config: TrainConfig, device: str, n_train: int, model=None, lengths=None) -> dict:
-    """Settings the user did not fix, decided from the device and its free memory. Shown in the readout.
-
-    The effective batch (batch_size x grad_accum) is kept; how it is split into micro-batches, packing
-    and gradient checkpointing are chosen for speed within the memory budget (see speed.py).
-    """
-    import torch
-
-    from .speed import PACKED_LENGTH_MULTIPLE, fmt_bytes, gpu_budget, model_dims, output_head, plan_batches
-
-    on_gpu = device.startswith("cuda")
-    effective = config.batch_size * config.grad_accum
-    steps_per_epoch = math.ceil(n_train / effective)
-    total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
-    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32"
-    # Packing computes no pad token; transformers keeps attention inside each example from the
-    # restarting position ids (tests/test_speed_settings.py checks the loss equals the padded one).
-    # On the CPU neither packing nor a bigger micro-batch paid (the default model's demo ran 6-14%
-    # slower than plain 4x4 dynamic padding, docs/benchmarks.md), so there the user's layout is kept.
-    packing = on_gpu if config.packing is None else config.packing
-    budget = gpu_budget(device, config.max_memory) if on_gpu else None
-    in_use = torch.cuda.memory_allocated(device) if on_gpu else 0
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
-    dims = model_dims(model) if model is not None else None
-    if on_gpu and precision == "bf16" and model is not None:
-        in_use -= sum(p.numel() * 2 for p in _frozen_fp32(model))  # bf16_stream halves them during the run
-    # The loss from hidden states in chunks: the batch's fp32 logits never exist (0.45 MB/token on a 7B
-    # model, two thirds of a checkpointed step's activations), which lets a memory budget take bigger
-    # micro-batches. On the CPU memory is not what limits, so the model's own loss is kept there.
-    chunked_loss = on_gpu and model is not None and output_head(model) is not None
-    if on_gpu:
-        plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
-                            checkpointing=config.gradient_checkpointing, chunked_loss=chunked_loss)
-    else:
-        plan = {"micro": config.batch_size, "accum": config.grad_accum,
-                "checkpointing": bool(config.gradient_checkpointing), "estimate": None}
-    settings = {
-        "device": device,
-        "precision": precision,
-        "batch": f"{plan['micro']}x{plan['accum']}",
-        "effective_batch": effective,
-        "lr": config.lr,
-        "steps": total,
-        "packing": packing,
-        "gradient_checkpointing": plan["checkpointing"],
-        "chunked_loss": chunked_loss,
-    }
-    if on_gpu:
-        settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
-        if packing:
-            settings["pad_packed_to"] = PACKED_LENGTH_MULTIPLE
-        settings["memory_plan"] = f"{fmt_bytes(plan['estimate'])} of {fmt_bytes(budget)}"
-        settings["bf16_stream"] = precision == "bf16"
-        settings["int8_dequant"] = precision == "bf16" and _has_int8_layers(model)
-    return settings
-
-
 def _trainer_class(chunked_loss: bool, rounded_pad_id: int | None = None):
     """transformers' Trainer, or one whose training loss comes from `speed.causal_lm_loss` (same numbers,
     without the batch's logits; evaluation keeps the model's own loss, it returns the logits), and which,
@@ -215,17 +120,6 @@ def _chunked_loss_trainer():
             return loss
 
     return ChunkedLossTrainer
-
-
-def _frozen_fp32(model):
-    import torch
-
-    return [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32
-            and p.__class__.__name__ not in ("Params4bit", "Int8Params")]
-
-
-def _has_int8_layers(model):
-    return model is not None and any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
 
 
 def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, reporter: Reporter,
@@ -401,7 +295,7 @@ class TrainSummary(Readout):
         return rows
 
     def _repr_html_(self):
-        from .chart import loss_chart_png, png_img_tag
+        from ..display.chart import loss_chart_png, png_img_tag
 
         table = super()._repr_html_()
         return table + (png_img_tag(loss_chart_png(self.history)) if self.history else "")

@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import active_adapter, check_adapter, using
-from .config import EvalConfig, MergeConfig
-from .errors import ConfigError, QloraError
-from .formatting import Readout, gb
+from ..engine.adapters import active_adapter, check_adapter, using
+from ..config import EvalConfig, MergeConfig
+from ..errors import ConfigError, QloraError
+from ..display.formatting import Readout, gb
 
 CHECK_ROWS = 4  # held-out rows the check answers and scores: enough to see drift, quick on a CPU
 CLASSIFY_ROWS = 64  # a classifier's check is one forward pass per batch: more rows, a real accuracy
@@ -36,8 +36,8 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     import transformers
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    from .loading import TASK_CLASSES, quiet_new_head_warning, resolve_model
-    from .quiet import no_progress_bars
+    from ..engine.loading import TASK_CLASSES, quiet_new_head_warning, resolve_model
+    from ..engine.quiet import no_progress_bars
 
     model = session.require_model("merging")
     task = session.task
@@ -123,9 +123,9 @@ def _verify_answers(session, model, name, saved, config, report, check):
 def _classifier_rows(session, config: MergeConfig):
     """A classifier's check rows, tokenized with their label ids: `config.data` with the last run's
     templates, else that run's held-out split made again (same seed); None when there are none."""
-    from .api import task_examples
-    from .config import TrainConfig
-    from .data import load_rows, prepare_datasets
+    from .finetune import task_examples
+    from ..config import TrainConfig
+    from ..engine.data import load_rows, prepare_datasets
 
     last = session.train_configs[-1] if session.train_configs else None
     if last is None or not last.get("label"):
@@ -148,7 +148,7 @@ def _logits(model, tokenizer, features, batch_size=16):
     """The classifier's logits (float32, on the CPU) for tokenized rows."""
     import torch
 
-    from .data import make_collator
+    from ..engine.data import make_collator
 
     collate = make_collator(tokenizer, task="seq-cls")
     device = next(model.parameters()).device
@@ -175,7 +175,7 @@ def _classifier_check(session, config: MergeConfig):
 
 def _verify_classifier(session, model, name, saved, config, report, check):
     """Compare the saved classifier's labels and logits with the adapter's, and both accuracies."""
-    from .classification import class_names
+    from ..engine.classification import class_names
 
     tok = session.tokenizer
     texts, features, labels = check
