@@ -4,14 +4,15 @@ config dataclasses) or a ready `config=`. Heavy libraries are imported inside th
 from __future__ import annotations
 
 from .config import GenerateConfig, LoadConfig, TrainConfig
-from .errors import ConfigError, NoModelError
+from .errors import ConfigError, ConflictingOptionsError, NoModelError
 from .engine.stopping import StopFlag
 from .session import get_session
 
 
 def _config(cls, config, options):
     if config is not None and options:
-        raise TypeError("Give either config= or keyword options, not both.")
+        example = next(iter(options))
+        raise ConflictingOptionsError(f"Give either config= or keyword options, not both: change a ready config with config=config.replace({example}=...).")
     return config if config is not None else cls(**options)
 
 
@@ -84,6 +85,9 @@ def classify(texts, *, batch_size=16, max_length=512):
 def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None, **options) -> str:
     """Answer `prompt`, streaming the text; returns the new text (also in `get_session().last_generation`).
 
+    The text is printed as it comes, then a newline; `stream=False` prints nothing, and `on_text(chunk)`
+    receives the chunks instead of the output.
+
     >>> qlora_magic.generate("What is the capital of France?", greedy=True)
     >>> qlora_magic.generate("Instruction: ...\\n\\nResponse: ", raw=True, base=True)
     """
@@ -97,9 +101,17 @@ def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None,
     _not_for_classifier(session, "generation")
     if session.task == "seq2seq":
         config = config.replace(raw=True)  # the encoder reads the text as written: no chat template
-    text = generate_text(model, session.tokenizer, config, on_text=on_text)
+    to_output = on_text is None and config.stream
+    text = generate_text(model, session.tokenizer, config, on_text=_print_text if to_output else on_text)
+    if to_output:
+        _print_text("\n")
     session.last_generation = text
     return text
+
+
+def _print_text(text):
+    """Where generate streams when no on_text is given: the output (a notebook cell's, or the terminal)."""
+    print(text, end="", flush=True)
 
 
 def save(path):

@@ -15,6 +15,10 @@ class ConfigError(QloraError, ValueError):
     """An option or a cell body has a bad value."""
 
 
+class ConflictingOptionsError(ConfigError, TypeError):
+    """A ready config= and keyword options were given together. Also a TypeError, as it was before."""
+
+
 class DataError(QloraError, ValueError):
     """The training data cannot be used as given."""
 

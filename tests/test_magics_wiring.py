@@ -109,3 +109,15 @@ def test_compare_keeps_a_question_mark_too(ip):
         result = ip.run_cell("%qlora_compare What is the capital of France?")
     assert result.success
     assert "What is the capital of France?" in str(compare.call_args)
+
+
+@pytest.mark.parametrize("verb, options", [("load", {"r": 4}), ("generate", {"greedy": True}), ("train", {"epochs": 2})])
+def test_a_config_and_keyword_options_together_is_one_config_error(verb, options):
+    from qlora_magic.errors import ConfigError
+
+    config = {"load": LoadConfig(), "generate": GenerateConfig(prompt="hi"), "train": TrainConfig()}[verb]
+    with pytest.raises(ConfigError) as info:
+        getattr(qlora_magic, verb)(config=config, **options)
+    assert isinstance(info.value, TypeError)  # what it raised before, for code that catches that
+    assert str(info.value) == (f"Give either config= or keyword options, not both: change a ready config with "
+                               f"config=config.replace({next(iter(options))}=...).")

@@ -35,6 +35,16 @@ def test_panel_starts_empty_and_shows_cpu_memory():
     assert p.widget.get_state()["_model_name"] == "VBoxModel"
 
 
+def test_the_forms_start_at_the_config_defaults():
+    from qlora_magic.config import GenerateConfig, LoadConfig, TrainConfig
+
+    p = qlora_magic.panel()
+    assert p.load_config() == LoadConfig()
+    assert p.train_config() == TrainConfig(data=p.data.value, prompt=p.prompt.value, response=p.response.value, display="none")
+    p.gen_prompt.value = "Hello"
+    assert p.generate_config() == GenerateConfig(prompt="Hello")
+
+
 def test_an_action_without_a_model_fails_as_one_line():
     p = qlora_magic.panel()
     p.gen_prompt.value = "Hello"

@@ -1,11 +1,15 @@
 """Pure parsing: magic lines and cell bodies -> configs. No model involved."""
 
+import re
+
 import pytest
 from IPython.core.error import UsageError
 
-from qlora_magic.config import LoadConfig, TrainConfig
+from qlora_magic.config import CompareConfig, EvalConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig, TuneConfig
 from qlora_magic.errors import ConfigError
-from qlora_magic.front.parsing import parse_generate, parse_load, parse_save, parse_train, split_generate_line
+from qlora_magic.front import parsing
+from qlora_magic.front.parsing import (parse_eval, parse_generate, parse_load, parse_save, parse_train, parse_tune,
+                                       split_generate_line)
 
 BODY = 'data: rows.jsonl\nprompt: "Q: {question}\\nA: "\nresponse: "{answer}"\n'
 
@@ -114,3 +118,126 @@ def test_quoted_option_values():
     assert parse_load("'./my models/llama'").model == "./my models/llama"
     with pytest.raises(UsageError, match="close the quotes"):
         parse_generate('--system "unclosed Hi')
+
+
+# --- the YAML cell bodies of %%qlora_train, %%qlora_eval and %%qlora_tune are read alike ------------
+
+ROWS = [{"question": "q", "answer": "a"}]
+
+
+def read_body(magic, body, namespace=None):
+    """The config a magic makes of `body` (for tune: its training part; the search added if missing)."""
+    namespace = {"rows": ROWS} if namespace is None else namespace
+    if magic == "train":
+        return parse_train("", body, namespace=namespace)
+    if magic == "eval":
+        return parse_eval("", body, namespace=namespace)
+    extra = ("" if "eval_split" in body else "eval_split: 0.25\n") + ("" if "search" in body else "search:\n  r: [2]\n")
+    return parse_tune("", body + extra, namespace=namespace).train
+
+
+BODY_MAGICS = ["train", "eval", "tune"]
+
+
+@pytest.mark.parametrize("magic", BODY_MAGICS)
+@pytest.mark.parametrize("body, line", [
+    ('data: $rows\nprompt: "Q: {question}"\nresponse: "{answer}" and more\n', 3),  # text after a quoted value
+    ('data: $rows\nprompt: "Q: {question}\nresponse: "{answer}"\n', 3),  # a quote left open, then another
+    ("data: $rows\nprompt: [unclosed\n", 2),  # open at the end: the line where it opened
+])
+def test_a_yaml_error_names_its_line_in_every_body(magic, body, line):
+    with pytest.raises(ConfigError) as info:
+        read_body(magic, "eval_split: 0.25\nsearch: {r: [2]}\n" + body)  # (nothing added after the body for tune)
+    line += 2
+    message = str(info.value)
+    assert message.startswith(f"The cell body is not valid YAML (line {line}): ") and "\n" not in message
+
+
+@pytest.mark.parametrize("magic", BODY_MAGICS)
+def test_an_unknown_key_is_named_the_same_way_in_every_body(magic):
+    with pytest.raises(ConfigError) as info:
+        read_body(magic, 'data: $rows\nprompt: "Q: {question}"\ncolour: red\n')
+    assert str(info.value).startswith(f"Unknown key 'colour' in the cell body of %%qlora_{magic}; known keys: ")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("magic", BODY_MAGICS)
+def test_every_body_reads_templates_numbers_text_and_variables_alike(magic):
+    config = read_body(magic, 'data: $rows\nprompt: "Q: {question}\\nA: "\nresponse: {answer}\n'
+                              'max_length: "1e3"\nsplit: "2024"\n')
+    assert config.data is ROWS  # $rows: the notebook variable
+    assert config.prompt == "Q: {question}\nA: " and config.response == "{answer}"  # unquoted {answer} is the template
+    assert config.max_length == 1000 and isinstance(config.max_length, float)  # a number written as text (YAML 1.1 leaves 1e3 a string)
+    assert config.split == "2024"  # text stays as written
+
+
+@pytest.mark.parametrize("magic", ["train", "tune"])
+@pytest.mark.parametrize("written, read", [('"1"', "1"), ("1e3", "1e3"), ("1", 1)])
+def test_label_stays_as_written(magic, written, read):
+    assert read_body(magic, f'data: $rows\nprompt: "{{question}}"\nlabel: {written}\n').label == read
+
+
+@pytest.mark.parametrize("magic", BODY_MAGICS)
+@pytest.mark.parametrize("data, message", [("$nothing_here", "data: $nothing_here names no variable"),
+                                           ("$not-a-name", "data: $not-a-name is not a variable name")])
+def test_a_missing_variable_is_one_line_in_every_body(magic, data, message):
+    with pytest.raises(ConfigError) as info:
+        read_body(magic, f'data: {data}\nprompt: "{{question}}"\nresponse: "{{answer}}"\n', namespace={})
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_eval_data_from_the_line_is_looked_up_too():
+    assert parse_eval("--data $rows", None, namespace={"rows": ROWS}).data is ROWS
+
+
+def test_tune_search_reads_numbers_as_the_body_does():
+    config = parse_tune("", 'data: $rows\nprompt: "{question}"\nresponse: "{answer}"\neval_split: 0.25\ntrials: "3"\n'
+                            "search:\n  lr: {low: 1e-4, high: 1e-2, log: true}\n  r: ['4', 8]\n  scheduler: [linear, '1']\n",
+                        namespace={"rows": ROWS})
+    assert config.trials == 3
+    assert config.search == {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "r": [4, 8], "scheduler": ["linear", "1"]}
+
+
+# --- defaults: the config dataclasses are the one source ------------------------------------------
+
+CONFIG_OF = {"qlora_load": LoadConfig, "qlora_train": TrainConfig, "qlora_generate": GenerateConfig,
+             "qlora_eval": EvalConfig, "qlora_compare": CompareConfig, "qlora_merge": MergeConfig,
+             "qlora_tune": TuneConfig}
+FIELD_OF = {"sampler_seed": "seed"}  # options named apart from their field
+
+
+def _declared_options():
+    for declaration in parsing.MAGIC_DECLARATIONS:
+        config = CONFIG_OF.get(declaration.__name__)
+        for action in declaration.parser._actions if config else ():
+            name = FIELD_OF.get(action.dest, action.dest)
+            if action.option_strings and action.nargs != 0 and name in config.__dataclass_fields__:
+                yield declaration.__name__, action, config, name
+
+
+def test_options_leave_their_defaults_to_the_configs():
+    checked = 0
+    for magic, action, config, name in _declared_options():
+        default = parsing.config_default(config, name)
+        assert action.default is None, f"%{magic} {action.option_strings[0]} sets its own default"
+        if default is None:
+            continue
+        found = re.search(r"\(default ([^)]*)\)", action.help or "")
+        assert found, f"%{magic} {action.option_strings[0]}: no '(default ...)' in {action.help!r}"
+        shown = found.group(1)
+        if isinstance(default, list):
+            assert shown.split(",") == default, (magic, action.dest)
+        elif isinstance(default, (int, float)):
+            assert float(shown) == default, (magic, action.dest)
+        else:
+            assert shown == default, (magic, action.dest)
+        checked += 1
+    assert checked >= 25
+
+
+def test_help_shows_the_defaults_readably(ip):
+    doc = ip.find_cell_magic("qlora_train").__doc__
+    assert "peak learning rate (default 2e-4)" in doc and "AdamW weight decay (default 0)" in doc
+    doc = ip.find_line_magic("qlora_load").__doc__
+    assert "LoRA rank (default 8)" in doc and "LoRA dropout (default 0.05)" in doc and "(default causal-lm)" in doc
+    assert "(default perplexity)" in ip.find_line_magic("qlora_eval").__doc__

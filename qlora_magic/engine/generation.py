@@ -1,9 +1,9 @@
-"""Answer a prompt with the session's model, streaming the text as it is produced."""
+"""Answer a prompt with a model, handing the text to a callback as it is produced. Nothing is printed
+here: the caller decides where the text goes (api.generate prints it, the panel fills a widget)."""
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 
 from ..config import GenerateConfig
@@ -19,13 +19,8 @@ def build_inputs(tokenizer, config: GenerateConfig):
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
 
-def _write_stdout(text):
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
 def generate_text(model, tokenizer, config: GenerateConfig, on_text=None) -> str:
-    """Generate an answer; `on_text(chunk)` receives text as it comes (default: stdout when streaming).
+    """Generate an answer; `on_text(chunk)` receives the text as it comes (None: nobody does).
 
     Returns the new text, without the prompt. Ctrl-C stops generation and keeps the text so far.
     """
@@ -35,7 +30,7 @@ def generate_text(model, tokenizer, config: GenerateConfig, on_text=None) -> str
     from .quiet import quiet_bnb_warnings
 
     quiet_bnb_warnings()
-    on_text = on_text or (_write_stdout if config.stream else (lambda _: None))
+    on_text = on_text or (lambda _: None)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in build_inputs(tokenizer, config).items()}
     stop = threading.Event()
@@ -79,6 +74,4 @@ def generate_text(model, tokenizer, config: GenerateConfig, on_text=None) -> str
         thread.join()
     if errors:
         raise errors[0]
-    if config.stream:
-        on_text("\n")
     return "".join(pieces)

@@ -6,7 +6,8 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.display import display
 from traitlets import Unicode
 
-from .. import api; from . import parsing
+from .. import api
+from . import parsing
 
 
 def _doc_from(declaration):
@@ -17,6 +18,11 @@ def _doc_from(declaration):
         return method
 
     return decorate
+
+
+def _print_text(text):
+    """%qlora_generate streams the answer into the cell's output as it comes."""
+    print(text, end="", flush=True)
 
 
 @magics_class
@@ -42,7 +48,8 @@ class QloraMagics(Magics):
     @no_var_expand
     @_doc_from(parsing.qlora_generate)
     def qlora_generate(self, line="", cell=None):
-        api.generate(config=parsing.parse_generate(line, cell))
+        api.generate(config=parsing.parse_generate(line, cell), on_text=_print_text)
+        print()  # after the streamed answer, as api.generate ends it
 
     @line_magic
     @no_var_expand

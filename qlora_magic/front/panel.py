@@ -7,7 +7,7 @@ Every button builds the same config dataclass a magic builds and calls the same 
 (`api.load`, `api.train`, `api.generate`, `api.save`, `api.memory`); nothing is reachable only here.
 
 How Stop reaches the training loop: an action runs in a background thread, so the kernel stays free
-to receive widget messages while the model trains. Stop sets the `training.StopFlag` given to
+to receive widget messages while the model trains. Stop sets the `api.StopFlag` given to
 `api.train(stop=...)`; the training callback sees it after the step in flight and ends the run there,
 keeping the adapter as trained so far. (A kernel interrupt cannot do this: it only reaches the main
 thread, and a synchronous cell would block the Stop click itself.) One action runs at a time; the
@@ -23,6 +23,7 @@ The Train tab shows training with `display.widget_reporter.WidgetReporter`, the 
 
 from __future__ import annotations
 
+import functools
 import html
 import threading
 
@@ -31,13 +32,14 @@ from ..config import GenerateConfig, LoadConfig, TrainConfig
 from ..errors import ConfigError, QloraError
 from ..display.formatting import gb
 from ..display.widget_reporter import WidgetReporter, require_ipywidgets
+from .parsing import config_default, lookup_variable
 
 GIVEN_ROWS = "(the rows given to panel())"  # shown in the data field when panel(data=rows) got objects
 # One action at a time across all panels: they share the one session (and its model).
 _ACTION_LOCK = threading.Lock()
 
 
-def _enable_colabrequire_ipywidgets():
+def _enable_colab_widgets():
     """Colab renders ipywidgets 8 only through its custom widget manager; switch it on there."""
     try:
         from google.colab import output  # type: ignore[import-not-found]
@@ -66,6 +68,9 @@ class Panel:
         self._worker: threading.Thread | None = None
         self._stop = None
         self._data_object = None
+        # The forms start at the configs' defaults (the dataclasses are the one source of them).
+        load_default, train_default, generate_default = (
+            functools.partial(config_default, config) for config in (LoadConfig, TrainConfig, GenerateConfig))
         short = {"description_width": "110px"}
         wide = w.Layout(width="95%")
 
@@ -73,10 +78,10 @@ class Panel:
         self.model = w.Text(description="model", placeholder="default: embedded SmolLM2-135M-Instruct",
                             style=short, layout=wide)
         self.bits = w.Dropdown(description="bits", options=[("8 (LLM.int8)", None), ("4 (NF4)", 4), ("16 (none)", 16), ("auto (per layer)", "auto")],
-                               value=None, style=short)  # None: 8, or the bits a restored adapter was trained with
-        self.r = w.BoundedIntText(description="LoRA r", value=8, min=1, max=1024, style=short)
-        self.alpha = w.FloatText(description="LoRA alpha", value=32, style=short)
-        self.dropout = w.BoundedFloatText(description="LoRA dropout", value=0.05, min=0, max=0.99, step=0.01, style=short)
+                               value=load_default("bits"), style=short)  # None: 8, or the bits a restored adapter was trained with
+        self.r = w.BoundedIntText(description="LoRA r", value=load_default("r"), min=1, max=1024, style=short)
+        self.alpha = w.FloatText(description="LoRA alpha", value=load_default("alpha"), style=short)
+        self.dropout = w.BoundedFloatText(description="LoRA dropout", value=load_default("dropout"), min=0, max=0.99, step=0.01, style=short)
         self.targets = w.Text(description="targets", placeholder="default: attention q,v (or all-linear)",
                               style=short, layout=wide)
         self.adapter = w.Text(description="adapter", placeholder="optional: a saved adapter folder to restore",
@@ -84,8 +89,8 @@ class Panel:
         self.task = w.Dropdown(description="task", options=[("causal-lm (answers)", "causal-lm"),
                                                              ("seq-cls (classifier)", "seq-cls"),
                                                              ("seq2seq (encoder-decoder)", "seq2seq")],
-                               value="causal-lm", style=short)
-        self.num_labels = w.BoundedIntText(description="classes", value=2, min=2, max=10**5, style=short,
+                               value=load_default("task"), style=short)
+        self.num_labels = w.BoundedIntText(description="classes", value=load_default("num_labels"), min=2, max=10**5, style=short,
                                            tooltip="size of the classifier head (--num-labels)")
         self.task.observe(lambda _: self._show_task_fields(), names="value")
         self.load_button = w.Button(description="Load", button_style="primary", icon="download")
@@ -109,14 +114,14 @@ class Panel:
                                    layout=w.Layout(width="95%", height="40px"), placeholder="{answer}")
         # A classifier (task seq-cls) trains on a label column instead of a response template.
         self.label = w.Text(description="label column", style=short, layout=wide, placeholder="e.g. sentiment")
-        self.chat = w.Checkbox(description="chat template", value=False, style=short)
-        self.epochs = w.BoundedFloatText(description="epochs", value=1, min=0.01, max=1000, style=short)
-        self.max_steps = w.BoundedIntText(description="max steps", value=0, min=0, max=10**7, style=short,
+        self.chat = w.Checkbox(description="chat template", value=train_default("chat"), style=short)
+        self.epochs = w.BoundedFloatText(description="epochs", value=train_default("epochs"), min=0.01, max=1000, style=short)
+        self.max_steps = w.BoundedIntText(description="max steps", value=train_default("max_steps") or 0, min=0, max=10**7, style=short,
                                           tooltip="0: as many as the epochs take")
-        self.lr = w.FloatText(description="learning rate", value=2e-4, style=short)
-        self.batch_size = w.BoundedIntText(description="batch size", value=4, min=1, max=4096, style=short)
-        self.grad_accum = w.BoundedIntText(description="grad accum", value=4, min=1, max=4096, style=short)
-        self.eval_split = w.BoundedFloatText(description="eval split", value=0, min=0, max=10**6, style=short,
+        self.lr = w.FloatText(description="learning rate", value=train_default("lr"), style=short)
+        self.batch_size = w.BoundedIntText(description="batch size", value=train_default("batch_size"), min=1, max=4096, style=short)
+        self.grad_accum = w.BoundedIntText(description="grad accum", value=train_default("grad_accum"), min=1, max=4096, style=short)
+        self.eval_split = w.BoundedFloatText(description="eval split", value=train_default("eval_split") or 0, min=0, max=10**6, style=short,
                                              tooltip="0: none; a fraction (0.1) or a row count")
         self.train_button = w.Button(description="Train", button_style="primary", icon="play")
         self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True,
@@ -132,12 +137,13 @@ class Panel:
         # --- Generate
         self.gen_prompt = w.Textarea(description="prompt", style=short, layout=w.Layout(width="95%", height="90px"),
                                      placeholder="Ask something")
-        self.temperature = w.FloatSlider(description="temperature", value=0.7, min=0.05, max=2.0, step=0.05, style=short)
-        self.top_p = w.FloatSlider(description="top p", value=0.9, min=0.05, max=1.0, step=0.05, style=short)
-        self.max_new_tokens = w.IntSlider(description="max tokens", value=128, min=1, max=1024, style=short)
-        self.greedy = w.Checkbox(description="greedy (reproducible)", value=False, style=short)
-        self.raw = w.Checkbox(description="raw (no chat template)", value=False, style=short)
-        self.which = w.ToggleButtons(options=[("with adapter", "adapter"), ("base model", "base")], value="adapter",
+        self.temperature = w.FloatSlider(description="temperature", value=generate_default("temperature"), min=0.05, max=2.0, step=0.05, style=short)
+        self.top_p = w.FloatSlider(description="top p", value=generate_default("top_p"), min=0.05, max=1.0, step=0.05, style=short)
+        self.max_new_tokens = w.IntSlider(description="max tokens", value=generate_default("max_new_tokens"), min=1, max=1024, style=short)
+        self.greedy = w.Checkbox(description="greedy (reproducible)", value=generate_default("greedy"), style=short)
+        self.raw = w.Checkbox(description="raw (no chat template)", value=generate_default("raw"), style=short)
+        self.which = w.ToggleButtons(options=[("with adapter", "adapter"), ("base model", "base")],
+                                     value="base" if generate_default("base") else "adapter",
                                      description="answer", style=short)
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="comment")
         self.answer = w.HTML()
@@ -217,8 +223,6 @@ class Panel:
             raise ConfigError("No data: give a .jsonl/.json/.csv/.parquet path, a Hub dataset id, or $variable.")
         if text.startswith("$"):
             from IPython import get_ipython
-
-            from .parsing import lookup_variable
 
             shell = get_ipython()
             return lookup_variable(text[1:], shell.user_ns if shell is not None else None)
@@ -386,5 +390,5 @@ def panel(data=None, prompt=None, response=None) -> Panel:
     >>> p = qlora_magic.panel()                       # Train tab offers the shipped word_forms example
     >>> p = qlora_magic.panel(data="$rows", prompt="Q: {q}\\nA: ", response="{a}")
     """
-    _enable_colabrequire_ipywidgets()
+    _enable_colab_widgets()
     return Panel(data=data, prompt=prompt, response=response)

@@ -4,14 +4,38 @@ each magic's `%name?` help and the docs reference."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from argparse import ArgumentTypeError
 
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ..config import GenerateConfig, LoadConfig, TrainConfig
+from ..config import CompareConfig, EvalConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig, TuneConfig
 from ..errors import ConfigError
+
+
+def config_default(config, name):
+    """The default of field `name` of the config dataclass `config`. The dataclass is the one source of
+    defaults: the options' help below and the panel's initial values read them from there."""
+    field = config.__dataclass_fields__[name]
+    return field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+
+
+def _default(config, name) -> str:
+    """'(default 8)' for an option's help, from the field's default: _default(LoadConfig, "r")."""
+    value = config_default(config, name)
+    if isinstance(value, (list, tuple)):
+        text = ",".join(map(str, value))
+    elif isinstance(value, float) and 0 < abs(value) < 1e-3:  # 2e-4 rather than 0.0002
+        mantissa, exponent = f"{value:e}".split("e")
+        text = f"{float(mantissa):g}e{int(exponent)}"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    return f"(default {text})"
 
 
 def _bits(text):
@@ -28,12 +52,12 @@ def _bits(text):
 @argument("--bits", type=_bits, choices=[4, 8, 16, "auto"], default=None,
           help="8: LLM.int8 (default); 4: NF4 with double quantization; 16: no quantization; auto: the layers 4-bit hurts most in 8-bit, the rest 4-bit")
 @argument("--keep-8bit", type=float, default=None, help="with --bits auto: the largest fraction of the quantized parameters kept in 8-bit (default 0.25)")
-@argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-@argument("--alpha", type=float, default=32, help="LoRA alpha; the update is scaled by alpha/r (default 32)")
-@argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+@argument("--r", type=int, default=None, help=f"LoRA rank {_default(LoadConfig, 'r')}")
+@argument("--alpha", type=float, default=None, help=f"LoRA alpha; the update is scaled by alpha/r {_default(LoadConfig, 'alpha')}")
+@argument("--dropout", type=float, default=None, help=f"LoRA dropout {_default(LoadConfig, 'dropout')}")
 @argument("--targets", default=None, help="comma-separated module names, or all-linear (default: the architecture's attention q/v)")
-@argument("--task", default="causal-lm", help="causal-lm (default); seq-cls: text classification; seq2seq: an encoder-decoder model, e.g. summarization")
-@argument("--num-labels", type=int, default=None, help="seq-cls: number of classes (default 2)")
+@argument("--task", default=None, help=f"causal-lm: a decoder-only language model; seq-cls: text classification; seq2seq: an encoder-decoder model, e.g. summarization {_default(LoadConfig, 'task')}")
+@argument("--num-labels", type=int, default=None, help=f"seq-cls: number of classes {_default(LoadConfig, 'num_labels')}")
 @argument("--adapter", default=None, help="restore a saved adapter folder (and the base model it names)")
 @argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 def qlora_load(line=""):
@@ -51,25 +75,25 @@ def qlora_load(line=""):
 
 
 @magic_arguments()
-@argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
+@argument("--epochs", type=float, default=None, help=f"passes over the data {_default(TrainConfig, 'epochs')}")
 @argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-@argument("--batch-size", type=int, default=None, help="examples per micro-batch (default 4)")
-@argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 4)")
-@argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4)")
-@argument("--warmup", type=float, default=None, help="warm-up fraction of the steps (default 0.03)")
-@argument("--scheduler", default=None, help="learning-rate schedule: linear, cosine, constant... (default linear)")
-@argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
-@argument("--max-length", type=int, default=None, help="cut examples to this many tokens (default 512)")
+@argument("--batch-size", type=int, default=None, help=f"examples per micro-batch {_default(TrainConfig, 'batch_size')}")
+@argument("--grad-accum", type=int, default=None, help=f"micro-batches per optimizer step {_default(TrainConfig, 'grad_accum')}")
+@argument("--lr", type=float, default=None, help=f"peak learning rate {_default(TrainConfig, 'lr')}")
+@argument("--warmup", type=float, default=None, help=f"warm-up fraction of the steps {_default(TrainConfig, 'warmup')}")
+@argument("--scheduler", default=None, help=f"learning-rate schedule: linear, cosine, constant... {_default(TrainConfig, 'scheduler')}")
+@argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay {_default(TrainConfig, 'weight_decay')}")
+@argument("--max-length", type=int, default=None, help=f"cut examples to this many tokens {_default(TrainConfig, 'max_length')}")
 @argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: 5 times a run)")
-@argument("--logging-steps", type=int, default=None, help="log every N steps (default 1)")
-@argument("--seed", type=int, default=None, help="random seed (default 42)")
+@argument("--logging-steps", type=int, default=None, help=f"log every N steps {_default(TrainConfig, 'logging_steps')}")
+@argument("--seed", type=int, default=None, help=f"random seed {_default(TrainConfig, 'seed')}")
 @argument("--packing", action="store_true", default=None, help="pack examples into one row per batch, no padding (default on)")
 @argument("--no-packing", dest="packing", action="store_false", default=None, help="pad each batch to its longest example instead of packing")
 @argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations to save memory (default: when the memory estimate needs it)")
 @argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None, help="never recompute activations")
 @argument("--max-memory", default=None, help="GPU memory budget for choosing the batch layout, e.g. 10GB (default: the card's memory)")
 @argument("--output-dir", default=None, help="run folder for TensorBoard files (default runs/<time>)")
-@argument("--display", default=None, choices=["auto", "html", "widget", "text", "none"], help="how to show progress (default auto)")
+@argument("--display", default=None, choices=["auto", "html", "widget", "text", "none"], help=f"how to show progress {_default(TrainConfig, 'display')}")
 def qlora_train(line="", cell=""):
     """Fine-tune the loaded model's adapters. The cell body is YAML::
 
@@ -88,9 +112,9 @@ def qlora_train(line="", cell=""):
 
 
 @magic_arguments()
-@argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
-@argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-@argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+@argument("--max-new-tokens", type=int, default=None, help=f"most tokens to generate {_default(GenerateConfig, 'max_new_tokens')}")
+@argument("--temperature", type=float, default=None, help=f"sampling temperature {_default(GenerateConfig, 'temperature')}")
+@argument("--top-p", type=float, default=None, help=f"nucleus sampling mass {_default(GenerateConfig, 'top_p')}")
 @argument("--greedy", action="store_true", help="take the most likely token each time (reproducible)")
 @argument("--base", action="store_true", help="answer with the adapters disabled (the base model)")
 @argument("--raw", action="store_true", help="no chat template: send the text exactly as written")
@@ -141,33 +165,64 @@ def parse_load(line: str) -> LoadConfig:
     return LoadConfig(**_options(args))
 
 
-# Body keys of %%qlora_train: the data description, plus any TrainConfig option.
-BODY_KEYS = {f for f in TrainConfig.__dataclass_fields__}
+# --- YAML cell bodies: %%qlora_train, %%qlora_eval and %%qlora_tune read theirs alike --------------
+
+def _holds_number(hint) -> bool:
+    return bool({int, float} & set(typing.get_args(hint) or (hint,)))
 
 
-def parse_train(line: str, cell: str, namespace: dict | None = None) -> TrainConfig:
-    """`%%qlora_train` flags + YAML body -> TrainConfig. `$name` data is looked up in `namespace`."""
-    import yaml
+class CellBody:
+    """What one magic's YAML cell body may hold, and the one reader of such bodies.
 
-    args = parse_argstring(qlora_train, line)
-    try:
-        body = yaml.safe_load(cell or "") or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"The cell body is not valid YAML{where}: {getattr(error, 'problem', error)}; quote templates, e.g. prompt: \"Q: {{q}}\".") from None
-    if not isinstance(body, dict):
-        raise ConfigError("The cell body must be YAML key: value lines, e.g. data: rows.jsonl")
-    body = {str(k).replace("-", "_"): v for k, v in body.items()}
-    unknown = sorted(set(body) - BODY_KEYS)
-    if unknown:
-        raise ConfigError(f"Unknown key {unknown[0]!r} in the cell body; known keys: data, prompt, response, label, chat, eval_split, max_length, split, and the options of %qlora_train?.")
-    for key in ("prompt", "response"):
-        body[key] = _template_from_yaml(key, body.get(key))
-    body = {k: _number(v) if k not in ("prompt", "response", "data", "label") else v for k, v in body.items()}
-    if isinstance(body.get("data"), str) and body["data"].startswith("$"):
-        body["data"] = lookup_variable(body["data"][1:], namespace)
-    return TrainConfig(**{**body, **_options(args)})
+    Keys are the fields of `configs` (plus `extra`, name: type). Every body is read alike: a YAML error
+    names its line; an unquoted {answer} is the template "{answer}"; text written like a number
+    (1e-3, which YAML 1.1 leaves a string) becomes one only under keys that hold numbers, so text
+    (prompt, response, data, label, split...) stays exactly as written; and data: $name is the
+    notebook variable `name`.
+    """
+
+    def __init__(self, magic, *configs, extra=None, keys_text=None):
+        types = {name: hint for config in configs for name, hint in typing.get_type_hints(config).items()}
+        types.update(extra or {})
+        self.magic = magic
+        self.keys = set(types)
+        self.numbers = {name for name, hint in types.items() if _holds_number(hint)}
+        self.keys_text = keys_text or ", ".join(sorted(self.keys))
+
+    def read(self, cell, flags=None, namespace=None) -> dict:
+        """The body as config keywords; `flags` (the options on the magic's line) win over it, and a
+        $name data, from either, is looked up in `namespace`."""
+        import yaml
+
+        try:
+            body = yaml.safe_load(cell or "") or {}
+        except yaml.YAMLError as error:
+            line = _yaml_error_line(error, cell)
+            where = f" (line {line})" if line else ""
+            raise ConfigError(f"The cell body is not valid YAML{where}: {getattr(error, 'problem', error)}; quote templates, e.g. prompt: \"Q: {{q}}\".") from None
+        if not isinstance(body, dict):
+            raise ConfigError("The cell body must be YAML key: value lines, e.g. data: rows.jsonl")
+        body = {str(k).replace("-", "_"): v for k, v in body.items()}
+        unknown = sorted(set(body) - self.keys)
+        if unknown:
+            raise ConfigError(f"Unknown key {unknown[0]!r} in the cell body of {self.magic}; known keys: {self.keys_text}.")
+        for key in ("prompt", "response"):
+            if key in body:
+                body[key] = _template_from_yaml(key, body[key])
+        options = {**{k: _number(v) if k in self.numbers else v for k, v in body.items()}, **(flags or {})}
+        data = options.get("data")
+        if isinstance(data, str) and data.startswith("$"):
+            options["data"] = lookup_variable(data[1:], namespace)
+        return options
+
+
+def _yaml_error_line(error, cell) -> int | None:
+    """The body line a YAML error is on; at the end of the body (an unclosed quote or bracket), the
+    line where the unclosed part starts."""
+    mark, start = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
+    if mark is not None and start is not None and mark.index >= len((cell or "").rstrip()):
+        mark = start
+    return None if mark is None else mark.line + 1
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -188,6 +243,20 @@ def _template_from_yaml(key, value):
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"{key}: must be a text template; put it in quotes, e.g. {key}: \"{{{key}}}\".")
     return value
+
+
+_TRAIN_KEYS = "data, prompt, response, label, chat, eval_split, max_length, split, and any option that %qlora_train? lists (e.g. epochs: 2)"
+TRAIN_BODY = CellBody("%%qlora_train", TrainConfig, keys_text=_TRAIN_KEYS)
+EVAL_BODY = CellBody("%%qlora_eval", EvalConfig)
+TUNE_BODY = CellBody("%%qlora_tune", TrainConfig, extra={"search": dict, "trials": int}, keys_text="search, trials, " + _TRAIN_KEYS)
+# Body keys of %%qlora_train: the data description, plus any TrainConfig option.
+BODY_KEYS = TRAIN_BODY.keys
+
+
+def parse_train(line: str, cell: str, namespace: dict | None = None) -> TrainConfig:
+    """`%%qlora_train` flags + YAML body -> TrainConfig. `$name` data is looked up in `namespace`."""
+    args = parse_argstring(qlora_train, line)
+    return TrainConfig(**TRAIN_BODY.read(cell, _options(args), namespace))
 
 
 def lookup_variable(name, namespace):
@@ -267,13 +336,13 @@ MAGIC_DECLARATIONS = [qlora_load, qlora_train, qlora_generate, qlora_save, qlora
 # --- evaluation, comparison, adapters, merge -------------------------------------------------------
 
 @magic_arguments()
-@argument("--metrics", default=None, help="comma-separated: perplexity, bleu, rouge, exact_match (default perplexity)")
+@argument("--metrics", default=None, help=f"comma-separated: perplexity, bleu, rouge, exact_match {_default(EvalConfig, 'metrics')}")
 @argument("--base", action="store_true", default=None, help="also evaluate the base model (adapters disabled), in the same table")
 @argument("--adapters", default=None, help="comma-separated adapters to evaluate (default: the active one)")
 @argument("--data", default=None, help="dataset as for %%qlora_train, or $variable (default: the last run's held-out split)")
 @argument("--limit", type=int, default=None, help="evaluate at most N rows")
-@argument("--batch-size", type=int, default=None, help="examples per forward pass (default 8)")
-@argument("--max-new-tokens", type=int, default=None, help="longest greedy answer for bleu/rouge/exact_match (default 64)")
+@argument("--batch-size", type=int, default=None, help=f"examples per forward pass {_default(EvalConfig, 'batch_size')}")
+@argument("--max-new-tokens", type=int, default=None, help=f"longest greedy answer for bleu/rouge/exact_match {_default(EvalConfig, 'max_new_tokens')}")
 def qlora_eval(line="", cell=None):
     """Evaluate the adapter: perplexity over response tokens, and BLEU/ROUGE/exact match of greedy
     answers against the references. Results also go to get_session().history (kind 'eval').
@@ -292,12 +361,12 @@ def qlora_eval(line="", cell=None):
 @magic_arguments()
 @argument("--adapters", default=None, help="comma-separated adapters to answer with (default: all loaded)")
 @argument("--no-base", action="store_true", help="leave out the base model's answers")
-@argument("--max-new-tokens", type=int, default=None, help="most tokens per answer (default 64)")
+@argument("--max-new-tokens", type=int, default=None, help=f"most tokens per answer {_default(CompareConfig, 'max_new_tokens')}")
 @argument("--raw", action="store_true", default=None, help="no chat template: send each prompt exactly as written")
 @argument("--system", default=None, help="system message for the chat template")
 @argument("--sample", action="store_true", default=None, help="sample (seeded) instead of greedy decoding")
-@argument("--temperature", type=float, default=None, help="sampling temperature, with --sample (default 0.7)")
-@argument("--seed", type=int, default=None, help="seed set before each answer (default 0)")
+@argument("--temperature", type=float, default=None, help=f"sampling temperature, with --sample {_default(CompareConfig, 'temperature')}")
+@argument("--seed", type=int, default=None, help=f"seed set before each answer {_default(CompareConfig, 'seed')}")
 @argument("prompt", nargs="*", help="one prompt (the rest of the line); in %%qlora_compare, prompts separated by lines of ---")
 def qlora_compare(line="", cell=None):
     """Answer the same prompts with the base model and each adapter, side by side (one model in memory).
@@ -351,11 +420,11 @@ def qlora_adapters(line=""):
 
 @magic_arguments()
 @argument("path", help="folder to write the merged model to (safetensors + tokenizer)")
-@argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="weights of the merged copy (default float16)")
+@argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help=f"weights of the merged copy {_default(MergeConfig, 'dtype')}")
 @argument("--adapter", default=None, help="adapter to merge (default: the active one)")
 @argument("--no-verify", action="store_true", help="skip the check of merged vs adapter answers and perplexity")
-@argument("--max-new-tokens", type=int, default=None, help="length of the greedy answers compared (default 24)")
-@argument("--tolerance", type=float, default=None, help="largest drift reported as a match: relative perplexity, or for --task seq-cls the mean change of class probabilities (default 0.05)")
+@argument("--max-new-tokens", type=int, default=None, help=f"length of the greedy answers compared {_default(MergeConfig, 'max_new_tokens')}")
+@argument("--tolerance", type=float, default=None, help=f"largest drift reported as a match: relative perplexity, or for --task seq-cls the mean change of class probabilities {_default(MergeConfig, 'tolerance')}")
 def qlora_merge(line=""):
     """Merge the adapter into an unquantized 16-bit copy of the base (reloaded from its original
     weights, not dequantized from 8/4-bit) and save it as a plain transformers model; then check that
@@ -368,43 +437,16 @@ def qlora_merge(line=""):
     """
 
 
-def _yaml_body(cell, known, magic):
-    """A YAML cell body -> dict, with templates and $variables read as %%qlora_train reads them."""
-    import yaml
-
-    try:
-        body = yaml.safe_load(cell or "") or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"The cell body is not valid YAML: {getattr(error, 'problem', error)}; quote templates, e.g. prompt: \"Q: {{q}}\".") from None
-    if not isinstance(body, dict):
-        raise ConfigError("The cell body must be YAML key: value lines, e.g. data: rows.jsonl")
-    body = {str(k).replace("-", "_"): v for k, v in body.items()}
-    unknown = sorted(set(body) - set(known))
-    if unknown:
-        raise ConfigError(f"Unknown key {unknown[0]!r} in the cell body of {magic}; known keys: {', '.join(sorted(known))}.")
-    for key in ("prompt", "response"):
-        if key in body:
-            body[key] = _template_from_yaml(key, body[key])
-    return body
-
-
-def parse_eval(line: str, cell: str | None = None, namespace: dict | None = None):
-    from ..config import EvalConfig
-
+def parse_eval(line: str, cell: str | None = None, namespace: dict | None = None) -> EvalConfig:
+    """`%qlora_eval` flags (+ the YAML body of `%%qlora_eval`) -> EvalConfig; `$name` data from `namespace`."""
     args = parse_argstring(qlora_eval, line)
-    body = _yaml_body(cell, EvalConfig.__dataclass_fields__, "%%qlora_eval") if cell is not None else {}
-    options = {**body, **_options(args)}
-    if isinstance(options.get("data"), str) and options["data"].startswith("$"):
-        options["data"] = lookup_variable(options["data"][1:], namespace)
-    return EvalConfig(**options)
+    return EvalConfig(**EVAL_BODY.read(cell, _options(args), namespace))
 
 
 _SEPARATOR = re.compile(r"^\s*---\s*$", re.MULTILINE)
 
 
-def parse_compare(line: str, cell: str | None = None):
-    from ..config import CompareConfig
-
+def parse_compare(line: str, cell: str | None = None) -> CompareConfig:
     options_text, prompt = split_generate_line(line, qlora_compare)
     args = parse_argstring(qlora_compare, options_text)
     if cell is not None:
@@ -452,9 +494,7 @@ def parse_weights(text: str) -> dict:
     return weights
 
 
-def parse_merge(line: str):
-    from ..config import MergeConfig
-
+def parse_merge(line: str) -> MergeConfig:
     args = parse_argstring(qlora_merge, line)
     return MergeConfig(verify=not args.no_verify, **_options(args, skip={"no_verify"}))
 
@@ -463,10 +503,10 @@ MAGIC_DECLARATIONS += [qlora_eval, qlora_compare, qlora_adapters, qlora_merge]
 
 
 @magic_arguments()
-@argument("--trials", type=int, default=None, help="number of trials (default 5)")
+@argument("--trials", type=int, default=None, help=f"number of trials {_default(TuneConfig, 'trials')}")
 @argument("--no-prune", action="store_true", help="run every trial to the end (default: stop trials behind the median)")
 @argument("--no-keep", action="store_true", help="delete every trial's adapter, the best one too")
-@argument("--sampler-seed", type=int, default=None, help="seed of Optuna's TPE sampler (default 0)")
+@argument("--sampler-seed", type=int, default=None, help=f"seed of Optuna's TPE sampler {_default(TuneConfig, 'seed')}")
 def qlora_tune(line="", cell=""):
     """Search LoRA and training options with Optuna; each trial trains a fresh adapter on the same
     quantized base and is scored by its held-out eval loss. The body is %%qlora_train's, plus search::
@@ -487,27 +527,35 @@ def qlora_tune(line="", cell=""):
     """
 
 
-def parse_tune(line: str, cell: str, namespace: dict | None = None):
-    """`%%qlora_tune` flags + body -> TuneConfig; the body minus search: is read as %%qlora_train's."""
-    from ..config import TuneConfig
+# Options %%qlora_tune may search whose values are numbers (r: [4, 8]; lr: {low: 1e-4, high: 1e-2}).
+_SEARCHED_NUMBERS = {name for config in (LoadConfig, TrainConfig)
+                     for name, hint in typing.get_type_hints(config).items() if _holds_number(hint)}
 
+
+def parse_tune(line: str, cell: str, namespace: dict | None = None) -> TuneConfig:
+    """`%%qlora_tune` flags + body -> TuneConfig; the body minus search: and trials: is %%qlora_train's."""
     args = parse_argstring(qlora_tune, line)
-    body = _yaml_body(cell, set(BODY_KEYS) | {"search", "trials"}, "%%qlora_tune")
+    body = TUNE_BODY.read(cell, namespace=namespace)
     search = body.pop("search", None)
     trials = body.pop("trials", None)
     if search is not None and not isinstance(search, dict):
         raise ConfigError("search: must be a mapping of option: choices or range, e.g. search: {r: [4, 8]}.")
-    search = {str(k): ([_number(v) for v in s] if isinstance(s, list) else
-                       {kk: _number(vv) for kk, vv in s.items()} if isinstance(s, dict) else s)
-              for k, s in (search or {}).items()}
-    # The rest is %%qlora_train's body, read as parse_train reads it (not re-dumped to YAML: that loses newlines).
-    body = {k: v if k in ("prompt", "response", "data") else _number(v) for k, v in body.items()}
-    if isinstance(body.get("data"), str) and body["data"].startswith("$"):
-        body["data"] = lookup_variable(body["data"][1:], namespace)
+    search = {str(name): _search_values(str(name), spec) for name, spec in (search or {}).items()}
     train = TrainConfig(**body)
     options = {"trials": args.trials or trials, "seed": args.sampler_seed}
     return TuneConfig(train=train, search=search, prune=not args.no_prune, keep=not args.no_keep,
                       **{k: v for k, v in options.items() if v is not None})
+
+
+def _search_values(name, spec):
+    """The choices or range of one searched option, numbers read as the body reads them."""
+    if name not in _SEARCHED_NUMBERS:
+        return spec
+    if isinstance(spec, list):
+        return [_number(v) for v in spec]
+    if isinstance(spec, dict):
+        return {key: _number(v) for key, v in spec.items()}
+    return spec
 
 
 MAGIC_DECLARATIONS += [qlora_tune]
