@@ -338,15 +338,15 @@ def ours(rows, steps, warmup, tmp, label, overrides=None, max_memory=None, repor
     import qlora_magic
     from qlora_magic.config import TrainConfig
     from qlora_magic.display.reporters import NullReporter
-    from qlora_magic.engine.training import run_training
+    from qlora_magic.engine.training import TrainingData, run_training
 
     session = qlora_magic.get_session()
     config = TrainConfig(max_steps=warmup + steps, batch_size=4, grad_accum=4, max_memory=max_memory,
                          output_dir=str(tmp / "ours"), display="none", **(config_values or {}))
     timer = step_timer()
     reset_peak()
-    summary = run_training(session.model, session.tokenizer, config, as_dataset(rows), None, reporter or NullReporter(),
-                           history=[], overrides=overrides, callbacks=[timer])
+    summary = run_training(session.model, session.tokenizer, config, TrainingData(as_dataset(rows)), reporter or NullReporter(),
+                           overrides=overrides, callbacks=[timer])
     s_step, tok_s = timer.result(warmup)
     keys = ("batch", "packing", "gradient_checkpointing", "chunked_loss", "bf16_stream", "int8_dequant", "memory_plan")
     settings = ", ".join(f"{k}={summary.settings[k]}" for k in keys if k in summary.settings)
@@ -367,12 +367,12 @@ def load_ours(path, bits, init_seed=None):
 
 
 @contextlib.contextmanager
-def memory_fraction(gb):
-    """Pretend the card has `gb` GB (the process's allocator refuses more)."""
+def memory_fraction(gib):
+    """Pretend the card has `gib` GiB, as a card sold as that many GB has (the process's allocator refuses more)."""
     import torch
 
     total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 1024**3 / total))
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 1024**3 / total))
     try:
         yield
     finally:
@@ -403,7 +403,7 @@ def format_row(row, seed, limit=None):
     ratio = f"{row['tok_s'] / seed['tok_s']:.1f}" if seed and seed.get("tok_s") and row.get("tok_s") else "-"
     pct = f"{100 * row['tok_s'] / limit:.1f}%" if limit and row.get("tok_s") else "-"
     return (f"| {row['recipe']} | {row['s_step']:.2f} | {row['tok_s']:,.0f} | {ratio} | {pct} | "
-            f"{row['peak'] / 1024**3:.1f} | {row.get('settings', '')} |")
+            f"{row['peak'] / 1e9:.1f} | {row.get('settings', '')} |")
 
 
 def table(results, limit):
@@ -602,12 +602,12 @@ def main(argv=None):
     def worst_case_rows(bits):
         if not on_gpu or "worst" in skip:
             return
-        for gb in (24, 80):
-            with memory_fraction(gb):
-                row(ours, worst, 1, 1, tmp, f"  {bits}-bit, automatic on a {gb} GB card, every example 512 tokens")
+        for gib in (24, 80):
+            with memory_fraction(gib):
+                row(ours, worst, 1, 1, tmp, f"  {bits}-bit, automatic on a {gib} GiB card, every example 512 tokens")
         with memory_fraction(10):
-            row(ours, worst, 1, 1, tmp, f"  {bits}-bit --max-memory 10GB on a 10 GB card, every example 512 tokens",
-                max_memory="10GB")
+            row(ours, worst, 1, 1, tmp, f"  {bits}-bit --max-memory 10GiB on a 10 GiB card, every example 512 tokens",
+                max_memory="10GiB")
 
     if "seed" not in skip:
         row(seed_recipe, path, rows, seed_steps, 1, device, tmp, label="seed")
@@ -637,7 +637,7 @@ def main(argv=None):
             row(ours, rows, steps, W, tmp, "qlora_magic --bits 4 (defaults), steady state (second run)")
             row(ours, rows, steps, W, tmp, "  4-bit, the model's own loss (no chunked loss)", overrides={"chunked_loss": False})
             if "budget" not in skip:
-                row(ours, rows, steps, W, tmp, "qlora_magic --bits 4 --max-memory 10GB", max_memory="10GB")
+                row(ours, rows, steps, W, tmp, "qlora_magic --bits 4 --max-memory 10GiB", max_memory="10GiB")
             worst_case_rows(4)
             if "levers" not in skip:
                 row(ours, rows, steps, W, tmp, "  4-bit, fp32 stream (as prepare_model_for_kbit_training leaves it)",
@@ -666,9 +666,9 @@ def main(argv=None):
         row(ours, rows, steps, W, tmp, "qlora_magic --bits 8 (defaults), first run after loading")
         if on_gpu:
             if "budget" not in skip:
-                row(ours, rows, steps, W, tmp, "qlora_magic --bits 8 --max-memory 10GB", max_memory="10GB")
+                row(ours, rows, steps, W, tmp, "qlora_magic --bits 8 --max-memory 10GiB", max_memory="10GiB")
                 with memory_fraction(24):
-                    row(ours, rows, 3, 1, tmp, "  8-bit, automatic on a 24 GB card")
+                    row(ours, rows, 3, 1, tmp, "  8-bit, automatic on a 24 GiB card")
             worst_case_rows(8)
             if "levers" not in skip:
                 row(ours, rows, steps, W, tmp, "  8-bit, LLM.int8 matmul (no dequantized path)", overrides={"int8_dequant": False})

@@ -42,25 +42,23 @@ def _positive(name, value, kind=int, allow_zero=False):
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
 
 
-def _fraction(name, value, low_open=True):
-    if value is None:
-        return
-    ok = (0 < value < 1) if low_open else (0 <= value < 1)
-    if not ok:
-        raise ConfigError(f"{name} must be between 0 and 1, got {value!r}.")
-
-
 def parse_memory(value) -> int | None:
-    """'10GB', '10 GiB', '512MB', 10 (GB) or a byte count -> bytes; None stays None."""
+    """'10GB', '10 GiB', '512MB', 10 (GB) or a byte count -> bytes; None stays None.
+
+    Decimal units, as every readout shows memory and as accelerate reads its max_memory strings:
+    '10GB' is 10e9 bytes, '512MB' 512e6; binary only when the i is written ('10GiB' is 10 x 2**30).
+    A bare number is GB ('10' or 10 -> 10e9); a number of 4096 or more is a byte count.
+    """
     if value is None or value == "auto":
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value * 1024**3) if value < 4096 else int(value)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(value), re.IGNORECASE)
+        return int(value * 1e9) if value < 4096 else int(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?))?B?\s*", str(value), re.IGNORECASE)
     if not match:
-        raise ConfigError(f"--max-memory must look like 10GB or 512MB, got {value!r}.")
-    number, unit = float(match.group(1)), match.group(2).upper() or "G"
-    return int(number * 1024 ** "KMGT".index(unit) * 1024)
+        raise ConfigError(f"--max-memory must look like 10GB, 10GiB or 512MB, got {value!r}.")
+    number, unit, binary = float(match.group(1)), (match.group(2) or "G").upper(), bool(match.group(3))
+    power = "KMGT".index(unit) + 1
+    return int(number * (1024**power if binary else 1000**power))
 
 
 class _Config:
@@ -154,7 +152,7 @@ class TrainConfig(_Config):
     eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: about 5 times a run)"})
     packing: bool | None = field(default=None, metadata={"help": "pack a micro-batch's examples into one row (attention kept inside each); None: on"})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "trade compute for memory; None decides from the memory estimate"})
-    max_memory: str | int | float | None = field(default=None, metadata={"help": "GPU memory budget like '10GB' for the batch layout; None: the card's memory"})
+    max_memory: str | int | float | None = field(default=None, metadata={"help": "GPU memory budget for the batch layout: '10GB' (10e9 bytes), '10GiB' (10 x 2**30), '512MB', or a number of GB; None: the card's memory"})
     output_dir: str | None = field(default=None, metadata={"help": "run folder (TensorBoard files); default runs/<time>"})
     display: str = field(default="auto", metadata={"help": "auto, html, widget, text or none"})
 

@@ -6,11 +6,11 @@ import qlora_magic
 from qlora_magic.config import TrainConfig
 from qlora_magic.errors import ConfigError
 from qlora_magic.config import parse_memory
-from qlora_magic.engine.speed import GB, SAFETY, activation_bytes, plan_batches, workspace_bytes
+from qlora_magic.engine.speed import GiB, SAFETY, BatchLayout, BatchPlan, activation_bytes, plan_batches, workspace_bytes
 
 LLAMA_7B = {"hidden": 4096, "intermediate": 11008, "layers": 32, "vocab": 32000}
 LENGTHS = [180] * 900 + [512] * 100  # instruction data: most short, some cut at max_length
-IN_USE = {4: int(3.61 * GB), 8: int(6.54 * GB)}  # a 7B model during a run (bf16 stream), NF4 and LLM.int8
+IN_USE = {4: int(3.61 * GiB), 8: int(6.54 * GiB)}  # a 7B model during a run (bf16 stream), NF4 and LLM.int8
 LORA_Q_V = 4_194_304
 # Peaks measured on an H200 (docs/benchmarks.md), minus the model: (checkpointing, chunked loss, tokens of the
 # largest micro-batch the run saw, GiB). bf16 stream, packed; 8,192 tokens: every example at max length 512.
@@ -20,49 +20,77 @@ MEASURED = [(False, False, 4138, 21.99), (False, False, 4138, 21.89), (False, Tr
             (True, True, 2563, 1.36), (True, True, 4138, 2.09)]
 
 
-def test_parse_memory():
-    assert parse_memory("10GB") == 10 * GB
-    assert parse_memory("10 GiB") == 10 * GB
-    assert parse_memory("512MB") == 512 * 1024**2
-    assert parse_memory(24) == 24 * GB
-    assert parse_memory(None) is None
-    with pytest.raises(ConfigError, match="10GB"):
-        parse_memory("ten gigs")
+def test_parse_memory_reads_decimal_units_and_binary_only_with_an_i():
+    """As readouts show memory (gb()) and accelerate reads max_memory: GB = 1e9 bytes, GiB = 2**30."""
+    assert parse_memory("10GB") == 10 * 10**9
+    assert parse_memory("10 gb") == 10 * 10**9
+    assert parse_memory("10 GiB") == 10 * GiB
+    assert parse_memory("1.5GiB") == int(1.5 * GiB)
+    assert parse_memory("512MB") == 512 * 10**6
+    assert parse_memory("512MiB") == 512 * 1024**2
+    assert parse_memory("2T") == 2 * 10**12
+    assert parse_memory("10") == parse_memory(10) == 10 * 10**9  # a bare number is GiB
+    assert parse_memory(24) == 24 * 10**9
+    assert parse_memory(0.5) == 500 * 10**6
+    assert parse_memory(20 * 10**9) == 20 * 10**9  # a byte count
+    assert parse_memory(None) is None and parse_memory("auto") is None
+    for bad in ("ten gigs", "10XB", "10iB", "-1GB"):
+        with pytest.raises(ConfigError, match="10GB, 10GiB or 512MB"):
+            parse_memory(bad)
     with pytest.raises(ConfigError, match="max-memory"):
         TrainConfig(max_memory="lots")
 
 
+def test_memory_readouts_and_budgets_use_one_decimal_convention():
+    from qlora_magic.display.formatting import gb
+
+    assert gb(parse_memory("10GB")) == "10.00 GB"
+    assert gb(parse_memory("512MB")) == "512.0 MB"
+    assert gb(parse_memory("10GiB")) == "10.74 GB"
+    assert gb(None) == "-"
+
+
+def test_batch_layout_reads_as_micro_x_accum():
+    layout = BatchLayout(4, 4)
+    assert str(layout) == "4x4" and f"batch={layout}" == "batch=4x4"
+    assert BatchLayout.of("16x1") == BatchLayout(16, 1) and BatchLayout.of(" 2 x 8 ") == BatchLayout(2, 8)
+    assert BatchLayout.of(layout) is layout
+    for bad in ("4", "0x4", "4x0", "four by four", "4x4x4", None):
+        with pytest.raises(ConfigError, match="like '4x4'"):
+            BatchLayout.of(bad)
+
+
 @pytest.mark.parametrize("budget_gb", [10, 24, 40, 80, 140])
 def test_plan_keeps_the_effective_batch_and_fits_the_budget(budget_gb):
-    in_use = int(3.9 * GB)  # a 7B model in NF4
-    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, budget_gb * GB, in_use, trainable=4_194_304)
-    assert plan["micro"] * plan["accum"] == 16
-    assert plan["estimate"] <= budget_gb * GB
+    in_use = int(3.9 * GiB)  # a 7B model in NF4
+    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, budget_gb * GiB, in_use, trainable=4_194_304)
+    assert plan.layout.micro * plan.layout.accum == 16
+    assert plan.estimate <= budget_gb * GiB
 
 
 def test_plan_prefers_one_big_micro_batch_without_checkpointing_when_memory_allows():
-    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 140 * GB, int(3.9 * GB))
-    assert (plan["micro"], plan["accum"], plan["checkpointing"]) == (16, 1, False)
+    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 140 * GiB, int(3.9 * GiB))
+    assert (plan.layout, plan.checkpointing) == (BatchLayout(16, 1), False)
 
 
 def test_plan_checkpoints_on_a_small_budget():
-    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GB, int(3.9 * GB))
-    assert plan["checkpointing"] is True
+    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GiB, int(3.9 * GiB))
+    assert plan.checkpointing is True
 
 
 def test_plan_respects_fixed_checkpointing():
-    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GB, int(3.9 * GB), checkpointing=False)
-    assert plan["checkpointing"] is False and plan["micro"] < 16
+    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GiB, int(3.9 * GiB), checkpointing=False)
+    assert plan.checkpointing is False and plan.layout.micro < 16
 
 
 def test_plan_on_the_cpu_is_one_micro_batch():
-    assert plan_batches(16, LENGTHS, True, LLAMA_7B, None, 0) == {"micro": 16, "accum": 1, "checkpointing": False, "estimate": None}
+    assert plan_batches(16, LENGTHS, True, LLAMA_7B, None, 0) == BatchPlan(BatchLayout(16, 1), checkpointing=False, estimate=None)
 
 
 def test_packing_estimate_is_below_padding():
     few_long = [180] * 995 + [512] * 5  # packing's worst case is the 16 longest examples together
-    packed = plan_batches(16, few_long, True, LLAMA_7B, 140 * GB, 0)["estimate"]
-    padded = plan_batches(16, few_long, False, LLAMA_7B, 140 * GB, 0)["estimate"]
+    packed = plan_batches(16, few_long, True, LLAMA_7B, 140 * GiB, 0).estimate
+    padded = plan_batches(16, few_long, False, LLAMA_7B, 140 * GiB, 0).estimate
     assert packed < padded
     assert activation_bytes(LLAMA_7B, 1000, True) < activation_bytes(LLAMA_7B, 1000, False) / 5
 
@@ -70,7 +98,7 @@ def test_packing_estimate_is_below_padding():
 @pytest.mark.parametrize("checkpointing, chunked_loss, tokens, measured_gb", MEASURED)
 def test_activation_estimate_is_calibrated_on_the_measured_peaks(checkpointing, chunked_loss, tokens, measured_gb):
     """Never below what was measured, and not far above it."""
-    estimate = (activation_bytes(LLAMA_7B, tokens, checkpointing, chunked_loss) + workspace_bytes(LLAMA_7B)) / GB
+    estimate = (activation_bytes(LLAMA_7B, tokens, checkpointing, chunked_loss) + workspace_bytes(LLAMA_7B)) / GiB
     assert measured_gb <= estimate <= 1.2 * measured_gb
 
 
@@ -79,8 +107,8 @@ def test_activation_estimate_is_calibrated_on_the_measured_peaks(checkpointing, 
 def test_plans_are_the_layouts_measured_on_the_gpu(bits, budget_gb, layout):
     """The rows of docs/benchmarks.md ran these layouts; a change of constants that moves them needs a new run."""
     for lengths in (LENGTHS, [512] * 64):
-        plan = plan_batches(16, lengths, True, LLAMA_7B, budget_gb * GB, IN_USE[bits], LORA_Q_V, chunked_loss=True)
-        assert (plan["micro"], plan["accum"], plan["checkpointing"]) == layout
+        plan = plan_batches(16, lengths, True, LLAMA_7B, budget_gb * GiB, IN_USE[bits], LORA_Q_V, chunked_loss=True)
+        assert (plan.layout.micro, plan.layout.accum, plan.checkpointing) == layout
 
 
 def test_packed_attention_mask_grows_with_the_square_of_the_micro_batch():
@@ -99,13 +127,14 @@ def test_chunked_loss_estimate_drops_the_logits():
 
 
 def test_8bit_on_a_10gb_budget_takes_a_bigger_micro_batch_with_checkpointing():
-    """The budget mode for 8-bit (docs/benchmarks.md): 4x4 before; 8x2 fits even the worst micro-batch."""
-    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GB, IN_USE[8], LORA_Q_V, chunked_loss=True)
-    assert (plan["micro"], plan["accum"], plan["checkpointing"]) == (8, 2, True)
-    assert plan["estimate"] <= SAFETY * 10 * GB
+    """The budget mode for 8-bit (docs/benchmarks.md): 4x4 before; 8x2 fits even the worst micro-batch.
+    The budget is the measured runs' (--max-memory 10GB, read as 10 GiB before units were decimal)."""
+    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GiB, IN_USE[8], LORA_Q_V, chunked_loss=True)
+    assert (plan.layout, plan.checkpointing) == (BatchLayout(8, 2), True)
+    assert plan.estimate <= SAFETY * 10 * GiB
     # 4-bit on the same budget: one micro-batch of 16, checkpointed
-    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GB, IN_USE[4], LORA_Q_V, chunked_loss=True)
-    assert (plan["micro"], plan["checkpointing"]) == (16, True)
+    plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GiB, IN_USE[4], LORA_Q_V, chunked_loss=True)
+    assert (plan.layout.micro, plan.checkpointing) == (16, True)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -114,11 +143,11 @@ def test_8bit_on_a_10gb_budget_takes_a_bigger_micro_batch_with_checkpointing():
 def test_automatic_plan_fits_a_card_even_when_every_example_is_max_length(bits, card_gb, chunked_loss):
     """7B at max length 512: the worst case packs 16 x 512 tokens into one micro-batch. The GPU run checks
     the same with the process's memory capped (benchmarks/gpu_speed.py, 'worst case' rows)."""
-    plan = plan_batches(16, [512] * 64, True, LLAMA_7B, card_gb * GB, IN_USE[bits], LORA_Q_V, chunked_loss=chunked_loss)
-    assert plan["estimate"] <= SAFETY * card_gb * GB
-    assert plan["micro"] * plan["accum"] == 16
+    plan = plan_batches(16, [512] * 64, True, LLAMA_7B, card_gb * GiB, IN_USE[bits], LORA_Q_V, chunked_loss=chunked_loss)
+    assert plan.estimate <= SAFETY * card_gb * GiB
+    assert plan.layout.micro * plan.layout.accum == 16
     if card_gb == 80:
-        assert (plan["micro"], plan["checkpointing"]) == (16, False)
+        assert (plan.layout.micro, plan.checkpointing) == (16, False)
 
 
 def _tokenized(tiny_model_dir, n=8):
@@ -180,7 +209,7 @@ def test_rounded_packing_trains_the_same_and_counts_real_tokens(tiny_model_dir, 
     from qlora_magic.config import TrainConfig
     from qlora_magic.engine.data import ExampleTokenizer, load_rows, prepare_datasets
     from qlora_magic.display.reporters import NullReporter
-    from qlora_magic.engine.training import run_training
+    from qlora_magic.engine.training import TrainingData, run_training
 
     class Tokens(TrainerCallback):
         def on_train_end(self, args, state, control, **kwargs):
@@ -193,7 +222,7 @@ def test_rounded_packing_trains_the_same_and_counts_real_tokens(tiny_model_dir, 
         config = TrainConfig(max_steps=2, output_dir=str(tmp_path / str(multiple)), display="none")
         train_set, _, _ = prepare_datasets(load_rows(rows), ExampleTokenizer(session.tokenizer, "Q: {question} ", "{answer}"))
         tokens = Tokens()
-        summary = run_training(session.model, session.tokenizer, config, train_set, None, NullReporter(), history=[],
+        summary = run_training(session.model, session.tokenizer, config, TrainingData(train_set), NullReporter(),
                                overrides={"packing": True, "pad_packed_to": multiple}, callbacks=[tokens])
         results[multiple] = (summary.train_loss, tokens.seen)
     assert results[64][1] == results[1][1] > 0
@@ -208,7 +237,7 @@ def test_training_packed_and_padded_take_the_same_first_step(tiny_model_dir, row
         summary = qlora_magic.train(rows, prompt="Q: {question} ", response="{answer}", max_steps=1,
                                     packing=packing, display="none")
         assert summary.settings["packing"] is packing
-        assert summary.settings["batch"] == "4x4"  # the CPU keeps the layout asked for
+        assert summary.settings["batch"] == BatchLayout(4, 4)  # the CPU keeps the layout asked for
         losses[packing] = summary.train_loss[0]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
@@ -272,7 +301,7 @@ def test_training_with_the_chunked_loss_takes_the_same_steps(tiny_model_dir):
 
     from qlora_magic.config import TrainConfig
     from qlora_magic.display.reporters import NullReporter
-    from qlora_magic.engine.training import run_training
+    from qlora_magic.engine.training import TrainingData, run_training
 
     _, rows = _tokenized(tiny_model_dir, n=16)
     losses = {}
@@ -281,8 +310,8 @@ def test_training_with_the_chunked_loss_takes_the_same_steps(tiny_model_dir):
         qlora_magic.load(tiny_model_dir, bits=8)
         session = qlora_magic.get_session()
         config = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, lr=2e-3, display="none")
-        summary = run_training(session.model, session.tokenizer, config, datasets.Dataset.from_list(rows), None,
-                               NullReporter(), history=[], overrides={"chunked_loss": True} if chunked else None)
+        summary = run_training(session.model, session.tokenizer, config, TrainingData(datasets.Dataset.from_list(rows)),
+                               NullReporter(), overrides={"chunked_loss": True} if chunked else None)
         assert summary.settings["chunked_loss"] is chunked  # off on the CPU unless forced
         losses[chunked] = [r["loss"] for r in summary.history if "loss" in r]
     assert len(losses[True]) == 3

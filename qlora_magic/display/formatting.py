@@ -5,8 +5,11 @@ from __future__ import annotations
 import html
 
 
-def gb(n_bytes: float) -> str:
-    """Bytes as a short human size: 1.23 GB, 456.7 MB."""
+def gb(n_bytes: float | None) -> str:
+    """Bytes as a short human size: 1.23 GB, 456.7 MB; "-" for None.
+
+    The one size format every readout uses: decimal units (GB = 1e9 bytes, MB = 1e6), the convention
+    --max-memory reads too (config.parse_memory)."""
     if n_bytes is None:
         return "-"
     if n_bytes >= 1e9:

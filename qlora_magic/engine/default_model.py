@@ -67,7 +67,3 @@ def default_model_path() -> Path:
         shutil.rmtree(folder)
     tmp.replace(folder)
     return folder
-
-
-def is_default_model_path(path) -> bool:
-    return path is not None and Path(path).resolve() == (cache_dir() / DEFAULT_MODEL_NAME).resolve()

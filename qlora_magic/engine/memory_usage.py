@@ -37,12 +37,6 @@ class MemoryReport(Readout):
         rows.append(("CPU process (RSS)", f"{gb(self.cpu_rss)} of {gb(self.cpu_total)}"))
         return rows
 
-    @property
-    def gpu_fraction(self):
-        if self.gpu_total:
-            return self.gpu_reserved / self.gpu_total
-        return None
-
 
 def memory_report(model=None) -> MemoryReport:
     """Measure memory now. The model (if given) is the one whose footprint is shown."""

@@ -23,12 +23,15 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from dataclasses import dataclass
 
 from ..config import parse_memory
+from ..display.formatting import gb
 from ..errors import ConfigError
 
-GB = 1024**3
-MB = 1024**2
+# Sizes of buffers and measured peaks (binary, as the allocator counts them); what users read is decimal (gb()).
+GiB = 1024**3
+MiB = 1024**2
 # Activation memory, calibrated on an H200 with a Llama-2-7B shape, LoRA r=8 on q/v and the bf16 residual
 # stream (docs/benchmarks.md): peak allocated minus the model, at the largest micro-batch a run saw (its tokens
 # recomputed from the benchmark's data and the Trainer's sampler order), or with every example at max length.
@@ -47,8 +50,8 @@ RECOMPUTE = 1.4
 # and their gradient (bf16) plus one chunk of logits at a time (CHUNK_BYTES, whatever the batch).
 LOGIT_BYTES = 14
 CHUNKED_HIDDEN = 4
-CHUNK_BYTES = 256 * MB
-CUBLAS_WORKSPACE = 64 * MB
+CHUNK_BYTES = 256 * MiB
+CUBLAS_WORKSPACE = 64 * MiB
 # A packed micro-batch's length is rounded up to a multiple of this (a pad segment of its own, no loss).
 # Every new length costs the GPU a first-time setup: on the 7B shape (H200, 30 steps, the first run after
 # loading) 0.68 s/step with every length new, 0.41 rounded to 128, 0.39 to 256, 0.37 to 512, and 0.36-0.37
@@ -61,6 +64,38 @@ SAFETY = 0.9  # never plan to fill more than this share of the budget (the alloc
 # speed: so fewer, bigger micro-batches win, and checkpointing (x1.37 measured) beats a split in two.
 MICRO_BATCH_OVERHEAD_TOKENS = 8192
 CHECKPOINTING_COST = 4 / 3  # the forward runs twice (1.37x measured)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the effective batch is split: `micro` examples per forward, `accum` forwards per optimizer step.
+    Reads "4x4" (micro x accum), as the run's settings show it."""
+
+    micro: int
+    accum: int
+
+    def __str__(self):
+        return f"{self.micro}x{self.accum}"
+
+    @classmethod
+    def of(cls, value) -> BatchLayout:
+        """A BatchLayout, or its "4x4" form (how benchmarks and tests write an override)."""
+        if isinstance(value, cls):
+            return value
+        match = re.fullmatch(r"\s*([1-9]\d*)\s*x\s*([1-9]\d*)\s*", str(value))
+        if not match:
+            raise ConfigError(f"A batch layout is micro-batch x accumulation steps like '4x4', got {value!r}.")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What plan_batches chose: the layout, whether to checkpoint, and the estimated peak (bytes; None
+    without a budget to plan against)."""
+
+    layout: BatchLayout
+    checkpointing: bool
+    estimate: int | None = None
 
 
 def model_dims(model) -> dict:
@@ -131,19 +166,17 @@ def mask_pairs(lengths: list[int], micro: int, packing: bool) -> int:
 
 def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict | None,
                  budget: int | None, in_use: int, trainable: int = 0, checkpointing: bool | None = None,
-                 chunked_loss: bool = False) -> dict:
+                 chunked_loss: bool = False) -> BatchPlan:
     """The fastest (micro-batch, accumulation, checkpointing) that keeps the effective batch and whose
     estimated peak fits `budget` bytes. `in_use`: bytes the model already holds; `checkpointing`: None to
     choose, or fixed by the user. Without a budget (the CPU) the layout is one micro-batch per step.
 
     The estimate is for the worst micro-batch the data allows (its longest examples together), not a
     typical one: a plan that fits can never run out of memory later in the run.
-
-    Returns {"micro": m, "accum": a, "checkpointing": bool, "estimate": bytes or None}.
     """
     divisors = [m for m in range(effective, 0, -1) if effective % m == 0]
     if budget is None or not dims or not dims.get("layers"):
-        return {"micro": effective, "accum": 1, "checkpointing": bool(checkpointing), "estimate": None}
+        return BatchPlan(BatchLayout(effective, 1), bool(checkpointing))
     optimizer = 16 * trainable  # fp32 gradient + two Adam moments (+ the fp32 master already in in_use)
     fixed = in_use + optimizer + workspace_bytes(dims)
     best = None
@@ -156,13 +189,13 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
             accum = effective // micro
             cost = accum * (MICRO_BATCH_OVERHEAD_TOKENS + typical) * (CHECKPOINTING_COST if recompute else 1)
             if best is None or cost < best[0]:
-                best = (cost, {"micro": micro, "accum": accum, "checkpointing": recompute, "estimate": estimate})
+                best = (cost, BatchPlan(BatchLayout(micro, accum), recompute, estimate))
             break  # smaller micro-batches at this checkpointing setting only cost more
     if best is None:  # nothing fits by the estimate: the smallest layout, and let the allocator say
         recompute = True if checkpointing is None else checkpointing
         worst, _ = micro_batch_tokens(lengths, 1, packing)
-        return {"micro": 1, "accum": effective, "checkpointing": recompute,
-                "estimate": fixed + activation_bytes(dims, worst, recompute, chunked_loss, mask_pairs(lengths, 1, packing))}
+        estimate = fixed + activation_bytes(dims, worst, recompute, chunked_loss, mask_pairs(lengths, 1, packing))
+        return BatchPlan(BatchLayout(1, effective), recompute, estimate)
     return best[1]
 
 
@@ -400,10 +433,6 @@ def causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
     return total / num_items_in_batch
 
 
-def fmt_bytes(n) -> str:
-    return "-" if n is None else f"{n / GB:.1f} GB"
-
-
 # --- the layout policy: what a run uses, decided from the device and its memory
 
 def choose_settings(config, device: str, n_train: int, model=None, lengths=None) -> dict:
@@ -438,24 +467,23 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
         plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
                             checkpointing=config.gradient_checkpointing, chunked_loss=chunked_loss)
     else:
-        plan = {"micro": config.batch_size, "accum": config.grad_accum,
-                "checkpointing": bool(config.gradient_checkpointing), "estimate": None}
+        plan = BatchPlan(BatchLayout(config.batch_size, config.grad_accum), bool(config.gradient_checkpointing))
     settings = {
         "device": device,
         "precision": precision,
-        "batch": f"{plan['micro']}x{plan['accum']}",
+        "batch": plan.layout,
         "effective_batch": effective,
         "lr": config.lr,
         "steps": total,
         "packing": packing,
-        "gradient_checkpointing": plan["checkpointing"],
+        "gradient_checkpointing": plan.checkpointing,
         "chunked_loss": chunked_loss,
     }
     if on_gpu:
         settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
         if packing:
             settings["pad_packed_to"] = PACKED_LENGTH_MULTIPLE
-        settings["memory_plan"] = f"{fmt_bytes(plan['estimate'])} of {fmt_bytes(budget)}"
+        settings["memory_plan"] = f"{gb(plan.estimate)} of {gb(budget)}"
         settings["bf16_stream"] = precision == "bf16"
         settings["int8_dequant"] = precision == "bf16" and _has_int8_layers(model)
     return settings

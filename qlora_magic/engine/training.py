@@ -3,19 +3,21 @@ Ctrl-C (a kernel interrupt) stops at the next step boundary and keeps what was l
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..config import TrainConfig
 from ..display.formatting import Readout, gb
 from ..display.reporters import Reporter
-from .speed import choose_settings
+from .speed import BatchLayout, choose_settings
 from .stopping import StopFlag, stop_on_interrupt
 
 
-def _make_callback(reporter: Reporter, history: list, stop: StopFlag, run_index: int, device: str):
+def _make_callback(reporter: Reporter, log: RunLog, stop: StopFlag, device: str):
     from transformers import TrainerCallback
 
     class EventsCallback(TrainerCallback):
@@ -42,7 +44,7 @@ def _make_callback(reporter: Reporter, history: list, stop: StopFlag, run_index:
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "run": run_index}
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "run": log.run}
             if "loss" in logs:
                 now, tokens = time.perf_counter(), state.num_input_tokens_seen
                 row.update(
@@ -58,8 +60,8 @@ def _make_callback(reporter: Reporter, history: list, stop: StopFlag, run_index:
                 row.update({k[5:]: logs[k] for k in ("eval_accuracy", "eval_f1") if k in logs})  # seq-cls
             else:
                 return  # the end-of-training summary log; the summary object carries it
-            history.append(row)
-            reporter.log(row, self.progress(state), history)
+            log.history.append(row)
+            reporter.log(row, self.progress(state), log.history)
 
     return EventsCallback()
 
@@ -122,42 +124,75 @@ def _chunked_loss_trainer():
     return ChunkedLossTrainer
 
 
-def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, reporter: Reporter,
-                 history: list, run_index: int = 0, stop: StopFlag | None = None,
-                 overrides: dict | None = None, callbacks: list | None = None, task: str = "causal-lm"):
-    """Train `model` in place. Returns a TrainSummary. Rows are appended to `history` as they come.
+@dataclass
+class TrainingData:
+    """The tokenized examples of one run, and the task they were made for (which decides how they are
+    batched, and what evaluation reports: seq-cls batches one label per row and adds accuracy and F1)."""
+
+    train: Any
+    eval: Any = None
+    task: str = "causal-lm"
+
+
+@dataclass
+class RunLog:
+    """Where a run's rows go as they are logged: `history` (the session's, across runs), each row
+    tagged with `run`, this run's index."""
+
+    history: list = field(default_factory=list)
+    run: int = 0
+
+
+def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, reporter: Reporter,
+                 log: RunLog | None = None, stop: StopFlag | None = None, overrides: dict | None = None,
+                 callbacks: list | None = None):
+    """Train `model` in place. Returns a TrainSummary. Rows are appended to `log.history` as they come.
 
     overrides: settings to force over `choose_settings`' choice (benchmarks compare layouts this way:
     {"batch": "4x4", "packing": False, "gradient_checkpointing": True, "bf16_stream": False,
     "chunked_loss": False, ...}).
     callbacks: extra transformers TrainerCallbacks.
-    task: the LoadConfig's task; seq-cls batches one label per row and reports accuracy and F1.
     """
     from torch.utils.tensorboard import SummaryWriter
-    from transformers import PrinterCallback, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
-    from .bnb_cpu import trainable_4bit
-    from .classification import classification_metrics
-    from .data import make_collator, pad_id
-    from .speed import bf16_stream, dequantized_int8_training, no_kv_cache
-
     stop = stop if stop is not None else StopFlag()  # an unset StopFlag is falsy
+    log = log if log is not None else RunLog()
     device = str(next(model.parameters()).device)
-    settings = choose_settings(config, device, len(train_set), model=model, lengths=[len(ids) for ids in train_set["input_ids"]])
-    settings.update(overrides or {})
-    micro, accum = (int(n) for n in settings["batch"].split("x"))
+    settings = run_settings(config, device, model, data.train, overrides)
     run_dir = Path(config.output_dir) if config.output_dir else default_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    total = settings["steps"]
-    eval_steps = config.eval_steps or max(1, total // 5)
-    args = TrainingArguments(
+    if not settings["gradient_checkpointing"] and getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()  # left on by an earlier run that needed it
+    with contextlib.closing(SummaryWriter(log_dir=str(run_dir / "tensorboard"))) as writer:
+        args = training_arguments(config, settings, run_dir, device, evaluate=data.eval is not None)
+        events = [TensorBoardCallback(tb_writer=writer), _make_callback(reporter, log, stop, device)]
+        trainer = build_trainer(model, tokenizer, args, settings, data, events + list(callbacks or []))
+        return _train(trainer, model, settings, reporter, log.history, stop, run_dir)
+
+
+def run_settings(config: TrainConfig, device: str, model, train_set, overrides: dict | None = None) -> dict:
+    """What the run uses: `choose_settings`' choice for this model and data, with `overrides` forced over it
+    (a "batch" override may be a BatchLayout or its "4x4" form)."""
+    lengths = [len(ids) for ids in train_set["input_ids"]]
+    settings = choose_settings(config, device, len(train_set), model=model, lengths=lengths)
+    settings.update(overrides or {})
+    settings["batch"] = BatchLayout.of(settings["batch"])
+    return settings
+
+
+def training_arguments(config: TrainConfig, settings: dict, run_dir: Path, device: str, evaluate: bool):
+    """transformers' TrainingArguments for the config and the chosen settings; `evaluate`: there is an eval set."""
+    from transformers import TrainingArguments
+
+    batch = settings["batch"]
+    return TrainingArguments(
         output_dir=str(run_dir),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
-        per_device_train_batch_size=micro,
-        per_device_eval_batch_size=micro,
-        gradient_accumulation_steps=accum,
+        per_device_train_batch_size=batch.micro,
+        per_device_eval_batch_size=batch.micro,
+        gradient_accumulation_steps=batch.accum,
         learning_rate=config.lr,
         warmup_steps=config.warmup,
         lr_scheduler_type=config.scheduler,
@@ -166,11 +201,11 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
         data_seed=config.seed,
         logging_steps=config.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if eval_set is not None else "no",
-        eval_steps=eval_steps,
-        eval_on_start=eval_set is not None,  # the "before" point of the eval curve
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=config.eval_steps or max(1, settings["steps"] // 5),
+        eval_on_start=evaluate,  # the "before" point of the eval curve
         save_strategy="no",  # %qlora_save writes the adapter; no multi-GB checkpoints by surprise
-        report_to="none",  # TensorBoard is added below with our own folder
+        report_to="none",  # TensorBoard is added as a callback, with our own folder
         bf16=settings["precision"] == "bf16",
         fp16=settings["precision"] == "fp16",
         use_cpu=device == "cpu",
@@ -184,33 +219,51 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
         log_level="warning",
         optim=settings.get("optimizer", "adamw_torch"),
     )
-    if not settings["gradient_checkpointing"] and getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()  # left on by an earlier run that needed it
-    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def build_trainer(model, tokenizer, args, settings: dict, data: TrainingData, callbacks: list):
+    """The Trainer for the run: the chunked loss and real-token counting when the settings ask for them,
+    the collator for the task and the packing, and `callbacks` in place of the one that prints log dicts."""
+    from transformers import PrinterCallback
+
+    from .classification import classification_metrics
+    from .data import make_collator, pad_id
+
     rounded = settings["packing"] and (settings.get("pad_packed_to") or 1) > 1
     trainer = _trainer_class(settings.get("chunked_loss", False), pad_id(tokenizer) if rounded else None)(
         model=model,
         args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=make_collator(tokenizer, packing=settings["packing"], task=task,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=make_collator(tokenizer, packing=settings["packing"], task=data.task,
                                      pad_to_multiple_of=settings.get("pad_packed_to")),
-        compute_metrics=classification_metrics if task == "seq-cls" else None,
-        callbacks=[TensorBoardCallback(tb_writer=writer), _make_callback(reporter, history, stop, run_index, device), *(callbacks or [])],
+        compute_metrics=classification_metrics if data.task == "seq-cls" else None,
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the reporter shows them
+    return trainer
+
+
+def _train(trainer, model, settings: dict, reporter: Reporter, history: list, stop: StopFlag,
+           run_dir: Path) -> TrainSummary:
+    """trainer.train() inside the run's context managers, then the summary. The reporter gets its end
+    event however the run ends: completed, interrupted (Stop, Ctrl-C) or failed (then the error is raised)."""
     import torch
 
+    from .bnb_cpu import trainable_4bit
+    from .speed import bf16_stream, dequantized_int8_training, no_kv_cache
+
+    evaluates = trainer.eval_dataset is not None
     stream_dtype = torch.bfloat16 if settings.get("bf16_stream") else None
     first_row = len(history)
-    reporter.start({"total_steps": total, "settings": settings, "run_dir": str(run_dir)})
+    reporter.start({"total_steps": settings["steps"], "settings": settings, "run_dir": str(run_dir)})
     started = time.perf_counter()
     status, error = "completed", None
     try:
         with trainable_4bit(model), stop_on_interrupt(stop), no_kv_cache(model), bf16_stream(model, stream_dtype), \
                 dequantized_int8_training(settings.get("int8_dequant", False)):
             trainer.train()
-            if not stop and eval_set is not None and (not history or history[-1].get("eval_loss") is None):
+            if not stop and evaluates and (not history or history[-1].get("eval_loss") is None):
                 trainer.evaluate()  # the "after" point, when the last step was not an eval step
         if stop:
             status = "interrupted"
@@ -219,10 +272,9 @@ def run_training(model, tokenizer, config: TrainConfig, train_set, eval_set, rep
     except BaseException as exc:
         status, error = "failed", exc
     finally:
-        writer.close()
         model.eval()
         summary = TrainSummary.from_history(
-            history[first_row:], status=status, steps_planned=total, seconds=time.perf_counter() - started,
+            history[first_row:], status=status, steps_planned=settings["steps"], seconds=time.perf_counter() - started,
             run_dir=str(run_dir), settings=settings, steps_done=trainer.state.global_step,
         )
         reporter.end(summary)

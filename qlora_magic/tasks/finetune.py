@@ -13,7 +13,7 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
     `callbacks`: extra transformers TrainerCallbacks (tuning prunes trials through one)."""
     from ..display import choose_reporter
     from ..engine.data import load_rows, prepare_datasets
-    from ..engine.training import run_training
+    from ..engine.training import RunLog, TrainingData, run_training
 
     model = session.require_model("training")
     if config.data is None:
@@ -33,9 +33,8 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
         record["label_names"] = examples.names
         set_class_names(model, examples.names)
     session.train_configs.append(record)
-    summary = run_training(model, session.tokenizer, config, train_set, eval_set, reporter,
-                           session.history, run_index=len(session.train_configs) - 1, stop=stop, task=task,
-                           callbacks=callbacks)
+    summary = run_training(model, session.tokenizer, config, TrainingData(train_set, eval_set, task), reporter,
+                           RunLog(session.history, run=len(session.train_configs) - 1), stop=stop, callbacks=callbacks)
     session.last_train_summary = summary
     return summary
 
