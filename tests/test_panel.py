@@ -247,3 +247,18 @@ def test_load_tab_seq2seq_on_a_decoder_only_model_is_one_red_line(tiny_model_dir
     assert p.status_text.startswith("ConfigError: ") and "is decoder-only: use --task causal-lm" in p.status_text
     assert "\n" not in p.status_text and "#d62728" in p.status.value
     assert (session.model, session.load_config) == before and qlora_magic.get_session() is session
+
+
+def test_the_panel_uses_only_public_names_of_other_modules():
+    import ast
+
+    import qlora_magic.front.panel as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names]
+    modules = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
+               if alias.name in ("api", "examples")}
+    reached = [node.attr for node in ast.walk(tree)
+               if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules]
+    assert modules == {"api", "examples"}
+    assert not [name for name in imported + reached if name.startswith("_") and name != "__future__"]
