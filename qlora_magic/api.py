@@ -32,23 +32,20 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
     if model is not None:
         options["model"] = model
     config = _config(LoadConfig, config, options)
-    new_model, tokenizer, config, report = load_model(config)
+    loaded = load_model(config)
     session = get_session()
     session.model = None
     release_memory()
-    session.model, session.tokenizer, session.load_config = new_model, tokenizer, config
-    session.train_configs, session.history, session.last_generation = [], [], None
-    if config.adapter:
-        from .engine.adapter_folder import saved_run
+    session.model, session.tokenizer, session.load_config = loaded.model, loaded.tokenizer, loaded.config
+    session.runs, session.history, session.last_generation = [], [], None
+    if loaded.adapter_folder is not None:  # the saved adapter's runs and history, as load_model read them
         from .tasks.finetune import set_class_names
 
-        run = saved_run(config.adapter)
-        session.train_configs = run.get("train_configs", [])
-        session.history = run.get("history", [])
-        if config.task == "seq-cls" and session.label_names:
-            set_class_names(new_model, session.label_names)
-    session.last_load_report = report
-    return report
+        session.runs, session.history = loaded.adapter_folder.runs, loaded.adapter_folder.history
+        if loaded.config.task == "seq-cls" and session.label_names:
+            set_class_names(loaded.model, session.label_names)
+    session.last_load_report = loaded.report
+    return loaded.report
 
 
 def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=None, **options):
@@ -244,7 +241,7 @@ def tune(data=None, *, search=None, config=None, on_trial=None, **options):
             options["data"] = data
         config = TuneConfig(train=TrainConfig(**options), search=search or {}, **tune_options)
     elif data is not None or search is not None or options:
-        raise TypeError("Give either config= or keyword options, not both.")
+        raise ConflictingOptionsError("Give either config= or keyword options, not both: change a ready config with config=config.replace(train=...).")
     return run_search(get_session(), config, on_trial=on_trial)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .engine.adapter_folder import TrainRun
 from .errors import NoModelError
 
 
@@ -16,7 +17,9 @@ class Session:
         model: the PEFT model (quantized base + LoRA adapters), or None before loading.
         tokenizer: its tokenizer.
         load_config: the LoadConfig the model came from.
-        train_configs: one TrainConfig dict per training run, in order.
+        runs: one TrainRun per training run, in order (its TrainConfig, where its rows came from, a
+            classifier's class names); restored with a saved adapter.
+        train_configs: the same runs as dicts (`train_configs[-1]["lr"]`), computed from `runs`.
         history: one dict per logged step (step, loss, learning_rate, grad_norm,
             tokens_per_second, epoch); evaluation rows carry eval_loss.
         last_generation: the text of the last answer, without the prompt.
@@ -26,7 +29,7 @@ class Session:
     model: Any = None
     tokenizer: Any = None
     load_config: Any = None
-    train_configs: list = field(default_factory=list)
+    runs: list[TrainRun] = field(default_factory=list)
     history: list = field(default_factory=list)
     last_generation: str | None = None
     last_load_report: Any = None
@@ -48,9 +51,19 @@ class Session:
         return getattr(self.load_config, "task", "causal-lm")
 
     @property
+    def train_configs(self) -> list[dict]:
+        """One dict per training run (`TrainRun.to_dict`: the TrainConfig's fields, and "label_names" for a
+        classifier), as notebooks read them. A view: assigning a list of such dicts replaces the runs."""
+        return [run.to_dict() for run in self.runs]
+
+    @train_configs.setter
+    def train_configs(self, records):
+        self.runs = [TrainRun.from_dict(record) for record in records]
+
+    @property
     def label_names(self) -> list | None:
         """The class names the last classifier run trained (restored with its adapter), or None."""
-        return next((c["label_names"] for c in reversed(self.train_configs) if c.get("label_names")), None)
+        return next((run.label_names for run in reversed(self.runs) if run.label_names), None)
 
 
 _session: Session | None = None

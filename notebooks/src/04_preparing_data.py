@@ -40,8 +40,8 @@ rows.head(3)
 
 # %%
 from transformers import AutoTokenizer
-from qlora_magic.data import ExampleTokenizer, show_masking
-from qlora_magic.loading import resolve_model
+from qlora_magic.engine.data import ExampleTokenizer, show_masking
+from qlora_magic.engine.loading import resolve_model
 
 tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
 PROMPT = "Instruction: {instruction}\n\nInput: {context}\n\nResponse: "
@@ -108,7 +108,7 @@ show_tokens(show_masking(tokenizer, chat(row)))
 # `--no-packing` pads each batch to its longest example (labels of the pads are -100 too).
 
 # %%
-from qlora_magic.data import make_collator
+from qlora_magic.engine.data import make_collator
 
 by_length = sorted((plain(r) for r in rows.to_dict("records")), key=lambda f: len(f["input_ids"]))
 features = [by_length[0], by_length[40], by_length[80], by_length[-1]]   # short to long

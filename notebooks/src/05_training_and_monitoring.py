@@ -89,8 +89,8 @@ print("train/loss:", [round(e.value, 3) for e in events.Scalars("train/loss")][:
 # the event interface every display is built on (`start`, `step`, `log`, `end`):
 
 # %%
-from qlora_magic.reporters import Reporter
-from qlora_magic.training import StopFlag
+from qlora_magic.display.reporters import Reporter
+from qlora_magic.engine.stopping import StopFlag
 
 
 class StopAfter(Reporter):

@@ -107,7 +107,7 @@ del classifier
 
 # %%
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
-from qlora_magic.default_model import default_model_path
+from qlora_magic.engine.default_model import default_model_path
 import torch
 
 tokenizer = AutoTokenizer.from_pretrained(default_model_path())

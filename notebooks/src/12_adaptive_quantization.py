@@ -57,7 +57,7 @@ adaptive.to_dataframe(top=12)
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
-from qlora_magic.adaptive import short_name
+from qlora_magic.engine.adaptive import short_name
 
 table = adaptive.to_dataframe()
 table["kind"] = table["layer"].str.rsplit(".", n=1).str[-1]
@@ -86,7 +86,7 @@ table.groupby("kind")["8-bit"].agg(["sum", "count"]).rename(columns={"sum": "kep
 # budgets, from the same measurement:
 
 # %%
-from qlora_magic.adaptive import choose_layers_8bit
+from qlora_magic.engine.adaptive import choose_layers_8bit
 
 for fraction in (0.05, 0.1, 0.25, 0.5):
     print(f"--keep-8bit {fraction}: {len(choose_layers_8bit(adaptive.layers, fraction))} layers in 8-bit")

@@ -6,11 +6,12 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import DEFAULT_TARGETS, LoadConfig
 from ..errors import ConfigError, ModelNotFoundError
 from ..display.formatting import Readout, count, gb
-from .adapter_folder import adapter_base
+from .adapter_folder import AdapterFolder, read_adapter_folder
 from .memory_usage import MemoryReport, memory_report
 from .quiet import no_progress_bars, quiet_bnb_warnings
 from .speed import use_expandable_segments
@@ -105,37 +106,67 @@ def check_task(path, config: LoadConfig):
         raise ConfigError(f"{name} ({model_config.model_type}) is an encoder-decoder model: use --task seq2seq.")
 
 
-def load_model(config: LoadConfig):
-    """Load tokenizer and quantized model, add LoRA (or restore a saved adapter).
+@dataclass
+class LoadedModel:
+    """What `load_model` returns."""
 
-    Returns (model, tokenizer, LoadReport). The config's `model` and `bits` are filled in.
+    model: Any  # the PEFT model: the quantized base with LoRA on it
+    tokenizer: Any
+    config: LoadConfig  # with model, bits and targets filled in (and a restored adapter's own settings)
+    report: "LoadReport"
+    adapter_folder: AdapterFolder | None = None  # the saved adapter restored, as read (None without config.adapter)
+
+
+def load_model(config: LoadConfig) -> LoadedModel:
+    """Load the tokenizer and the quantized base model, then put new LoRA adapters on it, or restore the
+    saved adapter `config.adapter` (its folder is read once, here, and returned with the model).
+
+    Returns a LoadedModel: model, tokenizer, the config filled in, the LoadReport, and the AdapterFolder.
     """
     quiet_bnb_warnings()  # before peft imports bitsandbytes
+    started = time.perf_counter()
+    folder = read_adapter_folder(config.adapter) if config.adapter else None
+    if folder is not None:
+        config = settings_from_adapter(config, folder)
+    config = config.replace(bits=config.bits or 8)
+    model, tokenizer, config, adaptive_report = load_quantized(config)
+    if folder is not None:
+        model, config = restore_adapter(model, config, folder)
+    else:
+        model, config = add_lora(model, config)
+    report = LoadReport.measure(model, config, time.perf_counter() - started, adaptive_report)
+    return LoadedModel(model, tokenizer, config, report, folder)
+
+
+def settings_from_adapter(config: LoadConfig, folder: AdapterFolder) -> LoadConfig:
+    """The config a saved adapter loads with: its base model and bits unless given, its task (and a classifier's
+    head size), and with bits "auto" the 8-bit layers it was trained with (unless a new keep_8bit asks anew)."""
+    saved = folder.load_settings
+    saved_bits = saved.get("bits")
+    if config.task == "causal-lm" and saved.get("task", "causal-lm") != "causal-lm":  # the adapter's own task
+        config = config.replace(task=saved["task"], num_labels=saved.get("num_labels", 2))
+    plan = {}
+    if (config.bits or saved_bits) == "auto" == saved_bits and config.keep_8bit is None:
+        plan = {"layers_8bit": config.layers_8bit or saved.get("layers_8bit"), "keep_8bit": saved.get("keep_8bit")}
+    return config.replace(model=config.model or folder.base, bits=config.bits or saved_bits, **plan)
+
+
+def load_quantized(config: LoadConfig):
+    """The tokenizer and the base model quantized as `config.bits` says, ready for k-bit training.
+    Returns (model, tokenizer, config with the 8-bit layers filled in for "auto", the AdaptiveReport or None)."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     import transformers
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
-    started = time.perf_counter()
-    if config.adapter:
-        base, saved = adapter_base(config.adapter)
-        saved_bits = saved.get("bits")
-        if config.task == "causal-lm" and saved.get("task", "causal-lm") != "causal-lm":  # the adapter's own task
-            config = config.replace(task=saved["task"], num_labels=saved.get("num_labels", 2))
-        plan = {}
-        if (config.bits or saved_bits) == "auto" == saved_bits and config.keep_8bit is None:
-            plan = {"layers_8bit": config.layers_8bit or saved.get("layers_8bit"), "keep_8bit": saved.get("keep_8bit")}
-        config = config.replace(model=config.model or base, bits=config.bits or saved_bits, **plan)
-    config = config.replace(bits=config.bits or 8)
     device = choose_device(config.device)
     path = resolve_model(config.model)
     check_task(path, config)
     if device.startswith("cuda"):
         use_expandable_segments()
-    auto_class, task_type = TASK_CLASSES[config.task]
     # A classifier's head is new: num_labels sizes it (the label names come from the data at training).
     head = {"num_labels": config.num_labels} if config.task == "seq-cls" else {}
-    model_class = getattr(transformers, auto_class)
+    model_class = getattr(transformers, TASK_CLASSES[config.task][0])
     dtype = compute_dtype(device) if device.startswith("cuda") else torch.float32
     adaptive_report = None
     try:
@@ -169,27 +200,37 @@ def load_model(config: LoadConfig):
     if config.bits in (4, 8, "auto"):
         # Casts norms to fp32 for stable training. Gradient checkpointing is decided per training run.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if config.adapter:
-        model = PeftModel.from_pretrained(model, str(Path(config.adapter).expanduser()), is_trainable=True)
-        lora = model.peft_config["default"]
-        config = config.replace(r=lora.r, alpha=lora.lora_alpha, dropout=lora.lora_dropout, targets=adapted_modules(model))
-    else:
-        targets = config.targets or default_targets(model)
-        try:
-            lora = LoraConfig(
-                r=config.r,
-                lora_alpha=config.alpha,
-                lora_dropout=config.dropout,
-                target_modules=targets,
-                bias="none",
-                task_type=task_type,  # SEQ_CLS also trains the new head (PEFT's modules_to_save)
-            )
-            model = get_peft_model(model, lora)
-        except ValueError as error:
-            raise ConfigError(f"--targets {targets!r} does not fit this model: {str(error).splitlines()[0]}") from None
-        config = config.replace(targets=adapted_modules(model))
-    report = LoadReport.measure(model, config, time.perf_counter() - started, adaptive_report)
-    return model, tokenizer, config, report
+    return model, tokenizer, config, adaptive_report
+
+
+def restore_adapter(model, config: LoadConfig, folder: AdapterFolder):
+    """The saved adapter on the loaded base, trainable; returns (model, config with its rank and targets)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(folder.path), is_trainable=True)
+    lora = model.peft_config["default"]
+    return model, config.replace(r=lora.r, alpha=lora.lora_alpha, dropout=lora.lora_dropout, targets=adapted_modules(model))
+
+
+def add_lora(model, config: LoadConfig):
+    """New LoRA adapters on `config.targets` (or the model type's default); returns (model, config with the
+    module names they landed on)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.targets or default_targets(model)
+    try:
+        lora = LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=targets,
+            bias="none",
+            task_type=TASK_CLASSES[config.task][1],  # SEQ_CLS also trains the new head (PEFT's modules_to_save)
+        )
+        model = get_peft_model(model, lora)
+    except ValueError as error:
+        raise ConfigError(f"--targets {targets!r} does not fit this model: {str(error).splitlines()[0]}") from None
+    return model, config.replace(targets=adapted_modules(model))
 
 
 def plan_auto(model_class, path, tokenizer, config: LoadConfig, dtype, device, head):

@@ -91,7 +91,7 @@ def qlora_load(line=""):
 @argument("--no-packing", dest="packing", action="store_false", default=None, help="pad each batch to its longest example instead of packing")
 @argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations to save memory (default: when the memory estimate needs it)")
 @argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None, help="never recompute activations")
-@argument("--max-memory", default=None, help="GPU memory budget for choosing the batch layout, e.g. 10GB (default: the card's memory)")
+@argument("--max-memory", default=None, help="GPU memory budget for choosing the batch layout: 10GB (10e9 bytes), 10GiB (10 x 2**30), 512MB, or a number of GB (default: the card's memory)")
 @argument("--output-dir", default=None, help="run folder for TensorBoard files (default runs/<time>)")
 @argument("--display", default=None, choices=["auto", "html", "widget", "text", "none"], help=f"how to show progress {_default(TrainConfig, 'display')}")
 def qlora_train(line="", cell=""):

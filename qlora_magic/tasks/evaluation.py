@@ -14,28 +14,11 @@ import math
 from dataclasses import dataclass, field
 
 from ..engine.adapters import BASE, active_adapter, check_adapter, using
-from ..config import EvalConfig, GenerateConfig
+from ..config import EvalConfig, GenerateConfig, TrainConfig
 from ..engine.data import IGNORE_INDEX, ExampleTokenizer, Seq2SeqExamples, load_rows, prepare_datasets, render
 from ..errors import ConfigError, DataError
+from .finetune import ROW_INDEX, held_out, keeping_row_index
 from ..display.formatting import html_grid, text_grid
-
-ROW_INDEX = "qlora_row"  # carried through tokenization so held-out rows can be found again
-
-
-class _KeepsRowIndex:
-    """Keeps each row's position through tokenization, so the held-out split re-made by
-    prepare_datasets (same seed, same rows) can be mapped back to its prompts and references."""
-
-    def __call__(self, row):
-        return {**super().__call__(row), ROW_INDEX: row[ROW_INDEX]}
-
-
-class _IndexedExamples(_KeepsRowIndex, ExampleTokenizer):
-    pass
-
-
-class _IndexedSeq2SeqExamples(_KeepsRowIndex, Seq2SeqExamples):
-    pass
 
 
 @dataclass
@@ -49,36 +32,32 @@ class EvalData:
 
 
 def eval_data(session, config: EvalConfig) -> EvalData:
-    """The data set of `config`, or by default the held-out split of the session's last training run,
-    made again exactly as training made it (same rows, templates, max_length and seed)."""
-    last = session.train_configs[-1] if session.train_configs else {}
-    if config.data is None and not last:
+    """The data set of `config`, or by default the held-out split of the session's last training run, the
+    same rows training held out (`finetune.held_out`). Templates, chat and max_length not given are the last run's."""
+    last = session.runs[-1] if session.runs else None
+    if config.data is None and last is None:
         raise ConfigError("Nothing to evaluate on: pass data= (and prompt=/response=), or train with eval_split first.")
-    prompt = config.prompt or last.get("prompt")
-    response = config.response or last.get("response")
+    trained = last.config if last else TrainConfig()
+    prompt = config.prompt or trained.prompt
+    response = config.response or trained.response
     if prompt is None:
         raise ConfigError("Give a prompt template (prompt=, or prompt: in the cell body) for the data to evaluate.")
     if response is None:
         raise ConfigError("Evaluation needs references: give a response template (response=, e.g. \"{answer}\").")
-    chat = last.get("chat", False) if config.chat is None else config.chat
-    max_length = config.max_length or last.get("max_length", 512)
+    chat = trained.chat if config.chat is None else config.chat
+    max_length = config.max_length or trained.max_length
     if session.task == "seq2seq":  # source -> target, no chat turns
-        examples = _IndexedSeq2SeqExamples(session.tokenizer, prompt, response, max_length=max_length)
+        examples = Seq2SeqExamples(session.tokenizer, prompt, response, max_length=max_length)
     else:
-        examples = _IndexedExamples(session.tokenizer, prompt, response, chat=chat, max_length=max_length)
+        examples = ExampleTokenizer(session.tokenizer, prompt, response, chat=chat, max_length=max_length)
     if config.data is not None:
         rows = load_rows(config.data, config.split)
-        eval_split, description = None, _describe(config.data, len(rows))
+        description = _describe(config.data, len(rows))
     else:
-        if not last.get("eval_split"):
-            raise ConfigError("The last training run held nothing out (no eval_split): pass data= to evaluate on, or train with eval_split: 0.1.")
-        if isinstance(last.get("data"), str) and last["data"].startswith("<"):
-            raise ConfigError(f"The restored run trained on in-memory data ({last['data']}), which was not saved: pass data= to evaluate on.")
-        rows = load_rows(last["data"], last.get("split", "train"))
-        eval_split, description = last["eval_split"], f"held-out split of training run {len(session.train_configs)}"
+        rows = held_out(session, last).rows
+        description = f"held-out split of training run {len(session.runs)}"
     rows = rows.add_column(ROW_INDEX, list(range(len(rows))))
-    train, held_out, _ = prepare_datasets(rows, examples, eval_split, seed=last.get("seed", 42))
-    tokenized = held_out if eval_split else train
+    tokenized, _, _ = prepare_datasets(rows, keeping_row_index(examples), None)
     if config.limit:
         tokenized = tokenized.select(range(min(config.limit, len(tokenized))))
     return EvalData(tokenized, rows.select(tokenized[ROW_INDEX]), examples, f"{description}, {len(tokenized)} rows")

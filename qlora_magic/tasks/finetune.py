@@ -4,8 +4,14 @@ the run is recorded in the session (its config, and the history rows as they are
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..config import TrainConfig
+from ..engine.adapter_folder import TrainRun
+from ..engine.data import ClassificationExamples, ExampleTokenizer, Seq2SeqExamples
 from ..errors import ConfigError
+
+ROW_INDEX = "qlora_row"  # carried through tokenization, so tokenized rows can be found again among the raw rows
 
 
 def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=None):
@@ -28,20 +34,18 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
     examples = task_examples(session, config, rows)
     train_set, eval_set, _ = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
     reporter = reporter or choose_reporter(config.display)
-    record = config.to_dict()
     if task == "seq-cls":
-        record["label_names"] = examples.names
         set_class_names(model, examples.names)
-    session.train_configs.append(record)
+    session.runs.append(TrainRun.of(config, label_names=examples.names if task == "seq-cls" else None))
     summary = run_training(model, session.tokenizer, config, TrainingData(train_set, eval_set, task), reporter,
-                           RunLog(session.history, run=len(session.train_configs) - 1), stop=stop, callbacks=callbacks)
+                           RunLog(session.history, run=len(session.runs) - 1), stop=stop, callbacks=callbacks)
     session.last_train_summary = summary
     return summary
 
 
 def task_examples(session, config, rows):
     """The row tokenizer for the loaded model's task (checked against the templates given)."""
-    from ..engine.data import ClassificationExamples, ExampleTokenizer, Seq2SeqExamples, label_names
+    from ..engine.data import label_names
 
     task = session.task
     if task == "seq-cls":
@@ -70,3 +74,66 @@ def set_class_names(model, names):
     """Name a classifier's classes in its config (id2label/label2id), as training learned them."""
     model.config.id2label = {i: str(name) for i, name in enumerate(names)}
     model.config.label2id = {str(name): i for i, name in enumerate(names)}
+
+
+@dataclass
+class HeldOut:
+    """The rows a training run held out: raw (for prompts and references) and tokenized as training saw them."""
+
+    rows: object  # datasets.Dataset of the raw held-out rows, in the eval set's order
+    tokenized: object  # datasets.Dataset: the run's eval set, token for token
+
+
+def held_out(session, run: TrainRun) -> HeldOut:
+    """The rows `run` (the session's last training run) held out for evaluation, made again exactly as training
+    made them: the same rows, split, templates, max_length and seed. Raises ConfigError (one line) when there are
+    none to make (`why_no_held_out`): nothing held out, or in-memory rows not saved with the adapter."""
+    from ..engine.data import load_rows, prepare_datasets
+
+    reason = why_no_held_out(run)
+    if reason:
+        raise ConfigError(reason)
+    rows = load_rows(run.data, run.config.split)
+    indexed = rows.add_column(ROW_INDEX, list(range(len(rows))))
+    examples = keeping_row_index(task_examples(session, run.config, indexed))
+    _, eval_set, _ = prepare_datasets(indexed, examples, run.config.eval_split, seed=run.config.seed)
+    return HeldOut(rows.select(eval_set[ROW_INDEX]), eval_set.remove_columns(ROW_INDEX))
+
+
+def why_no_held_out(run: TrainRun) -> str | None:
+    """Why `held_out` cannot make `run`'s held-out rows again (one line that says what to do), or None."""
+    if not run.config.eval_split:
+        return "The last training run held nothing out (no eval_split): pass data= to evaluate on, or train with eval_split: 0.1."
+    if run.data is None:
+        return (f"The last training run trained on in-memory data ({run.source.to_json()}), which was not saved "
+                "with the adapter: pass data= to evaluate on.")
+    return None
+
+
+class _KeepsRowIndex:
+    def __call__(self, row):
+        return {**super().__call__(row), ROW_INDEX: row[ROW_INDEX]}
+
+
+class _IndexedExamples(_KeepsRowIndex, ExampleTokenizer):
+    pass
+
+
+class _IndexedSeq2SeqExamples(_KeepsRowIndex, Seq2SeqExamples):
+    pass
+
+
+class _IndexedClassificationExamples(_KeepsRowIndex, ClassificationExamples):
+    pass
+
+
+_INDEXED = {ExampleTokenizer: _IndexedExamples, Seq2SeqExamples: _IndexedSeq2SeqExamples,
+            ClassificationExamples: _IndexedClassificationExamples}
+
+
+def keeping_row_index(examples):
+    """The same row tokenizer, which also keeps each row's ROW_INDEX column through tokenization (the split is
+    made after tokenization, so this is how a held-out row is found again among the raw rows)."""
+    indexed = object.__new__(_INDEXED[type(examples)])  # module-level classes: datasets can hash them
+    vars(indexed).update(vars(examples))
+    return indexed

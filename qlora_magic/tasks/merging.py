@@ -44,7 +44,7 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     name = check_adapter(model, config.adapter) if config.adapter else active_adapter(model)
     path = Path(config.path).expanduser()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise QloraError(f"{str(path)!r} already exists and is not empty: choose a new folder for the merged model.")
+        raise ConfigError(f"{str(path)!r} already exists and is not empty: choose a new folder for the merged model.")
     started = time.perf_counter()
     # The check's rows are made first: bad data= fails before anything is written.
     check = None if not config.verify else _classifier_check(session, config) if task == "seq-cls" else _check_data(session, config)
@@ -121,24 +121,21 @@ def _verify_answers(session, model, name, saved, config, report, check):
 
 
 def _classifier_rows(session, config: MergeConfig):
-    """A classifier's check rows, tokenized with their label ids: `config.data` with the last run's
-    templates, else that run's held-out split made again (same seed); None when there are none."""
-    from .finetune import task_examples
-    from ..config import TrainConfig
+    """A classifier's check rows, tokenized with their label ids: `config.data` with the last run's templates,
+    else the rows that run held out (`finetune.held_out`); None when there are none."""
+    from .finetune import held_out, task_examples, why_no_held_out
     from ..engine.data import load_rows, prepare_datasets
 
-    last = session.train_configs[-1] if session.train_configs else None
-    if last is None or not last.get("label"):
+    last = session.runs[-1] if session.runs else None
+    if last is None or not last.config.label:
         return None
-    data, eval_split = config.data, None
-    if data is None:
-        data, eval_split = last["data"], last.get("eval_split")
-        if not eval_split or (isinstance(data, str) and data.startswith("<")):  # nothing held out, or not saved
-            return None
-    rows = load_rows(data, last.get("split", "train") if config.data is None else "train")
-    examples = task_examples(session, TrainConfig.from_dict({**last, "data": data}), rows)
-    train, held_out, _ = prepare_datasets(rows, examples, eval_split, seed=last.get("seed", 42))
-    tokenized = held_out if eval_split else train
+    if config.data is not None:
+        rows = load_rows(config.data, "train")
+        tokenized, _, _ = prepare_datasets(rows, task_examples(session, last.config, rows))
+    elif why_no_held_out(last):  # nothing held out, or in-memory rows not saved
+        return None
+    else:
+        tokenized = held_out(session, last).tokenized
     tokenized = tokenized.select(range(min(CLASSIFY_ROWS, len(tokenized))))
     texts = [session.tokenizer.decode(ids, skip_special_tokens=True) for ids in tokenized["input_ids"]]
     return texts, tokenized
