@@ -76,8 +76,8 @@ def add_adapter(session, name, *, r=None, alpha=None, dropout=None, targets=None
     _new_name(model, name)
     loaded = session.load_config or LoadConfig()
     # LoadConfig checks the values (and splits 'q_proj,v_proj'), as for %qlora_load.
-    options = LoadConfig(r=r or loaded.r, alpha=alpha or loaded.alpha,
-                         dropout=loaded.dropout if dropout is None else dropout, targets=targets or loaded.targets)
+    given = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets}  # 0 is a value, refused by the check
+    options = LoadConfig(**{k: getattr(loaded, k) if v is None else v for k, v in given.items()})
     lora = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                       target_modules=options.targets, bias="none", task_type=TASK_CLASSES[loaded.task][1])
     try:
