@@ -7,8 +7,15 @@ Every check quotes the bad value and says what would be accepted.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
+import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -33,13 +40,104 @@ DEFAULT_TARGETS = {
 }
 
 
-def _positive(name, value, kind=int, allow_zero=False):
+def _option(name) -> str:
+    """How the message names field `name`: the option's flag (--max-new-tokens), or the body key as written."""
+    return name if name in _WRITTEN_AS_KEYS else "--" + name.replace("_", "-")
+
+
+# Fields written as cell-body keys or arguments, not as --options.
+_WRITTEN_AS_KEYS = {"data", "prompt", "response", "label", "eval_split", "split", "layers_8bit", "calibration",
+                    "prompts", "path", "search", "train"}
+
+_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list of texts",
+               dict: "a mapping"}
+
+
+def _kinds(hint) -> tuple:
+    """The runtime types a field's type hint allows (int | None -> (int, NoneType)); () for Any."""
+    if hint is Any:
+        return ()
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return tuple(typing.get_origin(arg) or arg for arg in args)
+
+
+def _checked(name, value, hint, default=None):
+    """`value` for the field `name` of type `hint`, or a one-line ConfigError: numbers finite, whole where
+    whole numbers are meant (4.0 is read as 4), text where text is meant, and so on, all from the hint."""
+    kinds = _kinds(hint)
+    if not kinds or (value is None and type(None) in kinds):
+        return value
+    wanted = " or ".join(dict.fromkeys(_KIND_NAMES[k] for k in kinds if k in _KIND_NAMES and not (k is int and float in kinds)))
+    bad = f"{_option(name)} must be {wanted}, got {value!r}"
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if is_number and {int, float} & set(kinds):
+        if isinstance(value, numbers.Integral):
+            return value if int in kinds else float(value)
+        if not math.isfinite(value):
+            example = f", e.g. {default:g} (the default)" if isinstance(default, (int, float)) and not isinstance(default, bool) else ""
+            raise ConfigError(f"{_option(name)} must be a finite number, got {value!r}{example}.")
+        if float in kinds:
+            return value
+        if float(value).is_integer():
+            return int(value)
+        raise ConfigError(f"{bad}.")
+    if isinstance(value, bool) and bool in kinds or isinstance(value, dict) and dict in kinds:
+        return value
+    if isinstance(value, str) and str in kinds:
+        return value
+    if isinstance(value, (list, tuple)) and list in kinds:
+        item_hint = next((typing.get_args(h) for h in typing.get_args(hint) or (hint,) if typing.get_origin(h) is list), ())
+        if item_hint == (str,) and not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{_option(name)} must be a list of texts, got {value!r}.")
+        return list(value)
+    if is_number and str in kinds:
+        raise ConfigError(f"{bad}: put it in quotes, e.g. \"{value}\".")
+    raise ConfigError(f"{bad}.")
+
+
+def _positive(name, value, allow_zero=False, most=None, why=""):
+    """A range check on a number the type check has let through (None: not given)."""
     if value is None:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and int(value) != value):
-        raise ConfigError(f"{name} must be a {'whole ' if kind is int else ''}number, got {value!r}.")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
+    if most is not None and value > most:
+        raise ConfigError(f"{name} must be at most {most}, got {value!r}{why}.")
+
+
+SEED_LIMIT = 2**32  # numpy's seeds, which transformers' set_seed also sets, are below 2**32
+
+
+def _seed(name, value):
+    if value is not None and not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"{name} must be a whole number from 0 to {SEED_LIMIT - 1}, got {value!r}.")
+
+
+#: Learning-rate schedules (transformers' SchedulerType names) that need no settings beyond warm-up and steps;
+#: the others (cosine_with_min_lr, warmup_stable_decay, reduce_lr_on_plateau, greedy...) need ones we do not pass.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+MAX_EPOCHS, MAX_STEPS, MAX_RANK, MAX_NEW_TOKENS, MAX_TRIALS, MAX_LABELS = 1000, 1_000_000, 4096, 32768, 1000, 100_000
+
+
+def check_folder(path, what="--output-dir"):
+    """A one-line ConfigError if a folder could not be made at `path`: a file is there, or a file is on the
+    way, a name is too long, or the nearest existing folder is read-only or not a real filesystem (/proc).
+    Creates nothing, so a bad path fails before anything is loaded, trained or written."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ConfigError(f"{what} must be a folder path (text), got {path!r}.")
+    folder = Path(path).expanduser().absolute()
+    longest = max((part for part in folder.parts), key=len)
+    if len(longest.encode()) > 255:
+        raise ConfigError(f"{what}: the name {longest[:20]!r}... is {len(longest.encode())} bytes long; folder names must be at most 255.")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a file, not a folder: choose another path, or move the file.")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is under {str(existing)!r}, which is a file: choose a path under a folder.")
+    if existing != folder:
+        stats = os.statvfs(existing)
+        if stats.f_flag & os.ST_RDONLY or stats.f_blocks == 0 or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is not a writable folder. Choose a folder you can write to.")
 
 
 def parse_memory(value) -> int | None:
@@ -52,9 +150,11 @@ def parse_memory(value) -> int | None:
     if value is None or value == "auto":
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--max-memory must be more than 0 GB, got {value!r}: write e.g. 10GB.")
         return int(value * 1e9) if value < 4096 else int(value)
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?))?B?\s*", str(value), re.IGNORECASE)
-    if not match:
+    if not match or float(match.group(1)) == 0:
         raise ConfigError(f"--max-memory must look like 10GB, 10GiB or 512MB, got {value!r}.")
     number, unit, binary = float(match.group(1)), (match.group(2) or "G").upper(), bool(match.group(3))
     power = "KMGT".index(unit) + 1
@@ -62,7 +162,14 @@ def parse_memory(value) -> int | None:
 
 
 class _Config:
-    """Shared helpers: a dict form for saving, and `replace` that re-runs the checks."""
+    """Shared checks and helpers: every field's value checked against its type hint (finite numbers, whole
+    numbers where meant, text where meant), a dict form for saving, and `replace` that re-runs the checks."""
+
+    def __post_init__(self):
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            default = None if f.default is dataclasses.MISSING else f.default
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name), hints[f.name], default))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,6 +181,11 @@ class _Config:
     def from_dict(cls, values: dict[str, Any]):
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@functools.cache
+def _type_hints(config) -> dict:
+    return typing.get_type_hints(config)
 
 
 @dataclass
@@ -95,26 +207,26 @@ class LoadConfig(_Config):
     device: str | None = field(default=None, metadata={"help": "'cuda', 'cpu', or None for CUDA when available"})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.bits is not None and self.bits not in BITS:
             raise ConfigError(f"--bits must be 4, 8, 16 or auto, got {self.bits!r}.")
-        if self.keep_8bit is not None:
-            if not isinstance(self.keep_8bit, (int, float)) or isinstance(self.keep_8bit, bool) or not 0 <= self.keep_8bit <= 1:
-                raise ConfigError(f"--keep-8bit must be a fraction between 0 and 1, got {self.keep_8bit!r}.")
+        if self.keep_8bit is not None and not 0 <= self.keep_8bit <= 1:
+            raise ConfigError(f"--keep-8bit must be a fraction between 0 and 1, got {self.keep_8bit!r}.")
         if self.calibration is not None and (isinstance(self.calibration, str) or len(self.calibration) < 2
                                              or not all(isinstance(t, str) and t.strip() for t in self.calibration)):
             raise ConfigError("calibration must be a list of at least 2 non-empty texts (every other one measures, the rest score).")
         for name, value in (("--keep-8bit", self.keep_8bit), ("layers_8bit", self.layers_8bit), ("calibration", self.calibration)):
             if value is not None and self.bits not in ("auto", None):
                 raise ConfigError(f"{name} chooses layers for --bits auto, not --bits {self.bits}: add --bits auto or drop {name}.")
-        _positive("--r", self.r)
-        _positive("--alpha", self.alpha, kind=float)
+        _positive("--r", self.r, most=MAX_RANK, why=" (the adapter would outweigh the model); ranks of 4 to 64 are usual")
+        _positive("--alpha", self.alpha)
         if not (0 <= self.dropout < 1):
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout!r}.")
         if self.task not in TASKS:
             raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}.")
         if self.bits == "auto" and self.task != "causal-lm" and self.layers_8bit is None:
             raise ConfigError(f"--bits auto measures layers with a language model's loss, so it needs --task causal-lm, not {self.task}: use --bits 4 or 8.")
-        _positive("--num-labels", self.num_labels)
+        _positive("--num-labels", self.num_labels, most=MAX_LABELS)
         if self.task == "seq-cls" and self.num_labels < 2:
             raise ConfigError(f"--num-labels must be at least 2 for classification, got {self.num_labels!r}.")
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -157,21 +269,25 @@ class TrainConfig(_Config):
     display: str = field(default="auto", metadata={"help": "auto, html, widget, text or none"})
 
     def __post_init__(self):
-        _positive("--epochs", self.epochs, kind=float)
-        _positive("--max-steps", self.max_steps)
+        super().__post_init__()
+        _positive("--epochs", self.epochs, most=MAX_EPOCHS, why="; to stop after a number of steps, use --max-steps")
+        _positive("--max-steps", self.max_steps, most=MAX_STEPS)
         _positive("--batch-size", self.batch_size)
         _positive("--grad-accum", self.grad_accum)
-        _positive("--lr", self.lr, kind=float)
+        _positive("--lr", self.lr)
         _positive("--max-length", self.max_length)
         _positive("--logging-steps", self.logging_steps)
         _positive("--eval-steps", self.eval_steps)
-        _positive("--weight-decay", self.weight_decay, kind=float, allow_zero=True)
+        _positive("--weight-decay", self.weight_decay, allow_zero=True)
         if not (0 <= self.warmup < 1):
             raise ConfigError(f"--warmup must be a fraction in [0, 1), got {self.warmup!r}.")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}.")
+        _seed("--seed", self.seed)
         if self.eval_split is not None:
             v = self.eval_split
             is_fraction = isinstance(v, float) and 0 < v < 1
-            is_count = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 and float(v).is_integer()
+            is_count = v >= 1 and float(v).is_integer()
             if not (is_fraction or is_count):
                 raise ConfigError(f"eval_split must be a fraction between 0 and 1 or a row count, got {v!r}.")
         if self.max_memory is not None:
@@ -182,6 +298,15 @@ class TrainConfig(_Config):
             raise ConfigError("The cell body needs a prompt: template, e.g. prompt: \"Question: {question}\\nAnswer: \".")
         if self.response is None and self.label is None and self.data is not None:
             raise ConfigError("The cell body needs a response: template, e.g. response: \"{answer}\" (or, for --task seq-cls, label: <column>).")
+        if self.output_dir is not None:
+            check_folder(self.output_dir)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        # A saved run's record: its output_dir says where that run wrote, which need not be writable here.
+        config = super().from_dict({**values, "output_dir": None})
+        config.output_dir = values.get("output_dir")
+        return config
 
 
 @dataclass
@@ -202,11 +327,15 @@ class GenerateConfig(_Config):
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ConfigError("The prompt is empty: write it after the magic, or in the cell body of %%qlora_generate.")
-        _positive("--max-new-tokens", self.max_new_tokens)
-        _positive("--temperature", self.temperature, kind=float)
-        if self.top_p is not None and not (0 < self.top_p <= 1):
+        super().__post_init__()
+        _positive("--max-new-tokens", self.max_new_tokens, most=MAX_NEW_TOKENS, why=_LONG_ANSWER)
+        _positive("--temperature", self.temperature)
+        if not (0 < self.top_p <= 1):
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p!r}.")
+        _seed("--seed", self.seed)
 
+
+_LONG_ANSWER = "; an answer also ends at the model's context length"
 
 #: Metrics %qlora_eval knows. Perplexity needs only the data; the others compare greedy answers with
 #: the rendered response (the reference).
@@ -242,6 +371,7 @@ class EvalConfig(_Config):
     max_new_tokens: int = field(default=64, metadata={"help": "longest greedy answer for bleu/rouge/exact_match"})
 
     def __post_init__(self):
+        super().__post_init__()
         self.metrics = _names(self.metrics, "--metrics")
         unknown = [m for m in self.metrics if m not in EVAL_METRICS]
         if unknown:
@@ -249,7 +379,7 @@ class EvalConfig(_Config):
         self.adapters = _names(self.adapters, "--adapters")
         _positive("--limit", self.limit)
         _positive("--batch-size", self.batch_size)
-        _positive("--max-new-tokens", self.max_new_tokens)
+        _positive("--max-new-tokens", self.max_new_tokens, most=MAX_NEW_TOKENS, why=_LONG_ANSWER)
         _positive("--max-length", self.max_length)
 
 
@@ -269,16 +399,18 @@ class CompareConfig(_Config):
     seed: int = field(default=0, metadata={"help": "seed set before every answer, so each column samples alike"})
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
-        self.prompts = [p for p in (self.prompts or []) if isinstance(p, str) and p.strip()]
+        self.prompts = [p for p in self.prompts if p.strip()]
         if not self.prompts:
             raise ConfigError("No prompts to compare: write them after the magic, or in the cell body separated by lines of ---.")
         self.adapters = _names(self.adapters, "--adapters")
-        _positive("--max-new-tokens", self.max_new_tokens)
-        _positive("--temperature", self.temperature, kind=float)
+        _positive("--max-new-tokens", self.max_new_tokens, most=MAX_NEW_TOKENS, why=_LONG_ANSWER)
+        _positive("--temperature", self.temperature)
         if not (0 < self.top_p <= 1):
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p!r}.")
+        _seed("--seed", self.seed)
         if not self.base and self.adapters == []:
             raise ConfigError("Nothing to compare: keep the base model or name an adapter.")
 
@@ -302,10 +434,12 @@ class MergeConfig(_Config):
     def __post_init__(self):
         if not isinstance(self.path, str) or not self.path.strip():
             raise ConfigError("%qlora_merge needs a folder to write to, e.g. %qlora_merge merged/my-model.")
+        super().__post_init__()
+        check_folder(self.path, "The merge folder")
         if self.dtype not in MERGE_DTYPES:
             raise ConfigError(f"--dtype must be float16, bfloat16 or float32, got {self.dtype!r}.")
-        _positive("--max-new-tokens", self.max_new_tokens)
-        _positive("--tolerance", self.tolerance, kind=float)
+        _positive("--max-new-tokens", self.max_new_tokens, most=MAX_NEW_TOKENS, why=_LONG_ANSWER)
+        _positive("--tolerance", self.tolerance)
 
 
 #: What %%qlora_tune may search: LoRA options (a fresh adapter per trial) and training options.
@@ -328,12 +462,14 @@ class TuneConfig(_Config):
     def __post_init__(self):
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
-        if self.train is None or self.train.data is None:
+        super().__post_init__()
+        if not isinstance(self.train, TrainConfig) or self.train.data is None:
             raise ConfigError("%%qlora_tune needs data, prompt and response in the cell body, as %%qlora_train does.")
         if not self.train.eval_split:
             raise ConfigError("Tuning minimizes the held-out eval loss: add eval_split: 0.2 (or a row count) to the cell body.")
-        _positive("--trials", self.trials)
-        if not isinstance(self.search, dict) or not self.search:
+        _positive("--trials", self.trials, most=MAX_TRIALS)
+        _seed("--sampler-seed", self.seed)
+        if not self.search:
             raise ConfigError("The search space is empty: add e.g.  search: {r: [4, 8, 16], lr: {low: 1e-4, high: 1e-2, log: true}}")
         for name, spec in self.search.items():
             if name not in TUNE_LORA + TUNE_TRAIN:
@@ -341,14 +477,26 @@ class TuneConfig(_Config):
             if isinstance(spec, list):
                 if not spec:
                     raise ConfigError(f"search: {name} has no choices.")
+                values = spec
             elif isinstance(spec, dict) and {"low", "high"} <= set(spec) and set(spec) <= {"low", "high", "log", "step"}:
                 low, high = spec["low"], spec["high"]
-                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
+                if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (low, high)) or not low < high:
                     raise ConfigError(f"search: {name} needs numbers with low < high, got {low!r} and {high!r}.")
+                if spec.get("log") and spec.get("step") is not None:
+                    raise ConfigError(f"search: {name} takes either log: true or a step, not both.")
                 if spec.get("log") and low <= 0:
                     raise ConfigError(f"search: {name} on a log scale needs low > 0, got {low!r}.")
+                step = spec.get("step")
+                if step is not None and not (isinstance(step, numbers.Real) and not isinstance(step, bool) and 0 < step <= high - low):
+                    raise ConfigError(f"search: {name} needs a step between 0 and high - low, got {step!r}.")
+                values = [low, high]
             else:
                 raise ConfigError(f"search: {name} must be a list of choices or {{low: ..., high: ..., log: true}}, got {spec!r}.")
+            for value in values:  # each choice, and each end of a range, is checked as the option itself is
+                try:
+                    LoadConfig(**{name: value}) if name in TUNE_LORA else self.train.replace(**{name: value})
+                except ConfigError as error:
+                    raise ConfigError(f"search: {name}: {error}") from None
 
     def is_int(self, name) -> bool:
         return name in _TUNE_INTS

@@ -9,7 +9,7 @@ from qlora_magic.config import CompareConfig, EvalConfig, GenerateConfig, LoadCo
 from qlora_magic.errors import ConfigError
 from qlora_magic.front import parsing
 from qlora_magic.front.parsing import (parse_eval, parse_generate, parse_load, parse_save, parse_train, parse_tune,
-                                       split_generate_line)
+                                       split_options)
 
 BODY = 'data: rows.jsonl\nprompt: "Q: {question}\\nA: "\nresponse: "{answer}"\n'
 
@@ -83,8 +83,9 @@ def test_train_bad_input_is_one_line(line, body, message):
 
 
 def test_generate_line_keeps_the_prompt_exactly():
-    assert split_generate_line("--greedy --max-new-tokens 5 What is -1 + {x}?") == ("--greedy --max-new-tokens 5", "What is -1 + {x}?")
-    assert split_generate_line("-- --greedy is a flag") == ("", "--greedy is a flag")
+    assert split_options("--greedy --max-new-tokens 5 What is -1 + {x}?") == (["--greedy", "--max-new-tokens", "5"], "What is -1 + {x}?")
+    assert split_options("-- --greedy is a flag") == ([], "--greedy is a flag")
+    assert split_options('--system "Be brief" What\'s "up"?') == (["--system", "Be brief"], 'What\'s "up"?')
     config = parse_generate("--temperature 0.2 --base Tell me  a joke")
     assert config.prompt == "Tell me  a joke" and config.temperature == 0.2 and config.base and not config.greedy
 
@@ -167,14 +168,21 @@ def test_every_body_reads_templates_numbers_text_and_variables_alike(magic):
                               'max_length: "1e3"\nsplit: "2024"\n')
     assert config.data is ROWS  # $rows: the notebook variable
     assert config.prompt == "Q: {question}\nA: " and config.response == "{answer}"  # unquoted {answer} is the template
-    assert config.max_length == 1000 and isinstance(config.max_length, float)  # a number written as text (YAML 1.1 leaves 1e3 a string)
+    assert config.max_length == 1000 and isinstance(config.max_length, int)  # a number written as text (YAML 1.1 leaves 1e3 a string), whole
     assert config.split == "2024"  # text stays as written
 
 
 @pytest.mark.parametrize("magic", ["train", "tune"])
-@pytest.mark.parametrize("written, read", [('"1"', "1"), ("1e3", "1e3"), ("1", 1)])
+@pytest.mark.parametrize("written, read", [('"1"', "1"), ("1e3", "1e3")])
 def test_label_stays_as_written(magic, written, read):
     assert read_body(magic, f'data: $rows\nprompt: "{{question}}"\nlabel: {written}\n').label == read
+
+
+@pytest.mark.parametrize("magic", ["train", "tune"])
+def test_a_number_where_a_column_name_is_meant_is_one_line(magic):
+    with pytest.raises(ConfigError) as info:
+        read_body(magic, 'data: $rows\nprompt: "{question}"\nlabel: 1\n')
+    assert str(info.value) == 'label must be text, got 1: put it in quotes, e.g. "1".'
 
 
 @pytest.mark.parametrize("magic", BODY_MAGICS)
@@ -192,10 +200,10 @@ def test_eval_data_from_the_line_is_looked_up_too():
 
 def test_tune_search_reads_numbers_as_the_body_does():
     config = parse_tune("", 'data: $rows\nprompt: "{question}"\nresponse: "{answer}"\neval_split: 0.25\ntrials: "3"\n'
-                            "search:\n  lr: {low: 1e-4, high: 1e-2, log: true}\n  r: ['4', 8]\n  scheduler: [linear, '1']\n",
+                            "search:\n  lr: {low: 1e-4, high: 1e-2, log: true}\n  r: ['4', 8]\n  targets: [q_proj, '1']\n",
                         namespace={"rows": ROWS})
     assert config.trials == 3
-    assert config.search == {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "r": [4, 8], "scheduler": ["linear", "1"]}
+    assert config.search == {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "r": [4, 8], "targets": ["q_proj", "1"]}
 
 
 # --- defaults: the config dataclasses are the one source ------------------------------------------

@@ -61,7 +61,7 @@ class QloraMagics(Magics):
     @line_magic
     @_doc_from(parsing.qlora_memory)
     def qlora_memory(self, line=""):
-        parsing.parse_argstring(parsing.qlora_memory, line)
+        parsing.parse_line(parsing.qlora_memory, line)
         display(api.memory())
 
     @line_magic
@@ -69,7 +69,7 @@ class QloraMagics(Magics):
     def qlora_panel(self, line=""):
         from .panel import panel
 
-        parsing.parse_argstring(parsing.qlora_panel, line)
+        parsing.parse_line(parsing.qlora_panel, line)
         return panel()
 
     @line_cell_magic

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import typing
 from argparse import ArgumentTypeError
 
 from IPython.core.error import UsageError
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
-from ..config import CompareConfig, EvalConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig, TuneConfig
+from ..config import CompareConfig, EvalConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig, TuneConfig, check_folder
 from ..errors import ConfigError
 
 
@@ -148,21 +149,66 @@ def qlora_memory(line=""):
     """Show memory now: model footprint, GPU allocated/reserved/total, or the process's CPU memory."""
 
 
+# --- magic lines: split as a shell would, then read with the magic's declared options ---------------
+
+def parse_line(declaration, line: str):
+    """The argparse namespace of a magic line: `parse_line(qlora_save, '"my runs/ad"').path == 'my runs/ad'`.
+
+    The line is split as a shell would (quotes group words and are removed; IPython's own splitter keeps
+    them, so a quoted path named a folder '"my'), and any problem with it is one line."""
+    return _read_words(declaration, _shell_words(line))
+
+
+def _shell_words(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as error:  # an unclosed quote, or a backslash at the very end
+        raise UsageError(f"Cannot read the line: {error}; {_how_to_close(text)}") from None
+
+
+def _how_to_close(text: str) -> str:
+    """Where the unclosed quote of `text` opens, to quote it in the message."""
+    quote, start, escaped = None, None, False
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quote != "'":
+            escaped = True
+        elif quote is None and char in "\"'":
+            quote, start = char, i
+        elif char == quote:
+            quote = None
+    if quote is None:
+        return "remove the backslash at the end, or write \\\\ for a backslash."
+    fragment = text[start:start + 30] + ("..." if len(text) > start + 30 else "")
+    return f"close the quotes around `{fragment}`."
+
+
+def _read_words(declaration, words: list[str]):
+    # The parser's errors (an unknown option, a bad number) are UsageErrors: one line in IPython.
+    try:
+        return declaration.parser.parse_args(words)
+    except UsageError as error:
+        raise UsageError(f"%{declaration.__name__}: {error}; %{declaration.__name__}? lists the options.") from None
+
+
 def _options(args, skip=()) -> dict:
     """argparse namespace -> config keywords, dropping options the user did not give."""
-    return {k: _unquote(v) for k, v in vars(args).items() if v is not None and k not in skip}
+    return {k: v for k, v in vars(args).items() if v is not None and k not in skip}
 
 
-def _unquote(value):
-    # IPython splits magic lines without removing quotes: --system "Be brief" arrives as '"Be brief"'.
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-        return value[1:-1]
-    return value
+_LORA_OPTIONS = ("r", "alpha", "dropout", "targets")
 
 
 def parse_load(line: str) -> LoadConfig:
-    args = parse_argstring(qlora_load, line)
-    return LoadConfig(**_options(args))
+    options = _options(parse_line(qlora_load, line))
+    given = [name for name in _LORA_OPTIONS if name in options]
+    if "adapter" in options and given:
+        # The config alone cannot tell --r 8 from the default, so the line is where this is seen.
+        raise ConfigError(f"--{given[0]} does not apply with --adapter: a saved adapter keeps its own LoRA settings "
+                          f"(r, alpha, dropout, targets). For a new rank, load the base alone (%qlora_load --{given[0]} ...) "
+                          f"or add one beside it (%qlora_adapters add new --{given[0]} ...).")
+    return LoadConfig(**options)
 
 
 # --- YAML cell bodies: %%qlora_train, %%qlora_eval and %%qlora_tune read theirs alike --------------
@@ -255,7 +301,7 @@ BODY_KEYS = TRAIN_BODY.keys
 
 def parse_train(line: str, cell: str, namespace: dict | None = None) -> TrainConfig:
     """`%%qlora_train` flags + YAML body -> TrainConfig. `$name` data is looked up in `namespace`."""
-    args = parse_argstring(qlora_train, line)
+    args = parse_line(qlora_train, line)
     return TrainConfig(**TRAIN_BODY.read(cell, _options(args), namespace))
 
 
@@ -268,24 +314,21 @@ def lookup_variable(name, namespace):
     return namespace[name]
 
 
-# One option token: a quoted value ("Answer in one word.") or a run of non-space characters.
-_FLAG_VALUE = re.compile(r"""\s*("(?:[^"\\]|\\.)*"|'[^']*'|\S+)""")
+_WORD = re.compile(r"\s*(\S+)")
 
 
-def split_generate_line(line: str, declaration=None) -> tuple[str, str]:
-    """Split '%qlora_generate --greedy What is -1 + 2?' into ('--greedy', 'What is -1 + 2?').
+def split_options(line: str, declaration=None) -> tuple[list[str], str]:
+    """Split '%qlora_generate --greedy What is -1 + 2?' into (['--greedy'], 'What is -1 + 2?').
 
-    Options are read only at the start of the line; the prompt is the rest, kept exactly as written
-    (words that start with '-' included). A '--' ends the options explicitly.
+    Options are read only at the start of the line, each split as a shell would ('--system "Be brief"');
+    the prompt is the rest, kept exactly as written (words that start with '-' and quotes included).
+    A '--' ends the options explicitly.
     """
     parser = (declaration or qlora_generate).parser  # also %qlora_compare's
     takes_value = {s for a in parser._actions for s in a.option_strings if a.nargs != 0}
     flags = {s for a in parser._actions for s in a.option_strings}
-    pos, options = 0, []
-    while True:
-        match = _FLAG_VALUE.match(line, pos)
-        if not match:
-            break
+    pos, words = 0, []
+    while match := _WORD.match(line, pos):
         token = match.group(1)
         if token == "--":
             pos = match.end()
@@ -293,23 +336,30 @@ def split_generate_line(line: str, declaration=None) -> tuple[str, str]:
         name = token.split("=", 1)[0]
         if name not in flags:
             break
-        options.append(token)
-        pos = match.end()
+        word, pos = _next_shell_word(line, match.start(1))
+        words.append(word)
         if name in takes_value and "=" not in token:
-            value = _FLAG_VALUE.match(line, pos)
-            if not value:
+            if not _WORD.match(line, pos):
                 raise UsageError(f"{name} needs a value.")
-            options.append(value.group(1))
-            pos = value.end()
-    return " ".join(options), line[pos:].strip()
+            value, pos = _next_shell_word(line, pos)
+            words.append(value)
+    return words, line[pos:].strip()
+
+
+def _next_shell_word(line: str, pos: int) -> tuple[str, int]:
+    """The shell word starting at `pos` (quotes removed) and where the rest of the line starts."""
+    lexer = shlex.shlex(line[pos:], posix=True)
+    lexer.whitespace_split, lexer.commenters = True, ""
+    try:
+        word = lexer.get_token()
+    except ValueError as error:
+        raise UsageError(f"Cannot read the line: {error}; {_how_to_close(line[pos:])}") from None
+    return word, pos + lexer.instream.tell()
 
 
 def parse_generate(line: str, cell: str | None = None) -> GenerateConfig:
-    options_text, prompt = split_generate_line(line)
-    try:
-        args = parse_argstring(qlora_generate, options_text)
-    except ValueError as error:  # shlex: an unclosed quote
-        raise UsageError(f"Cannot read the options {options_text!r}: {error}; close the quotes around option values.") from None
+    words, prompt = split_options(line)
+    args = _read_words(qlora_generate, words)
     if cell is not None:
         if prompt:
             raise ConfigError("%%qlora_generate takes the prompt from the cell body; the line holds only options.")
@@ -318,7 +368,10 @@ def parse_generate(line: str, cell: str | None = None) -> GenerateConfig:
 
 
 def parse_save(line: str) -> str:
-    return parse_argstring(qlora_save, line).path
+    """The folder of `%qlora_save PATH`, checked before anything is written."""
+    path = parse_line(qlora_save, line).path
+    check_folder(path, "%qlora_save")
+    return path
 
 
 @magic_arguments()
@@ -439,7 +492,7 @@ def qlora_merge(line=""):
 
 def parse_eval(line: str, cell: str | None = None, namespace: dict | None = None) -> EvalConfig:
     """`%qlora_eval` flags (+ the YAML body of `%%qlora_eval`) -> EvalConfig; `$name` data from `namespace`."""
-    args = parse_argstring(qlora_eval, line)
+    args = parse_line(qlora_eval, line)
     return EvalConfig(**EVAL_BODY.read(cell, _options(args), namespace))
 
 
@@ -447,8 +500,8 @@ _SEPARATOR = re.compile(r"^\s*---\s*$", re.MULTILINE)
 
 
 def parse_compare(line: str, cell: str | None = None) -> CompareConfig:
-    options_text, prompt = split_generate_line(line, qlora_compare)
-    args = parse_argstring(qlora_compare, options_text)
+    words, prompt = split_options(line, qlora_compare)
+    args = _read_words(qlora_compare, words)
     if cell is not None:
         if prompt:
             raise ConfigError("%%qlora_compare takes the prompts from the cell body; the line holds only options.")
@@ -461,7 +514,7 @@ def parse_compare(line: str, cell: str | None = None) -> CompareConfig:
 
 def parse_adapters(line: str) -> dict:
     """-> {'action': ..., plus the keywords of that action's API function}."""
-    args = parse_argstring(qlora_adapters, line)
+    args = parse_line(qlora_adapters, line)
     action = {"use": "switch", "remove": "delete"}.get(args.action, args.action)
     if action not in ADAPTER_ACTIONS:
         raise ConfigError(f"Unknown action {args.action!r}: use one of {', '.join(ADAPTER_ACTIONS)}.")
@@ -495,7 +548,7 @@ def parse_weights(text: str) -> dict:
 
 
 def parse_merge(line: str) -> MergeConfig:
-    args = parse_argstring(qlora_merge, line)
+    args = parse_line(qlora_merge, line)
     return MergeConfig(verify=not args.no_verify, **_options(args, skip={"no_verify"}))
 
 
@@ -534,7 +587,7 @@ _SEARCHED_NUMBERS = {name for config in (LoadConfig, TrainConfig)
 
 def parse_tune(line: str, cell: str, namespace: dict | None = None) -> TuneConfig:
     """`%%qlora_tune` flags + body -> TuneConfig; the body minus search: and trials: is %%qlora_train's."""
-    args = parse_argstring(qlora_tune, line)
+    args = parse_line(qlora_tune, line)
     body = TUNE_BODY.read(cell, namespace=namespace)
     search = body.pop("search", None)
     trials = body.pop("trials", None)
@@ -542,7 +595,7 @@ def parse_tune(line: str, cell: str, namespace: dict | None = None) -> TuneConfi
         raise ConfigError("search: must be a mapping of option: choices or range, e.g. search: {r: [4, 8]}.")
     search = {str(name): _search_values(str(name), spec) for name, spec in (search or {}).items()}
     train = TrainConfig(**body)
-    options = {"trials": args.trials or trials, "seed": args.sampler_seed}
+    options = {"trials": trials if args.trials is None else args.trials, "seed": args.sampler_seed}
     return TuneConfig(train=train, search=search, prune=not args.no_prune, keep=not args.no_keep,
                       **{k: v for k, v in options.items() if v is not None})
 
