@@ -90,16 +90,32 @@ def add_adapter(session, name, *, r=None, alpha=None, dropout=None, targets=None
 
 
 def load_adapter(session, path, name=None, *, activate=True):
-    """Load a saved adapter folder beside the existing adapters (default name: the folder's name)."""
+    """Load a saved adapter folder beside the existing adapters (default name: the folder's name).
+
+    The folder is read and its weights checked against the model first; if anything still fails while
+    loading, the half-added adapter is deleted again, so the session is as it was and a retry can use the name."""
+    from .adapter_folder import check_complete, check_fits, read_adapter_folder, warn_if_other_base
+    from .loading import check_task_type
+
     model = session.require_model("loading an adapter")
     folder = Path(path).expanduser()
     if not (folder / "adapter_config.json").exists():
         raise AdapterError(f"No saved adapter at {str(path)!r} (adapter_config.json is missing): give a folder %qlora_save wrote.")
+    saved = read_adapter_folder(folder)
     name = _new_name(model, name or folder.name.replace("-", "_"))
+    check_task_type(saved, session.task)
+    check_fits(model, saved)
     try:
         model.load_adapter(str(folder), adapter_name=name, is_trainable=True)
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise AdapterError(f"Cannot load adapter {str(path)!r} onto this model: {str(error).splitlines()[0]}") from None
+        check_complete(model, name, saved)
+    except BaseException as error:
+        if name in adapter_names(model):
+            model.delete_adapter(name)
+        if isinstance(error, (ValueError, KeyError, RuntimeError, OSError)) and not isinstance(error, AdapterError):
+            raise AdapterError(f"Cannot load adapter {str(path)!r} onto this model ({str(error).splitlines()[0].rstrip(':')}): "
+                               f"load it on the base it was trained on, {saved.load_command}") from None
+        raise
+    warn_if_other_base(model, saved)
     if activate:
         model.set_adapter(name)
     return adapter_table(model)

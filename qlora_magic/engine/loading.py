@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_TARGETS, LoadConfig
-from ..errors import ConfigError, ModelNotFoundError
+from ..errors import AdapterError, ConfigError, ModelNotFoundError
 from ..display.formatting import Readout, count, gb
-from .adapter_folder import AdapterFolder, read_adapter_folder
+from .adapter_folder import AdapterFolder, check_complete, check_fits, read_adapter_folder, warn_if_other_base
 from .memory_usage import MemoryReport, memory_report
 from .quiet import no_progress_bars, quiet_bnb_warnings
 from .speed import use_expandable_segments
@@ -148,7 +148,18 @@ def settings_from_adapter(config: LoadConfig, folder: AdapterFolder) -> LoadConf
     plan = {}
     if (config.bits or saved_bits) == "auto" == saved_bits and config.keep_8bit is None:
         plan = {"layers_8bit": config.layers_8bit or saved.get("layers_8bit"), "keep_8bit": saved.get("keep_8bit")}
-    return config.replace(model=config.model or folder.base, bits=config.bits or saved_bits, **plan)
+    config = config.replace(model=config.model or folder.base, bits=config.bits or saved_bits, **plan)
+    check_task_type(folder, config.task)
+    return config
+
+
+def check_task_type(folder: AdapterFolder, task: str):
+    """One line when the adapter was saved for another task (adapter_config.json's task_type) than `task`."""
+    saved = folder.lora.get("task_type")
+    tasks = {peft_type: name for name, (_, peft_type) in TASK_CLASSES.items()}
+    if saved and saved != TASK_CLASSES[task][1]:
+        fix = f"load it with --task {tasks[saved]}" if saved in tasks else "qlora_magic loads causal-lm, seq-cls and seq2seq adapters"
+        raise AdapterError(f"Adapter {str(folder.path)!r} was trained for {tasks.get(saved, saved)}, not {task}: {fix}.")
 
 
 def load_quantized(config: LoadConfig):
@@ -204,10 +215,18 @@ def load_quantized(config: LoadConfig):
 
 
 def restore_adapter(model, config: LoadConfig, folder: AdapterFolder):
-    """The saved adapter on the loaded base, trainable; returns (model, config with its rank and targets)."""
+    """The saved adapter on the loaded base, trainable, once its weights are checked against the base (one line
+    naming the base it was trained on when they do not fit); returns (model, config with its rank and targets)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(model, str(folder.path), is_trainable=True)
+    check_fits(model, folder)
+    try:
+        model = PeftModel.from_pretrained(model, str(folder.path), is_trainable=True)
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        raise AdapterError(f"Cannot load adapter {str(folder.path)!r} ({str(error).splitlines()[0].rstrip(':')}): "
+                           f"load it on the base it was trained on, {folder.load_command}") from None
+    check_complete(model, "default", folder)
+    warn_if_other_base(model, folder)
     lora = model.peft_config["default"]
     return model, config.replace(r=lora.r, alpha=lora.lora_alpha, dropout=lora.lora_dropout, targets=adapted_modules(model))
 

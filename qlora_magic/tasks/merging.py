@@ -18,7 +18,6 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..engine.adapters import active_adapter, check_adapter, using
 from ..config import EvalConfig, MergeConfig
@@ -36,14 +35,15 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     import transformers
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+    from ..engine.folder_writing import check_folder_path, folder_written
     from ..engine.loading import TASK_CLASSES, quiet_new_head_warning, resolve_model
     from ..engine.quiet import no_progress_bars
 
     model = session.require_model("merging")
     task = session.task
     name = check_adapter(model, config.adapter) if config.adapter else active_adapter(model)
-    path = Path(config.path).expanduser()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    path = check_folder_path(config.path, "the merged model")
+    if path.exists() and any(path.iterdir()):
         raise ConfigError(f"{str(path)!r} already exists and is not empty: choose a new folder for the merged model.")
     started = time.perf_counter()
     # The check's rows are made first: bad data= fails before anything is written.
@@ -62,10 +62,9 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     if missing:
         raise QloraError(f"The adapter's weights do not fit the reloaded base ({missing[0]} missing): was the model loaded from {base_path}?")
     merged = merged.merge_and_unload()
-    path.mkdir(parents=True, exist_ok=True)
-    with no_progress_bars():
-        merged.save_pretrained(str(path))
-    session.tokenizer.save_pretrained(str(path))
+    with folder_written(path, "the merged model") as staging, no_progress_bars():  # whole, or not at all
+        merged.save_pretrained(str(staging))
+        session.tokenizer.save_pretrained(str(staging))
     del merged, base
     report = MergeReport(path=str(path), adapter=name, dtype=config.dtype, base=str(base_path),
                          size=sum(f.stat().st_size for f in path.glob("*.safetensors")),
