@@ -4,6 +4,8 @@ with dynamic padding (or packing)."""
 
 from __future__ import annotations
 
+import json
+import re
 import string
 from pathlib import Path
 
@@ -11,6 +13,9 @@ from ..errors import ConfigError, DataError
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FORMATS_HINT = "a .jsonl, .json, .csv or .parquet file"
+ROW_EXAMPLE = '{"question": "...", "answer": "..."}'
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def load_rows(source, split="train"):
@@ -32,9 +37,9 @@ def load_rows(source, split="train"):
     elif isinstance(source, list):
         if source and not all(isinstance(r, dict) for r in source):
             raise DataError("A list of training rows must hold dicts, e.g. [{'question': ..., 'answer': ...}].")
-        rows = datasets.Dataset.from_list(source)
+        rows = _table(lambda: datasets.Dataset.from_list(source), lambda: source)
     elif type(source).__name__ == "DataFrame":
-        rows = datasets.Dataset.from_pandas(source, preserve_index=False)
+        rows = _table(lambda: datasets.Dataset.from_pandas(source, preserve_index=False), lambda: source.to_dict("records"))
     elif isinstance(source, (str, Path)):
         rows = _load_named(str(source), split)
     else:
@@ -46,26 +51,168 @@ def load_rows(source, split="train"):
     return rows
 
 
+def _table(make, records):
+    """make() builds the Dataset; when arrow refuses the rows, records() (read only then) names the row to blame."""
+    import pyarrow
+
+    try:
+        return make()
+    except (pyarrow.ArrowException, UnicodeEncodeError) as error:
+        raise DataError(blame_rows(records()) or f"The rows cannot be stored as a table: {_first_line(error)}") from None
+
+
+def blame_rows(records, unit: str = "row", source: str = "") -> str | None:
+    """Why arrow cannot store these rows, as a message naming the row (or line) to blame; None if nothing is
+    found. Text that is not valid Unicode, a row that is not a record, a column of text and numbers mixed."""
+    found = _first_fault(records, unit)
+    if found is None:
+        return None
+    return f"{source}: {found}" if source else found[0].upper() + found[1:]
+
+
+def _first_fault(records, unit: str) -> str | None:
+    first_kind = {}  # column -> (kind, number) of its first value
+    for number, record in enumerate(records, 1):
+        where = f"{unit} {number}"
+        if not isinstance(record, dict):
+            return f"{where} is {_short(record)}, not a record: every row must be an object like {ROW_EXAMPLE}."
+        for column, value in record.items():
+            bad = _lone_surrogate_in(value)
+            if bad:
+                return (f"{where}, column {column!r}, holds {bad!r}, half of a UTF-16 surrogate pair and not valid text: "
+                        "remove it (or repair the text, e.g. text.encode('utf-8', 'replace').decode()).")
+            if value is None:
+                continue
+            kind, seen_at = first_kind.setdefault(column, (_kind(value), where))
+            if kind != _kind(value):
+                fix = "make them all text, e.g. str(value)" if "text" in (kind, _kind(value)) else "give the column one kind of value"
+                return f"column {column!r} mixes {kind} ({seen_at}) and {_kind(value)} ({where}): {fix}."
+    return None
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value) -> str:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bool):
+        return "true/false values"
+    if isinstance(value, (int, float)):
+        return "numbers"
+    return {dict: "records", list: "lists"}.get(type(value), f"{type(value).__name__} values")
+
+
+def _lone_surrogate_in(value) -> str | None:
+    if isinstance(value, str):
+        found = LONE_SURROGATE.search(value)
+        return found.group() if found else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((bad for bad in map(_lone_surrogate_in, items) if bad), None)
+
+
+def check_text(text: str, what: str) -> None:
+    """A one-line ConfigError for text the tokenizer cannot encode (a lone surrogate, e.g. from a bad decode)."""
+    found = LONE_SURROGATE.search(text or "")
+    if found:
+        raise ConfigError(
+            f"The {what} holds {found.group()!r} at character {found.start()}, half of a UTF-16 surrogate pair and not valid text: "
+            "remove it (or repair the text, e.g. text.encode('utf-8', 'replace').decode())."
+        )
+
+
+def _first_line(error) -> str:
+    """The most telling line of a library error: datasets wraps the parser's own reason in a generic one."""
+    while error.__cause__ is not None and "error occurred while generating" in str(error):
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _load_named(name: str, split: str):
     import datasets
 
+    from .offline import hub_reachable, no_telemetry, why_offline
+
+    no_telemetry()
     path = Path(name).expanduser()
     fmt = FILE_FORMATS.get(path.suffix.lower())
-    if fmt or path.exists():
+    looks_like_file = fmt or path.exists() or re.fullmatch(r"\.[A-Za-z]{1,5}", path.suffix)
+    if looks_like_file:
+        if path.is_dir():
+            inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in FILE_FORMATS)
+            hint = f"give one of its data files ({', '.join(inside[:3])})" if inside else f"it holds no data file; give {FORMATS_HINT}"
+            raise DataError(f"{name!r} is a folder: {hint}.")
         if not path.exists():
             raise DataError(f"No file {name!r}: check the path (relative paths start from the notebook's folder).")
         if not fmt:
-            raise DataError(f"Cannot read {name!r}: use a .jsonl, .json, .csv or .parquet file.")
-        try:
-            return datasets.load_dataset(fmt, data_files=str(path), split="train")
-        except Exception as error:  # a malformed file: say which and why, in one line
-            raise DataError(f"Cannot read {name!r} as {path.suffix}: {str(error).splitlines()[0]}") from None
+            raise DataError(f"Cannot read {name!r}: {path.suffix} is not a format this reads; use {FORMATS_HINT}.")
+        return _load_file(path, name, fmt)
+    online = hub_reachable()
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as error:
+        why = _first_line(error) if online else f"it is not in the local cache and {why_offline()}"
         raise DataError(
-            f"Cannot load dataset {name!r}: {str(error).splitlines()[0]} (not a local file; Hub datasets need a connection)."
+            f"Cannot load dataset {name!r}: {why} (not a local file; Hub datasets need a connection)."
         ) from None
+
+
+def _load_file(path: Path, name: str, fmt: str):
+    """A local data file, read quietly (a tiny file would print three progress lines around any error)."""
+    import datasets
+
+    from .quiet import quiet_datasets
+
+    if _is_blank(path):
+        raise DataError(f"{name!r} is empty: {_row_format(fmt)}.")
+    try:
+        with quiet_datasets():
+            rows = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as error:  # a malformed file: say where and why, in one line
+        if "corresponds to no data" in str(error):
+            raise DataError(f"{name!r} has no rows: {_row_format(fmt)}.") from None
+        where = _json_fault(path, name) if fmt == "json" else None
+        raise DataError(where or f"Cannot read {name!r} as {path.suffix}: {_first_line(error)}") from None
+    if len(rows) == 0:
+        raise DataError(f"{name!r} has no rows: {_row_format(fmt)}.")
+    return rows
+
+
+def _is_blank(path: Path) -> bool:
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _row_format(fmt: str) -> str:
+    return {
+        "json": f"write one JSON object per line, like {ROW_EXAMPLE}",
+        "csv": "write a header line of column names, then one row per line",
+    }.get(fmt, "write some rows into it")
+
+
+def _json_fault(path: Path, name: str) -> str | None:
+    """Where a JSON (lines) file goes wrong: the line that does not parse, or the row arrow cannot store."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):  # one JSON array of rows
+        try:
+            return blame_rows(json.loads(text), "row", repr(name))
+        except json.JSONDecodeError as error:
+            return f"{name!r} is not valid JSON at line {error.lineno} ({error.msg}): a .json file is one array of objects, like [{ROW_EXAMPLE}]."
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            return f"{name!r} line {number} is not valid JSON ({error.msg}): write one JSON object per line, like {ROW_EXAMPLE}."
+    return blame_rows(records, "line", repr(name))
 
 
 def template_fields(template: str, what: str) -> list[str]:
@@ -86,6 +233,7 @@ def check_templates(prompt: str, response: str, columns) -> None:
     for template, what in ((prompt, "prompt"), (response, "response")):
         if template is None:  # a classifier has no response template
             continue
+        check_text(template, f"{what} template")
         for name in template_fields(template, what):
             if name not in columns:
                 raise DataError(f"The {what} template uses {{{name}}}, but the data has no such column; its columns are: {', '.join(columns)}.")
@@ -202,7 +350,7 @@ def prepare_datasets(rows, example_tokenizer: ExampleTokenizer, eval_split=None,
         size = eval_split if eval_split < 1 else int(eval_split)
         n_eval = round(size * len(tokenized)) if size < 1 else size
         if n_eval < 1 or n_eval >= len(tokenized):
-            raise DataError(f"eval_split={eval_split} leaves {len(tokenized) - n_eval} training and {n_eval} evaluation rows out of {len(tokenized)}: choose a value that keeps both non-empty.")
+            raise DataError(f"eval_split={eval_split:g} leaves {len(tokenized) - n_eval} training and {n_eval} evaluation rows out of {len(tokenized)}: choose a value that keeps both non-empty.")
         parts = tokenized.train_test_split(test_size=n_eval, seed=seed)
         tokenized, eval_set = parts["train"], parts["test"]
     lengths = [len(ids) for ids in tokenized["input_ids"]]

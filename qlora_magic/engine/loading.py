@@ -27,7 +27,8 @@ def choose_device(requested=None) -> str:
 
 
 def resolve_model(name) -> str:
-    """A local folder (checked) or a Hub id (passed on); None is the embedded default model."""
+    """A local folder (checked), or for a Hub id its cached folder or the id itself when the Hub answers
+    (engine/offline.py); None is the embedded default model."""
     if name is None or name == "default":
         from .default_model import default_model_path
 
@@ -40,7 +41,9 @@ def resolve_model(name) -> str:
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"{name!r} has no config.json, so it is not a model folder (for a saved adapter use --adapter {name}).")
         return str(path)
-    return str(name)
+    from .offline import hub_model
+
+    return hub_model(str(name))
 
 
 def quantization_config(bits: int, device: str, skip_modules=None):

@@ -45,3 +45,21 @@ def no_progress_bars():
             datasets.enable_progress_bars()
         if transformers_was_on:
             transformers.utils.logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """Reading a local data file: no "Generating train split" bars, and no logged error for a malformed file,
+    which the caller reports in one line of its own."""
+    import datasets
+
+    was_on = datasets.is_progress_bar_enabled()
+    level = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if was_on:
+            datasets.enable_progress_bars()
