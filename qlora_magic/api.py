@@ -1,12 +1,18 @@
 """The Python API: the same verbs as the magics. Each takes keyword options (the names of the
-config dataclasses) or a ready `config=`. Heavy libraries are imported inside the functions."""
+config dataclasses) or a ready `config=`. Heavy libraries are imported inside the functions.
+
+A verb that uses the model holds the session lock while it runs: while another thread (the panel's action, a
+run started in a thread) holds it, the verb fails at once with a one-line BusyError. A Ctrl-C ends any verb in
+one line (Interrupted); training stops at the next step boundary instead and keeps what it learned."""
 
 from __future__ import annotations
 
+import functools
+
 from .config import GenerateConfig, LoadConfig, TrainConfig
-from .errors import ConfigError, ConflictingOptionsError, NoModelError
+from .errors import ConfigError, ConflictingOptionsError, Interrupted, NoModelError
 from .engine.stopping import StopFlag
-from .session import get_session
+from .session import get_session, session_lock
 
 
 def _config(cls, config, options):
@@ -16,6 +22,47 @@ def _config(cls, config, options):
     return config if config is not None else cls(**options)
 
 
+def _verb(what, interrupted, stoppable=False):
+    """An api verb that uses the session's model: it holds the session lock while it runs (BusyError at once
+    when another thread, such as the panel's, holds it), and a Ctrl-C that reaches it ends in one line,
+    Interrupted(`interrupted`: the message, or a function of the session that makes it)."""
+
+    def decorate(verb):
+        @functools.wraps(verb)
+        def run(*args, **kwargs):
+            from .engine.memory_usage import release_memory
+
+            with session_lock.hold(what, stoppable=stoppable):
+                try:
+                    return verb(*args, **kwargs)
+                except Interrupted:
+                    raise
+                except KeyboardInterrupt:
+                    pass  # raised below, once this handler has dropped the interrupt and its traceback
+                release_memory()  # what the interrupted frames held (a half-loaded model) is garbage now
+                raise Interrupted(interrupted(get_session()) if callable(interrupted) else interrupted) from None
+
+        return run
+
+    return decorate
+
+
+def _load_interrupted(session):
+    if session.model is None:
+        return "The load was interrupted: no model is loaded: run %qlora_load again."
+    return (f"The load was interrupted: the session keeps its model ({session.load_config.model or 'the default'}): "
+            "run %qlora_load again to replace it.")
+
+
+def _tune_interrupted(session):
+    active = session.model.active_adapter if session.model is not None else None
+    return f"The search was interrupted: the active adapter is {active!r}; run %%qlora_tune again for a full search."
+
+
+_ADAPTERS_INTERRUPTED = "The adapter change was interrupted: %qlora_adapters list shows the adapters there are now."
+
+
+@_verb("Loading a model", _load_interrupted)
 def load(model=None, *, config: LoadConfig | None = None, **options):
     """Load a quantized base model with LoRA adapters into the session; returns the LoadReport.
 
@@ -24,7 +71,8 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
     >>> qlora_magic.load(bits="auto", keep_8bit=0.25)     # per layer: the most 4-bit-sensitive kept 8-bit
     >>> qlora_magic.load(adapter="runs/my-adapter")      # restore a saved adapter and its base
 
-    The session's previous model is replaced only once the new one has loaded.
+    The session's previous model is replaced only once the new one has loaded: a failed or interrupted
+    load keeps it.
     """
     from .engine.loading import load_model
     from .engine.memory_usage import release_memory
@@ -48,6 +96,7 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
     return loaded.report
 
 
+@_verb("Training", "Training was interrupted before its first step: the adapter and history are unchanged.", stoppable=True)
 def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=None, **options):
     """Fine-tune the session's adapters on `data`; returns a TrainSummary.
 
@@ -68,6 +117,7 @@ def _not_for_classifier(session, action):
         raise ConfigError(f"This model is a classifier (--task seq-cls), so {action} does not apply: use qm.classify(texts) for labels and probabilities.")
 
 
+@_verb("Classifying", "Classification was interrupted: run it again.")
 def classify(texts, *, batch_size=16, max_length=512):
     """Labels and class probabilities from a classifier (a model loaded with task="seq-cls").
 
@@ -79,6 +129,7 @@ def classify(texts, *, batch_size=16, max_length=512):
     return classify_texts(get_session(), texts, batch_size=batch_size, max_length=max_length)
 
 
+@_verb("Generating", "The generation was interrupted: run it again.")
 def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None, **options) -> str:
     """Answer `prompt`, streaming the text; returns the new text (also in `get_session().last_generation`).
 
@@ -111,6 +162,7 @@ def _print_text(text):
     print(text, end="", flush=True)
 
 
+@_verb("Saving", "The save was interrupted: run %qlora_save again.")
 def save(path):
     """Save the adapter (PEFT format), tokenizer and run record to the folder `path`; returns the Path."""
     from .engine.adapter_folder import save_adapter
@@ -132,6 +184,7 @@ __all__ = ["load", "train", "generate", "classify", "save", "memory", "NoModelEr
 
 # --- evaluation, comparison, adapters, merge -------------------------------------------------------
 
+@_verb("Evaluating", "The evaluation was interrupted: nothing was recorded; run it again.")
 def evaluate(data=None, *, config=None, **options):
     """Perplexity over response tokens and, on request, BLEU/ROUGE/exact match of greedy answers;
     returns an EvalReport (one row per model) and records rows of kind 'eval' in the session history.
@@ -144,10 +197,17 @@ def evaluate(data=None, *, config=None, **options):
 
     if data is not None:
         options["data"] = data
-    _not_for_classifier(get_session(), "%qlora_eval (accuracy and F1 are reported by training with eval_split)")
-    return evaluate_model(get_session(), _config(EvalConfig, config, options))
+    session = get_session()
+    _not_for_classifier(session, "%qlora_eval (accuracy and F1 are reported by training with eval_split)")
+    recorded = len(session.history)
+    try:
+        return evaluate_model(session, _config(EvalConfig, config, options))
+    except KeyboardInterrupt:
+        del session.history[recorded:]  # the rows of the models it had finished: all or nothing
+        raise
 
 
+@_verb("Comparing", "The comparison was interrupted: run it again.")
 def compare(prompts=None, *, config=None, on_update=None, **options):
     """Answer the same prompts with the base model and each adapter (greedy by default); returns a
     Comparison, shown as a side-by-side table.
@@ -170,6 +230,7 @@ def list_adapters():
     return adapter_table(get_session().require_model("listing adapters"))
 
 
+@_verb("Changing adapters", _ADAPTERS_INTERRUPTED)
 def add_adapter(name, *, r=None, alpha=None, dropout=None, targets=None, activate=True):
     """Add a fresh LoRA adapter beside the existing ones, on the same quantized base; it becomes the
     active one (trained by the next train(), used by generate()) unless activate=False."""
@@ -178,6 +239,7 @@ def add_adapter(name, *, r=None, alpha=None, dropout=None, targets=None, activat
     return adapters.add_adapter(get_session(), name, r=r, alpha=alpha, dropout=dropout, targets=targets, activate=activate)
 
 
+@_verb("Changing adapters", _ADAPTERS_INTERRUPTED)
 def load_adapter(path, name=None, *, activate=True):
     """Load a saved adapter folder beside the existing adapters."""
     from .engine import adapters
@@ -185,6 +247,7 @@ def load_adapter(path, name=None, *, activate=True):
     return adapters.load_adapter(get_session(), path, name, activate=activate)
 
 
+@_verb("Changing adapters", _ADAPTERS_INTERRUPTED)
 def switch_adapter(name):
     """Make adapter `name` the active one."""
     from .engine import adapters
@@ -192,6 +255,7 @@ def switch_adapter(name):
     return adapters.switch_adapter(get_session(), name)
 
 
+@_verb("Changing adapters", _ADAPTERS_INTERRUPTED)
 def delete_adapter(name):
     """Remove adapter `name` (not the last one)."""
     from .engine import adapters
@@ -199,6 +263,7 @@ def delete_adapter(name):
     return adapters.delete_adapter(get_session(), name)
 
 
+@_verb("Changing adapters", _ADAPTERS_INTERRUPTED)
 def combine_adapters(name, weights, *, combination_type=None, activate=True):
     """Add adapter `name`, a weighted combination of existing ones: weights={"default": 0.5, "task2": 0.5}."""
     from .engine import adapters
@@ -206,6 +271,7 @@ def combine_adapters(name, weights, *, combination_type=None, activate=True):
     return adapters.combine_adapters(get_session(), name, weights, combination_type=combination_type, activate=activate)
 
 
+@_verb("Merging", "The merge was interrupted: the session's model is unchanged; run %qlora_merge again.")
 def merge(path=None, *, config=None, **options):
     """Merge the active adapter into an unquantized 16-bit copy of the base, save it (safetensors) to
     `path`, and check the saved model's greedy answers and perplexity against the adapter's.
@@ -224,6 +290,7 @@ __all__ += ["evaluate", "compare", "list_adapters", "add_adapter", "load_adapter
             "combine_adapters", "merge"]
 
 
+@_verb("Tuning", _tune_interrupted, stoppable=True)
 def tune(data=None, *, search=None, config=None, on_trial=None, **options):
     """Optuna search over LoRA and training options; each trial trains a fresh adapter on the same base,
     scored by held-out eval loss. Returns a TuneReport; the best adapter stays active (keep=False drops it).

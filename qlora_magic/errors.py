@@ -36,3 +36,16 @@ class ModelNotFoundError(QloraError, FileNotFoundError):
 
 class AdapterError(QloraError, LookupError):
     """An adapter named does not exist, or cannot be added, removed or combined as asked."""
+
+
+class BusyError(QloraError, RuntimeError):
+    """Another thread (the panel's action, a run started in a thread) is using the model; the message says what."""
+
+
+class Interrupted(QloraError, KeyboardInterrupt):
+    """Ctrl-C ended an action; the message says what state it left. Still a KeyboardInterrupt, so the cell fails
+    as an interrupted one does, and code that catches KeyboardInterrupt still does."""
+
+
+class DivergedError(QloraError, ArithmeticError):
+    """The training loss (or the adapter's weights) became NaN or infinite; the adapter was put back."""

@@ -145,7 +145,7 @@ def test_stop_ends_training_at_a_step_boundary_and_keeps_the_adapter(tiny_loaded
         step(progress)
         if progress["step"] == 2:
             assert p.busy and not p.stop_button.disabled
-            p.load_button.click()  # a second action while one runs is refused, in one line
+            p.load_button.click()  # a second action while one runs is refused, in one line under the status
             seen["busy"] = p.status_text
             other = qlora_magic.panel()  # panels share the session, so another panel waits its turn too
             other.load_button.click()
@@ -155,7 +155,9 @@ def test_stop_ends_training_at_a_step_boundary_and_keeps_the_adapter(tiny_loaded
     p.reporter.step = step_then_press_stop
     lora_before = {n: t.clone() for n, t in tiny_loaded.model.named_parameters() if "lora_B" in n}
     click(p, p.train_button)
-    assert seen["busy"].startswith("QloraError: Busy") and seen["other"].startswith("QloraError: Busy")
+    busy = "BusyError: Training in progress (started from the panel): stop it first (the panel's Stop button), or wait."
+    assert seen["busy"] == f"Training… (Stop ends it after the step in flight)\n{busy}"  # beside the action's status
+    assert seen["other"] == busy and p.last_error is None
     summary = tiny_loaded.last_train_summary
     assert summary.status == "interrupted" and summary.steps_done == 2
     assert p.status_text.startswith("Training interrupted: 2/200 steps")

@@ -1,10 +1,12 @@
 """One training run with transformers' Trainer: callbacks feed the session history and the reporter;
-Ctrl-C (a kernel interrupt) stops at the next step boundary and keeps what was learned."""
+Ctrl-C (a kernel interrupt) stops at the next step boundary and keeps what was learned; a loss that becomes
+NaN or infinite ends the run there and puts the adapter back as it was before the run."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 from ..config import TrainConfig
 from ..display.formatting import Readout, gb
 from ..display.reporters import Reporter
+from ..errors import ConfigError, DivergedError
 from .speed import BatchLayout, choose_settings
 from .stopping import StopFlag, stop_on_interrupt
 
@@ -22,7 +25,9 @@ def _make_callback(reporter: Reporter, log: RunLog, stop: StopFlag, device: str)
 
     class EventsCallback(TrainerCallback):
         """Turns Trainer events into history rows and reporter events; never drives training
-        except to honour a stop request."""
+        except to honour a stop request, or to end a run whose loss is no longer finite."""
+
+        diverged = None  # (what became non-finite, at which step), once it has
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
@@ -46,6 +51,11 @@ def _make_callback(reporter: Reporter, log: RunLog, stop: StopFlag, device: str)
             logs = logs or {}
             row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "run": log.run}
             if "loss" in logs:
+                # The loss logged is already a Python float, so this check adds no device sync.
+                if not math.isfinite(logs["loss"]) and self.diverged is None:
+                    self.diverged = (f"training loss became {logs['loss']}", state.global_step)
+                    control.should_training_stop = True
+                    control.should_evaluate = False  # the weights are about to be put back
                 now, tokens = time.perf_counter(), state.num_input_tokens_seen
                 row.update(
                     loss=logs["loss"],
@@ -141,6 +151,7 @@ class RunLog:
 
     history: list = field(default_factory=list)
     run: int = 0
+    steps_kept: int = 0  # set as the run ends: the optimizer steps the adapter keeps (0: none, or put back)
 
 
 def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, reporter: Reporter,
@@ -161,14 +172,18 @@ def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, repo
     device = str(next(model.parameters()).device)
     settings = run_settings(config, device, model, data.train, overrides)
     run_dir = Path(config.output_dir) if config.output_dir else default_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission, a read-only disk
+        raise ConfigError(f"Cannot use {str(run_dir)!r} as output_dir ({error.strerror or error}): choose another folder.") from None
     if not settings["gradient_checkpointing"] and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()  # left on by an earlier run that needed it
     with contextlib.closing(SummaryWriter(log_dir=str(run_dir / "tensorboard"))) as writer:
         args = training_arguments(config, settings, run_dir, device, evaluate=data.eval is not None)
-        events = [TensorBoardCallback(tb_writer=writer), _make_callback(reporter, log, stop, device)]
-        trainer = build_trainer(model, tokenizer, args, settings, data, events + list(callbacks or []))
-        return _train(trainer, model, settings, reporter, log.history, stop, run_dir)
+        watcher = _make_callback(reporter, log, stop, device)
+        trainer = build_trainer(model, tokenizer, args, settings, data,
+                                [TensorBoardCallback(tb_writer=writer), watcher] + list(callbacks or []))
+        return _train(trainer, model, settings, reporter, log, stop, run_dir, watcher)
 
 
 def run_settings(config: TrainConfig, device: str, model, train_set, overrides: dict | None = None) -> dict:
@@ -217,6 +232,7 @@ def training_arguments(config: TrainConfig, settings: dict, run_dir: Path, devic
         remove_unused_columns=False,
         dataloader_pin_memory=device != "cpu",
         log_level="warning",
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (so the run ends), not hidden by the average
         optim=settings.get("optimizer", "adamw_torch"),
     )
 
@@ -244,18 +260,22 @@ def build_trainer(model, tokenizer, args, settings: dict, data: TrainingData, ca
     return trainer
 
 
-def _train(trainer, model, settings: dict, reporter: Reporter, history: list, stop: StopFlag,
-           run_dir: Path) -> TrainSummary:
+def _train(trainer, model, settings: dict, reporter: Reporter, log: RunLog, stop: StopFlag, run_dir: Path,
+           watcher) -> TrainSummary:
     """trainer.train() inside the run's context managers, then the summary. The reporter gets its end
-    event however the run ends: completed, interrupted (Stop, Ctrl-C) or failed (then the error is raised)."""
+    event however the run ends: completed, interrupted (Stop, Ctrl-C) or failed (then the error is raised).
+    A loss gone NaN/inf (seen by `watcher`, the EventsCallback), or weights left so by the last step, fail the
+    run with DivergedError, the trainable weights put back as they were before it."""
     import torch
 
     from .bnb_cpu import trainable_4bit
     from .speed import bf16_stream, dequantized_int8_training, no_kv_cache
 
+    history = log.history
     evaluates = trainer.eval_dataset is not None
     stream_dtype = torch.bfloat16 if settings.get("bf16_stream") else None
     first_row = len(history)
+    before = _trainable_weights(model)
     reporter.start({"total_steps": settings["steps"], "settings": settings, "run_dir": str(run_dir)})
     started = time.perf_counter()
     status, error = "completed", None
@@ -263,9 +283,16 @@ def _train(trainer, model, settings: dict, reporter: Reporter, history: list, st
         with trainable_4bit(model), stop_on_interrupt(stop), no_kv_cache(model), bf16_stream(model, stream_dtype), \
                 dequantized_int8_training(settings.get("int8_dequant", False)):
             trainer.train()
-            if not stop and evaluates and (not history or history[-1].get("eval_loss") is None):
+            diverged = watcher.diverged or _weights_diverged(model, trainer.state.global_step)
+            if not (stop or diverged) and evaluates and (not history or history[-1].get("eval_loss") is None):
                 trainer.evaluate()  # the "after" point, when the last step was not an eval step
-        if stop:
+        if diverged:
+            _put_back(model, before)
+            what, step = diverged
+            status, error = "failed", DivergedError(
+                f"The {what} at step {step}: the adapter is back to its weights before this run; "
+                f"lower --lr (now {trainer.args.learning_rate:g}).")
+        elif stop:
             status = "interrupted"
     except KeyboardInterrupt:
         status = "interrupted"  # a second Ctrl-C: the step in flight is lost, earlier ones are kept
@@ -273,6 +300,7 @@ def _train(trainer, model, settings: dict, reporter: Reporter, history: list, st
         status, error = "failed", exc
     finally:
         model.eval()
+        log.steps_kept = 0 if isinstance(error, DivergedError) else trainer.state.global_step
         summary = TrainSummary.from_history(
             history[first_row:], status=status, steps_planned=settings["steps"], seconds=time.perf_counter() - started,
             run_dir=str(run_dir), settings=settings, steps_done=trainer.state.global_step,
@@ -281,6 +309,31 @@ def _train(trainer, model, settings: dict, reporter: Reporter, history: list, st
     if error is not None:
         raise error
     return summary
+
+
+def _trainable_weights(model) -> dict:
+    """A copy of the weights the run trains (LoRA, a classifier's head): small, and kept on the CPU, so a
+    diverged run can be put back without holding device memory."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _weights_diverged(model, step):
+    """Whether the last step left a trainable weight NaN/inf (no loss was logged after it): one check per run."""
+    import torch
+
+    weights = [p for p in model.parameters() if p.requires_grad]
+    if weights and not torch.stack([p.isfinite().all() for p in weights]).all():
+        return ("adapter's weights became NaN or infinite", step)
+    return None
+
+
+def _put_back(model, weights: dict):
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in weights:
+                p.copy_(weights[name])
 
 
 @dataclass(repr=False)
@@ -328,9 +381,9 @@ class TrainSummary(Readout):
         rows = [("status", self.status), ("steps", f"{self.steps_done}/{self.steps_planned}")]
         if first is not None:
             rows.append(("train loss", f"{first:.4f} -> {last:.4f}"))
-        e_first, e_last = self.eval_loss
-        if e_first is not None:
-            rows.append(("eval loss", f"{e_first:.4f} -> {e_last:.4f}"))
+        evaluations = [(r["step"], r["eval_loss"]) for r in self.history if r.get("eval_loss") is not None]
+        if evaluations:
+            rows.append(("eval loss", _eval_losses(evaluations, self.steps_done)))
         accuracy, f1 = self._series("accuracy"), self._series("f1")
         if accuracy:
             rows.append(("eval accuracy", f"{accuracy[0]:.1%} -> {accuracy[-1]:.1%} (macro F1 {f1[0]:.3f} -> {f1[-1]:.3f})"))
@@ -351,3 +404,13 @@ class TrainSummary(Readout):
 
         table = super()._repr_html_()
         return table + (png_img_tag(loss_chart_png(self.history)) if self.history else "")
+
+
+def _eval_losses(evaluations, steps_done) -> str:
+    """The eval loss before -> after; a run stopped between evaluations says which ones it has."""
+    (first_step, first), (last_step, last) = evaluations[0], evaluations[-1]
+    if len(evaluations) == 1:
+        when = "before training" if first_step == 0 else f"at step {first_step}"
+        return f"{first:.4f} ({when}; the run stopped before the next evaluation)"
+    text = f"{first:.4f} -> {last:.4f}"
+    return text if last_step >= steps_done else f"{text} (at step {last_step}; the run stopped at step {steps_done})"

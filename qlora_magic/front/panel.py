@@ -10,12 +10,15 @@ How Stop reaches the training loop: an action runs in a background thread, so th
 to receive widget messages while the model trains. Stop sets the `api.StopFlag` given to
 `api.train(stop=...)`; the training callback sees it after the step in flight and ends the run there,
 keeping the adapter as trained so far. (A kernel interrupt cannot do this: it only reaches the main
-thread, and a synchronous cell would block the Stop click itself.) One action runs at a time; the
-action buttons are disabled meanwhile, and `Panel.wait()` blocks until the action in flight is done
-(scripts and tests use it after `button.click()`).
+thread, and a synchronous cell would block the Stop click itself.) The action holds the session lock
+(`api.session_lock`) while it runs, so one action at a time uses the model: the action buttons are
+disabled meanwhile, a cell that would use the model fails in one line (BusyError), and so does a click
+on another panel. `Panel.wait()` blocks until the action in flight is done (scripts and tests use it
+after `button.click()`).
 
 Errors in an action show as one line in the panel's status line, like the magics show them; the
-exception is also kept in `Panel.last_error`.
+exception is also kept in `Panel.last_error`. A click refused while the panel's own action runs is
+shown under its status until that action ends; it is not the action's error.
 
 The Train tab shows training with `display.widget_reporter.WidgetReporter`, the reporter
 `%%qlora_train --display widget` uses on its own.
@@ -29,14 +32,15 @@ import threading
 
 from .. import api
 from ..config import GenerateConfig, LoadConfig, TrainConfig
-from ..errors import ConfigError, QloraError
+from ..errors import BusyError, ConfigError
 from ..display.formatting import gb
 from ..display.widget_reporter import WidgetReporter, require_ipywidgets
 from .parsing import config_default, lookup_variable
 
 GIVEN_ROWS = "(the rows given to panel())"  # shown in the data field when panel(data=rows) got objects
-# One action at a time across all panels: they share the one session (and its model).
-_ACTION_LOCK = threading.Lock()
+# What each action is called while it holds the session lock, and how it is stopped (a refused cell says so).
+ACTIVITIES = {"load": ("Loading a model", None), "train": ("Training", "the panel's Stop button"),
+              "generate": ("Generating", None), "save": ("Saving", None)}
 
 
 def _enable_colab_widgets():
@@ -65,6 +69,7 @@ class Panel:
         from .. import examples
 
         self.last_error: BaseException | None = None
+        self._status, self._refused = ("", False), None  # the status line: the action's text, and a refused click's
         self._worker: threading.Thread | None = None
         self._stop = None
         self._data_object = None
@@ -306,23 +311,36 @@ class Panel:
     # --- running actions in the background, one at a time
 
     def _start(self, name, action):
-        if not _ACTION_LOCK.acquire(blocking=False):
-            self._fail(QloraError(f"Busy: wait for the running action to finish (or press Stop) before {name}."))
+        refusal = api.session_lock.refusal()  # at the click, so a refusal shows before a thread starts
+        if self.busy or refusal:
+            error = BusyError(refusal or "This panel's action is starting: wait for it to finish.")
+            if self.busy:
+                self._refused = f"{type(error).__name__}: {error}"  # beside the running action's status, not over it
+                self._show_status()
+            else:
+                self._fail(error)
             return
         self.last_error = None
         for button in self._action_buttons:
             button.disabled = True
-        self._worker = threading.Thread(target=self._run, args=(action,), name=f"qlora-panel-{name}", daemon=True)
+        self._worker = threading.Thread(target=self._run, args=(name, action), name=f"qlora-panel-{name}", daemon=True)
         self._worker.start()
 
-    def _run(self, action):
+    def _run(self, name, action):
+        what, stop_with = ACTIVITIES[name]
+
+        def holding_the_session():
+            with api.session_lock.hold(what, by="the panel", stop_with=stop_with):
+                action()
+
         try:
-            self._guarded(action)
+            self._guarded(holding_the_session)
         finally:
-            _ACTION_LOCK.release()
+            self._refused = None
             for button in self._action_buttons:
                 button.disabled = False
             self._guarded(self.refresh_memory)
+            self._show_status()
 
     def _guarded(self, action):
         try:
@@ -335,8 +353,15 @@ class Panel:
         self._say(f"{type(error).__name__}: {_one_line(error)}", error=True)
 
     def _say(self, text, error=False):
-        color = "#d62728" if error else "#333"
-        self.status.value = f"<span style='color:{color}'>{html.escape(text)}</span>"
+        self._status = (text, error)
+        self._show_status()
+
+    def _show_status(self):
+        text, error = self._status
+        shown = _span(text, "#d62728" if error else "#333")
+        if self._refused:
+            shown += "<br>" + _span(self._refused, "#d62728")
+        self.status.value = shown
 
     @property
     def busy(self) -> bool:
@@ -360,7 +385,7 @@ class Panel:
         """The status line as plain text."""
         import re
 
-        return html.unescape(re.sub(r"<[^>]+>", "", self.status.value))
+        return html.unescape(re.sub(r"<[^>]+>", "", self.status.value.replace("<br>", "\n")))
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -372,6 +397,10 @@ def _loaded_task() -> str | None:
     """The task of the session's model (None when none is loaded)."""
     session = api.get_session()
     return None if session.model is None else session.task
+
+
+def _span(text, color) -> str:
+    return f"<span style='color:{color}'>{html.escape(text)}</span>"
 
 
 def _pre(text) -> str:

@@ -1,6 +1,7 @@
 """Fine-tuning: what `qlora_magic.train` does. The rows and templates are checked and tokenized for the
 loaded model's task before the model is touched; then one Trainer run updates the active adapter, and
-the run is recorded in the session (its config, and the history rows as they are logged)."""
+the run is recorded in the session (its config, and the history rows as they are logged) once it has
+changed the adapter: a run that fails before its first step, or whose loss diverged, leaves no record."""
 
 from __future__ import annotations
 
@@ -36,9 +37,17 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
     reporter = reporter or choose_reporter(config.display)
     if task == "seq-cls":
         set_class_names(model, examples.names)
-    session.runs.append(TrainRun.of(config, label_names=examples.names if task == "seq-cls" else None))
-    summary = run_training(model, session.tokenizer, config, TrainingData(train_set, eval_set, task), reporter,
-                           RunLog(session.history, run=len(session.runs) - 1), stop=stop, callbacks=callbacks)
+    run = TrainRun.of(config, label_names=examples.names if task == "seq-cls" else None)
+    log = RunLog(session.history, run=len(session.runs))
+    first_row = len(session.history)
+    try:
+        summary = run_training(model, session.tokenizer, config, TrainingData(train_set, eval_set, task), reporter,
+                               log, stop=stop, callbacks=callbacks)
+    finally:
+        if log.steps_kept:  # the adapter changed: the record says how, however the run ended
+            session.runs.append(run)
+        else:  # it failed before its first step, or was put back: no trace (%qlora_save would record it)
+            del session.history[first_row:]
     session.last_train_summary = summary
     return summary
 
