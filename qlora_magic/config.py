@@ -46,8 +46,8 @@ def _option(name) -> str:
 
 
 # Fields written as cell-body keys or arguments, not as --options.
-_WRITTEN_AS_KEYS = {"data", "prompt", "response", "label", "eval_split", "split", "layers_8bit", "calibration",
-                    "prompts", "path", "search", "train"}
+_WRITTEN_AS_KEYS = {"model", "data", "prompt", "response", "label", "chat", "eval_split", "split", "layers_8bit",
+                    "calibration", "prompts", "path", "search", "train"}
 
 _KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list of texts",
                dict: "a mapping"}
