@@ -49,8 +49,8 @@ def _option(name) -> str:
 _WRITTEN_AS_KEYS = {"model", "data", "prompt", "response", "label", "chat", "eval_split", "split", "layers_8bit",
                     "calibration", "prompts", "path", "search", "train"}
 
-_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list of texts",
-               dict: "a mapping"}
+_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text",
+               list: "a list of texts", dict: "a mapping"}  # every list field holds texts
 
 
 def _kinds(hint) -> tuple:
@@ -62,35 +62,31 @@ def _kinds(hint) -> tuple:
 
 
 def _checked(name, value, hint, default=None):
-    """`value` for the field `name` of type `hint`, or a one-line ConfigError: numbers finite, whole where
-    whole numbers are meant (4.0 is read as 4), text where text is meant, and so on, all from the hint."""
+    """`value` as the field `name` of type `hint` holds it, or a one-line ConfigError: numbers finite and whole
+    where whole numbers are meant (4.0 is read as 4), text where text is meant (a path too), and so on."""
     kinds = _kinds(hint)
     if not kinds or (value is None and type(None) in kinds):
         return value
-    wanted = " or ".join(dict.fromkeys(_KIND_NAMES[k] for k in kinds if k in _KIND_NAMES and not (k is int and float in kinds)))
+    wanted = " or ".join(_KIND_NAMES[k] for k in kinds if k in _KIND_NAMES and not (k is int and float in kinds))
     bad = f"{_option(name)} must be {wanted}, got {value!r}"
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if is_number and {int, float} & set(kinds):
+    if is_number and (int in kinds or float in kinds):
         if isinstance(value, numbers.Integral):
-            return value if int in kinds else float(value)
+            return int(value) if int in kinds else float(value)
         if not math.isfinite(value):
             example = f", e.g. {default:g} (the default)" if isinstance(default, (int, float)) and not isinstance(default, bool) else ""
             raise ConfigError(f"{_option(name)} must be a finite number, got {value!r}{example}.")
         if float in kinds:
-            return value
+            return float(value)
         if float(value).is_integer():
             return int(value)
-        raise ConfigError(f"{bad}.")
-    if isinstance(value, bool) and bool in kinds or isinstance(value, dict) and dict in kinds:
+    elif isinstance(value, bool) and bool in kinds or isinstance(value, dict) and dict in kinds:
         return value
-    if isinstance(value, str) and str in kinds:
-        return value
-    if isinstance(value, (list, tuple)) and list in kinds:
-        item_hint = next((typing.get_args(h) for h in typing.get_args(hint) or (hint,) if typing.get_origin(h) is list), ())
-        if item_hint == (str,) and not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"{_option(name)} must be a list of texts, got {value!r}.")
+    elif isinstance(value, (str, os.PathLike)) and str in kinds:
+        return os.fspath(value)
+    elif isinstance(value, (list, tuple)) and list in kinds and all(isinstance(item, str) for item in value):
         return list(value)
-    if is_number and str in kinds:
+    elif is_number and str in kinds:
         raise ConfigError(f"{bad}: put it in quotes, e.g. \"{value}\".")
     raise ConfigError(f"{bad}.")
 
@@ -126,7 +122,7 @@ def check_folder(path, what="--output-dir"):
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise ConfigError(f"{what} must be a folder path (text), got {path!r}.")
     folder = Path(path).expanduser().absolute()
-    longest = max((part for part in folder.parts), key=len)
+    longest = max(folder.parts, key=len)
     if len(longest.encode()) > 255:
         raise ConfigError(f"{what}: the name {longest[:20]!r}... is {len(longest.encode())} bytes long; folder names must be at most 255.")
     if folder.exists() and not folder.is_dir():
@@ -134,10 +130,9 @@ def check_folder(path, what="--output-dir"):
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"{what} {str(path)!r} is under {str(existing)!r}, which is a file: choose a path under a folder.")
-    if existing != folder:
-        stats = os.statvfs(existing)
-        if stats.f_flag & os.ST_RDONLY or stats.f_blocks == 0 or not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is not a writable folder. Choose a folder you can write to.")
+    stats = os.statvfs(existing)  # a filesystem with no blocks (/proc, /sys) holds no folders of ours
+    if stats.f_flag & os.ST_RDONLY or stats.f_blocks == 0 or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {str(path)!r}: {str(existing)!r} is not a folder you can write to; choose one you can.")
 
 
 def parse_memory(value) -> int | None:

@@ -108,7 +108,7 @@ def test_output_dir_is_checked_before_anything_is_made(tmp_path):
     (tmp_path / "a_file").write_text("keep me")
     cases = {str(tmp_path / "a_file"): "is a file, not a folder",
              str(tmp_path / "a_file" / "run"): "which is a file: choose a path under a folder",
-             "/proc/qlora-run": "'/proc' is not a writable folder",
+             "/proc/qlora-run": "'/proc' is not a folder you can write to",
              str(tmp_path / ("x" * 300)): "folder names must be at most 255"}
     for path, message in cases.items():
         with pytest.raises(ConfigError) as info:
@@ -250,7 +250,7 @@ def test_nan_and_inf_in_every_numeric_key_of_every_body(shell, capsys, tmp_path,
     ("%%qlora_train --scheduler bogus\n" + BODY, "ConfigError: --scheduler must be one of linear, cosine"),
     ("%%qlora_train --epochs 1e9\n" + BODY, "ConfigError: --epochs must be at most 1000"),
     ("%%qlora_train --max-memory nan\n" + BODY, "ConfigError: --max-memory must look like 10GB"),
-    ("%%qlora_train --output-dir /proc/run\n" + BODY, "ConfigError: --output-dir '/proc/run' cannot be created"),
+    ("%%qlora_train --output-dir /proc/run\n" + BODY, "ConfigError: --output-dir '/proc/run': '/proc' is not a folder you can write to"),
     ("%%qlora_train --frobnicate 2\n" + BODY, "UsageError: %qlora_train: unrecognized arguments: --frobnicate 2"),
     ("%qlora_generate --seed 1180591620717411303424 Hello", "ConfigError: --seed must be a whole number from 0 to 4294967295"),
     ("%qlora_generate --seed -1 Hello", "ConfigError: --seed must be a whole number from 0 to 4294967295, got -1."),
@@ -311,6 +311,14 @@ def test_whole_floats_are_read_as_whole_numbers():
     assert (config.batch_size, config.max_steps, config.seed) == (4, 10, 7)
     assert all(isinstance(v, int) for v in (config.batch_size, config.max_steps, config.seed))
     assert parsing.parse_train("", BODY + "batch_size: 4.0\nlr: 1e-3\n", namespace={"rows": ROWS}).lr == 1e-3
+
+
+def test_paths_and_numpy_numbers_are_read_as_text_and_numbers(tmp_path):
+    import numpy as np
+
+    assert TrainConfig(output_dir=tmp_path / "run").output_dir == str(tmp_path / "run")
+    config = LoadConfig(r=np.int64(16), alpha=np.float32(32))
+    assert (config.r, config.alpha) == (16, 32) and type(config.r) is int and type(config.alpha) is float
 
 
 def test_the_edges_of_the_ranges_are_accepted():

@@ -154,8 +154,8 @@ def qlora_memory(line=""):
 def parse_line(declaration, line: str):
     """The argparse namespace of a magic line: `parse_line(qlora_save, '"my runs/ad"').path == 'my runs/ad'`.
 
-    The line is split as a shell would (quotes group words and are removed; IPython's own splitter keeps
-    them, so a quoted path named a folder '"my'), and any problem with it is one line."""
+    The line is split as a shell would: quotes group words and are removed (IPython's own splitter keeps
+    them, and %qlora_save "a b/c" wrote to a folder named '"a b'). Any problem with the line is one line."""
     return _read_words(declaration, _shell_words(line))
 
 
