@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -64,14 +65,28 @@ def hub_reachable() -> bool:
         return False
     if _hub_answered is None:
         endpoint = urlsplit(constants.ENDPOINT)
-        try:
-            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=PROBE_TIMEOUT_S).close()
-            _hub_answered = True
-        except OSError:
-            _hub_answered = False
+        _hub_answered = knock(endpoint.hostname, endpoint.port or 443)
     if not _hub_answered:
         go_offline()
     return _hub_answered
+
+
+def knock(host: str, port: int) -> bool:
+    """Whether a TCP connection to host:port opens within PROBE_TIMEOUT_S. In a thread, because the name
+    lookup before it does not heed the socket's timeout (an unreachable resolver takes 10 s or more)."""
+    opened = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    return bool(opened)
 
 
 def why_offline() -> str:
