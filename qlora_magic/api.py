@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from .config import GenerateConfig, LoadConfig, TrainConfig
+from .config import GenerateConfig, LoadConfig, TrainConfig, check_adapter_options
 from .errors import ConfigError, ConflictingOptionsError, Interrupted, NoModelError
 from .engine.stopping import StopFlag
 from .session import get_session, session_lock
@@ -79,6 +79,7 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
 
     if model is not None:
         options["model"] = model
+    check_adapter_options(options)
     config = _config(LoadConfig, config, options)
     loaded = load_model(config)
     session = get_session()

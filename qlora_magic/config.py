@@ -183,6 +183,20 @@ def _type_hints(config) -> dict:
     return typing.get_type_hints(config)
 
 
+#: The LoRA settings of a new adapter; a saved adapter brings its own.
+LORA_OPTIONS = ("r", "alpha", "dropout", "targets")
+
+
+def check_adapter_options(options: dict):
+    """A one-line ConfigError when `options` (as the user gave them) restore an adapter and also set LoRA
+    settings, which would be ignored. Checked on the options, since a LoadConfig cannot tell r=8 from the default."""
+    given = [name for name in LORA_OPTIONS if options.get(name) is not None]
+    if options.get("adapter") is not None and given:
+        raise ConfigError(f"--{given[0]} does not apply with --adapter: a saved adapter keeps its own LoRA settings "
+                          f"(r, alpha, dropout, targets). For a new rank, load the base alone (%qlora_load --{given[0]} ...) "
+                          f"or add an adapter beside it (%qlora_adapters add new --{given[0]} ...).")
+
+
 @dataclass
 class LoadConfig(_Config):
     """How to load the base model and which LoRA adapters to put on it."""

@@ -104,6 +104,14 @@ def test_bad_values_are_one_line(config, values, message):
     assert message in one_line(info.value)
 
 
+@pytest.mark.parametrize("option", [{"r": 16}, {"alpha": 8}, {"dropout": 0.1}, {"targets": "q_proj"}])
+def test_lora_options_with_an_adapter_are_refused_from_python_too(option):
+    with pytest.raises(ConfigError) as info:
+        qlora_magic.load(adapter="runs/ad", **option)
+    assert one_line(info.value).startswith(f"--{next(iter(option))} does not apply with --adapter")
+    assert qlora_magic.get_session().model is None
+
+
 def test_output_dir_is_checked_before_anything_is_made(tmp_path):
     (tmp_path / "a_file").write_text("keep me")
     cases = {str(tmp_path / "a_file"): "is a file, not a folder",

@@ -13,7 +13,8 @@ from argparse import ArgumentTypeError
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from ..config import CompareConfig, EvalConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig, TuneConfig, check_folder
+from ..config import (CompareConfig, EvalConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig, TuneConfig,
+                      check_adapter_options, check_folder)
 from ..errors import ConfigError
 
 
@@ -197,17 +198,9 @@ def _options(args, skip=()) -> dict:
     return {k: v for k, v in vars(args).items() if v is not None and k not in skip}
 
 
-_LORA_OPTIONS = ("r", "alpha", "dropout", "targets")
-
-
 def parse_load(line: str) -> LoadConfig:
     options = _options(parse_line(qlora_load, line))
-    given = [name for name in _LORA_OPTIONS if name in options]
-    if "adapter" in options and given:
-        # The config alone cannot tell --r 8 from the default, so the line is where this is seen.
-        raise ConfigError(f"--{given[0]} does not apply with --adapter: a saved adapter keeps its own LoRA settings "
-                          f"(r, alpha, dropout, targets). For a new rank, load the base alone (%qlora_load --{given[0]} ...) "
-                          f"or add one beside it (%qlora_adapters add new --{given[0]} ...).")
+    check_adapter_options(options)
     return LoadConfig(**options)
 
 
