@@ -91,7 +91,7 @@ def run_search(session, config: TuneConfig, on_trial=None) -> "TuneReport":
     from ..engine.adapters import adapter_names, delete_adapter, switch_adapter
 
     model = session.require_model("tuning")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial raises its own one-line error; no logged traceback
     previous = model.active_adapter
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if config.prune else optuna.pruners.NopPruner()
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=config.seed), pruner=pruner)
