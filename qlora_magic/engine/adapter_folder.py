@@ -343,7 +343,7 @@ def save_adapter(session, path) -> Path:
     from .folder_writing import check_folder_path, folder_written
     from .quiet import no_progress_bars
 
-    path = check_folder_path(path, "the adapter")
+    path = check_folder_path(path, "The adapter folder")
     if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
         raise ConfigError(f"{str(path)!r} already holds other files: choose a new folder, so nothing of yours is overwritten.")
     record = json.dumps({

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..config import check_folder
 from ..errors import ConfigError
 
 STAGING = ".qlora-staging-"  # + the writer's pid: a staging folder a killed writer left is removed by the next one
@@ -21,26 +22,11 @@ _RENAME_EXCHANGE = 2  # renameat2's flag: swap two paths in one step (Linux 3.15
 
 
 def check_folder_path(path, what: str) -> Path:
-    """`path` as a folder `what` can be written to, checked before anything is written; one line when it cannot be."""
-    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-        raise ConfigError(f"Give a folder to save {what} to, e.g. runs/my-adapter (got {path!r}).")
+    """`path` as a folder `what` can be written to (config.check_folder: one line when it cannot be), before
+    anything is written. A link is followed: the folder it points to is the one replaced."""
+    check_folder(path, what)
     folder = Path(path).expanduser()
-    # The first folder above that exists: where the names must fit and where the staging folder goes.
-    existing = next((p for p in folder.absolute().parents if _exists(p)), Path(folder.absolute().anchor))
-    longest = os.pathconf(existing, "PC_NAME_MAX") if existing.is_dir() else 255
-    too_long = [part for part in folder.parts if len(os.fsencode(part)) > longest]
-    if too_long:
-        raise ConfigError(f"The folder name {too_long[0][:24]!r}... is {len(too_long[0])} characters; this file system "
-                          f"allows {longest}: choose a shorter name for {what}.")
-    if not existing.is_dir():
-        raise ConfigError(f"{str(existing)!r} is a file, so {str(path)!r} cannot be a folder under it: choose another path for {what}.")
-    if folder.is_symlink():  # replace what the link points to, not the link
-        folder = folder.resolve()
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{str(path)!r} is a file: give a folder path for {what}.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"Cannot write in {str(existing)!r} (permission denied): choose a folder you can write to for {what}.")
-    return folder
+    return folder.resolve() if folder.is_symlink() else folder
 
 
 @contextlib.contextmanager
@@ -68,13 +54,6 @@ def folder_written(target: Path, what: str):
             raise ConfigError(f"Cannot write {what} to {str(target)!r}: {error.strerror or error}. Nothing was changed: "
                               "choose another folder, or free the space.") from None
         raise
-
-
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except OSError:  # a name too long for the file system
-        return False
 
 
 def _make_parents(parent: Path, what: str) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,9 @@ def restore_adapter(model, config: LoadConfig, folder: AdapterFolder):
 
     check_fits(model, folder)
     try:
-        model = PeftModel.from_pretrained(model, str(folder.path), is_trainable=True)
+        with warnings.catch_warnings():  # check_complete says it in one line
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(model, str(folder.path), is_trainable=True)
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         raise AdapterError(f"Cannot load adapter {str(folder.path)!r} ({str(error).splitlines()[0].rstrip(':')}): "
                            f"load it on the base it was trained on, {folder.load_command}") from None

@@ -42,7 +42,7 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     model = session.require_model("merging")
     task = session.task
     name = check_adapter(model, config.adapter) if config.adapter else active_adapter(model)
-    path = check_folder_path(config.path, "the merged model")
+    path = check_folder_path(config.path, "The merge folder")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"{str(path)!r} already exists and is not empty: choose a new folder for the merged model.")
     started = time.perf_counter()
