@@ -155,9 +155,10 @@ def test_not_a_hub_id_is_one_line(tiny_loaded, online_by_default, no_network):
     assert no_network == [] and qm.get_session().model is tiny_loaded.model
 
 
-def test_local_model_and_jsonl_training_make_no_connection(tiny_model_dir, rows, tmp_path, online_by_default, no_network):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_local_model_and_jsonl_training_make_no_connection(tiny_model_dir, rows, tmp_path, online_by_default, no_network, bits):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    qm.load(tiny_model_dir, bits=8)
+    qm.load(tiny_model_dir, bits=bits)
     qm.train("rows.jsonl", prompt="{question} ", response="{answer}", max_steps=1, batch_size=8, grad_accum=1, display="none")
     assert no_network == []  # datasets would count the load with a request to the Hub
 
