@@ -117,6 +117,8 @@ def crash_kind(call) -> str | None:
         raise
     except BaseException as error:  # noqa: BLE001 - argparse's SystemExit is one of the crashes looked for
         return f"{type(error).__name__} at {_where(error)}"
+    if not dataclasses.is_dataclass(result):  # %qlora_adapters' keywords: the adapter verbs check them (LoadConfig)
+        return None
     field = _non_finite(result)
     if field is None:
         return None
@@ -211,12 +213,17 @@ def _value():
 
 def line_of(declaration):
     """Lines of the magic's own options with hostile values (mostly `--name value`, some `--name=value`),
-    and now and then a stray word, separator or newline."""
+    and now and then a stray word or separator."""
     names = _option_names(declaration) or ["--bogus"]
     pair = st.tuples(st.sampled_from(names), _value())
     token = st.one_of(pair.map(" ".join), pair.map(" ".join), pair.map("=".join), st.sampled_from(names), _value(),
-                      st.sampled_from(["--", "-", "--bogus", "-x", "\n", "  ", "=", "--=1"]))
-    return st.lists(token, max_size=5).map(" ".join)
+                      st.sampled_from(["--", "-", "--bogus", "-x", "\t", "  ", "=", "--=1"]))
+    return st.lists(token, max_size=5).map(" ".join).map(_one_line_of_text)
+
+
+def _one_line_of_text(line):
+    # IPython hands a magic only the first line of its cell: a line never holds a line break
+    return line.replace("\r", " ").replace("\n", " ")
 
 
 TYPICAL = ["rows.jsonl", "$rows", '"Q: {question}\\nA: "', '"{answer}"', "0.2", "3", "2e-4", "linear", "false", "8"]
@@ -258,13 +265,13 @@ def _fuzz(name, body=st.none(), line=None):
 FUZZES = {
     "qlora_load": _fuzz("qlora_load", line=line_of(parsing.qlora_load)),
     "qlora_train": _fuzz("qlora_train", body_of(parsing.TRAIN_BODY.keys)),
-    "qlora_generate": _fuzz("qlora_generate", line=st.tuples(line_of(parsing.qlora_generate), prompt_body()).map(" ".join)),
+    "qlora_generate": _fuzz("qlora_generate", line=st.tuples(line_of(parsing.qlora_generate), prompt_body()).map(" ".join).map(_one_line_of_text)),
     "qlora_generate_cell": _fuzz("qlora_generate_cell", prompt_body()),
     "qlora_save": _fuzz("qlora_save", line=line_of(parsing.qlora_save)),
     "qlora_memory": _fuzz("qlora_memory", line=line_of(parsing.qlora_memory)),
     "qlora_panel": _fuzz("qlora_panel", line=line_of(parsing.qlora_panel)),
     "qlora_eval": _fuzz("qlora_eval", st.one_of(st.none(), body_of(parsing.EVAL_BODY.keys))),
-    "qlora_compare": _fuzz("qlora_compare", line=st.tuples(line_of(parsing.qlora_compare), prompt_body()).map(" ".join)),
+    "qlora_compare": _fuzz("qlora_compare", line=st.tuples(line_of(parsing.qlora_compare), prompt_body()).map(" ".join).map(_one_line_of_text)),
     "qlora_compare_cell": _fuzz("qlora_compare_cell", prompt_body()),
     "qlora_adapters": _fuzz("qlora_adapters", line=st.tuples(
         st.sampled_from(list(parsing.ADAPTER_ACTIONS) + ["use", "remove", "bogus", ""]),
