@@ -89,3 +89,22 @@ def test_unknown_adapter_in_the_magic_is_one_line(ip, tiny_loaded):
     assert isinstance(result.error_in_exec, AdapterError)
     assert result.error_in_exec._render_traceback_() == [
         "AdapterError: No adapter 'nope': this model has default (see %qlora_adapters list)."]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: qlora_magic.combine_adapters("mix", {"default": float("nan")}), "The weight of 'default' must be a finite number"),
+    (lambda: qlora_magic.combine_adapters("mix", {"default": float("inf")}), "must be a finite number, like default=0.5; got inf"),
+    (lambda: qlora_magic.combine_adapters("mix", {"default": "abc"}), "got 'abc'"),
+    (lambda: qlora_magic.combine_adapters("mix", ["default"]), "Name the adapters to combine"),
+    (lambda: qlora_magic.combine_adapters("mix", {"default": 1}, combination_type="bogus"), "--combination must be one of linear, cat"),
+    (lambda: qlora_magic.load_adapter(None), "Give the folder of a saved adapter"),
+    (lambda: qlora_magic.load_adapter(""), "Give the folder of a saved adapter"),
+])
+def test_bad_combine_and_load_values_are_one_line_and_add_nothing(tiny_loaded, call, message):
+    before = _lora_weights(tiny_loaded.model, "default")
+    with pytest.raises(ConfigError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)
+    assert qlora_magic.list_adapters().names == ["default"]
+    after = _lora_weights(tiny_loaded.model, "default")
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -8,6 +8,8 @@ leaves the others as they were (the multi-task idea of the course's slide 14).
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +100,8 @@ def load_adapter(session, path, name=None, *, activate=True):
     from .loading import check_task_type
 
     model = session.require_model("loading an adapter")
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ConfigError(f"Give the folder of a saved adapter, e.g. %qlora_adapters load runs/my-adapter (got {path!r}).")
     folder = Path(path).expanduser()
     if not (folder / "adapter_config.json").exists():
         raise AdapterError(f"No saved adapter at {str(path)!r} (adapter_config.json is missing): give a folder %qlora_save wrote.")
@@ -140,6 +144,11 @@ def delete_adapter(session, name):
     return adapter_table(model)
 
 
+#: PEFT's add_weighted_adapter combination types (with another name it adds an adapter of untouched weights).
+COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+
+
 def combine_adapters(session, name, weights: dict, *, combination_type=None, activate=True):
     """A new adapter `name` = weighted combination of existing ones, e.g. {"default": 0.7, "task2": 0.3}.
 
@@ -147,18 +156,26 @@ def combine_adapters(session, name, weights: dict, *, combination_type=None, act
     cat (concatenation, exact for any ranks). svd is not offered on 8/4-bit bases by PEFT.
     """
     model = session.require_model("combining adapters")
-    if not weights:
+    if not weights or not isinstance(weights, dict):
         raise ConfigError("Name the adapters to combine with their weights, e.g. --weights default=0.7,task2=0.3.")
-    for source in weights:
+    for source, weight in weights.items():
         check_adapter(model, source)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"The weight of {source!r} must be a finite number, like {source}=0.5; got {weight!r}.")
+    if combination_type is not None and combination_type not in COMBINATIONS:
+        raise ConfigError(f"--combination must be one of {', '.join(COMBINATIONS)}; got {combination_type!r}.")
     _new_name(model, name)
     ranks = {model.peft_config[s].r for s in weights}
     combination_type = combination_type or ("linear" if len(ranks) == 1 else "cat")
     try:
         model.base_model.add_weighted_adapter(list(weights), [float(w) for w in weights.values()], name,
                                               combination_type=combination_type)
-    except (ValueError, TypeError, NotImplementedError) as error:
-        raise AdapterError(f"Cannot combine {', '.join(weights)} as {combination_type}: {str(error).splitlines()[0]}") from None
+    except BaseException as error:
+        if name in adapter_names(model):  # nothing half-made stays behind
+            model.delete_adapter(name)
+        if isinstance(error, (ValueError, TypeError, NotImplementedError)):
+            raise AdapterError(f"Cannot combine {', '.join(weights)} as {combination_type}: {str(error).splitlines()[0]}") from None
+        raise
     if activate:
         model.set_adapter(name)
     return adapter_table(model)
