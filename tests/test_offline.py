@@ -96,12 +96,15 @@ def test_a_hub_id_not_in_the_cache_is_one_line_after_one_probe(tiny_loaded, onli
     assert all((p == weights[n]).all() for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_a_hub_id_in_the_cache_loads_without_any_connection(tiny_model_dir, hub_cache, online_by_default, no_network):
+def test_a_hub_id_in_the_cache_loads_without_any_connection(tiny_model_dir, hub_cache, online_by_default, no_network, tmp_path):
     cache_model(hub_cache, "someone/tiny", tiny_model_dir)
     report = qm.load("someone/tiny", bits=8)
     assert no_network == []
     assert report.model_name == "someone/tiny" and qm.get_session().load_config.model == "someone/tiny"
     assert qm.generate("the sky", raw=True, greedy=True, max_new_tokens=2, stream=False) is not None
+    saved = qm.save(tmp_path / "adapter")  # the run record names the Hub id, so the adapter loads back by it
+    assert json.loads((saved / "qlora_magic.json").read_text())["load_config"]["model"] == "someone/tiny"
+    assert no_network == []  # PEFT's base (adapter_config.json) is the cache folder: it checks no vocabulary online
 
 
 def test_a_cached_config_without_weights_is_not_a_cached_model(tiny_model_dir, hub_cache, online_by_default, no_network):
