@@ -19,7 +19,7 @@ def _config(cls, config, options):
     if config is not None and options:
         example = next(iter(options))
         raise ConflictingOptionsError(f"Give either config= or keyword options, not both: change a ready config with config=config.replace({example}=...).")
-    return config if config is not None else cls(**options)
+    return config if config is not None else cls.from_options(options)
 
 
 def _verb(what, interrupted, stoppable=False):
@@ -307,7 +307,7 @@ def tune(data=None, *, search=None, config=None, on_trial=None, **options):
         tune_options = {k: options.pop(k) for k in list(options) if k in tune_keys}
         if data is not None:
             options["data"] = data
-        config = TuneConfig(train=TrainConfig(**options), search=search or {}, **tune_options)
+        config = TuneConfig(train=TrainConfig.from_options(options), search=search or {}, **tune_options)
     elif data is not None or search is not None or options:
         raise ConflictingOptionsError("Give either config= or keyword options, not both: change a ready config with config=config.replace(train=...).")
     return run_search(get_session(), config, on_trial=on_trial)

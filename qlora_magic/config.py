@@ -7,6 +7,7 @@ Every check quotes the bad value and says what would be accepted.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import numbers
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownOptionError
 
 BITS = (4, 8, 16, "auto")  # auto: each layer 4- or 8-bit by its measured sensitivity (adaptive.py)
 TASKS = ("causal-lm", "seq-cls", "seq2seq")
@@ -171,6 +172,17 @@ class _Config:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]):
+        """The config of keyword options, as the Python API takes them; a name it has not is one line."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [name for name in options if name not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UnknownOptionError(f"Unknown option {unknown[0]!r}: {hint}The options are {', '.join(names)}.")
+        return cls(**options)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):

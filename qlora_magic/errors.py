@@ -19,6 +19,10 @@ class ConflictingOptionsError(ConfigError, TypeError):
     """A ready config= and keyword options were given together. Also a TypeError, as it was before."""
 
 
+class UnknownOptionError(ConfigError, TypeError):
+    """A keyword option no config has. Also a TypeError, as Python's own unexpected keyword is."""
+
+
 class DataError(QloraError, ValueError):
     """The training data cannot be used as given."""
 

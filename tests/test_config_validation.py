@@ -112,6 +112,13 @@ def test_lora_options_with_an_adapter_are_refused_from_python_too(option):
     assert qlora_magic.get_session().model is None
 
 
+def test_an_unknown_keyword_is_one_line_and_still_a_type_error():
+    with pytest.raises(ConfigError) as info:
+        qlora_magic.generate("hi", temprature=0.5)
+    assert isinstance(info.value, TypeError)
+    assert one_line(info.value).startswith("Unknown option 'temprature': did you mean temperature? The options are prompt, ")
+
+
 def test_output_dir_is_checked_before_anything_is_made(tmp_path):
     (tmp_path / "a_file").write_text("keep me")
     cases = {str(tmp_path / "a_file"): "is a file, not a folder",
@@ -280,6 +287,13 @@ def test_nan_and_inf_in_every_numeric_key_of_every_body(shell, capsys, tmp_path,
     ("%qlora_merge merged/x --tolerance -1", "ConfigError: --tolerance must be > 0, got -1.0."),
     ("%qlora_merge merged/x --max-new-tokens 0", "ConfigError: --max-new-tokens must be > 0, got 0."),
     ("%qlora_eval --limit 0", "ConfigError: --limit must be > 0, got 0."),
+    ("%qlora_adapters list default", "ConfigError: %qlora_adapters list takes no name: it would be ignored"),
+    ("%qlora_adapters switch default --r 4", "ConfigError: %qlora_adapters switch takes no --r: it would be ignored"),
+    ("%qlora_adapters combine mix --weights default=nan", "ConfigError: --weights: 'nan' is not a finite number"),
+    ("%qlora_adapters combine mix --weights default=inf", "ConfigError: --weights: 'inf' is not a finite number"),
+    ("%qlora_adapters combine mix --weights default=1 --combination bogus", "UsageError: %qlora_adapters: argument --combination: invalid choice: 'bogus'"),
+    ("%%qlora_train --output-dir $undefined_dir\n" + BODY, "ConfigError: --output-dir $undefined_dir: no notebook variable 'undefined_dir'"),
+    ("%%qlora_train\n" + BODY + "split: a\x06b\n", "ConfigError: The cell body is not valid YAML (line 4): unacceptable character #x0006"),
     ("%qlora_memory extra", "UsageError: %qlora_memory: unrecognized arguments: extra"),
     ("%qlora_panel --wide", "UsageError: %qlora_panel: unrecognized arguments: --wide"),
     ("%qlora_save", "UsageError: %qlora_save: the following arguments are required: path"),

@@ -5,6 +5,7 @@ each magic's `%name?` help and the docs reference."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shlex
 import typing
@@ -238,7 +239,9 @@ class CellBody:
         except yaml.YAMLError as error:
             line = _yaml_error_line(error, cell)
             where = f" (line {line})" if line else ""
-            raise ConfigError(f"The cell body is not valid YAML{where}: {getattr(error, 'problem', error)}; quote templates, e.g. prompt: \"Q: {{q}}\".") from None
+            problem = str(getattr(error, "problem", None) or error).splitlines()[0]
+            fix = "remove that character" if isinstance(error, yaml.reader.ReaderError) else "quote templates, e.g. prompt: \"Q: {q}\""
+            raise ConfigError(f"The cell body is not valid YAML{where}: {problem}; {fix}.") from None
         if not isinstance(body, dict):
             raise ConfigError("The cell body must be YAML key: value lines, e.g. data: rows.jsonl")
         body = {str(k).replace("-", "_"): v for k, v in body.items()}
@@ -258,6 +261,8 @@ class CellBody:
 def _yaml_error_line(error, cell) -> int | None:
     """The body line a YAML error is on; at the end of the body (an unclosed quote or bracket), the
     line where the unclosed part starts."""
+    if getattr(error, "position", None) is not None:  # a character YAML does not allow (a control character)
+        return (cell or "")[:error.position].count("\n") + 1
     mark, start = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
     if mark is not None and start is not None and mark.index >= len((cell or "").rstrip()):
         mark = start
@@ -294,8 +299,11 @@ BODY_KEYS = TRAIN_BODY.keys
 
 def parse_train(line: str, cell: str, namespace: dict | None = None) -> TrainConfig:
     """`%%qlora_train` flags + YAML body -> TrainConfig. `$name` data is looked up in `namespace`."""
-    args = parse_line(qlora_train, line)
-    return TrainConfig(**TRAIN_BODY.read(cell, _options(args), namespace))
+    flags = _options(parse_line(qlora_train, line))
+    for name, value in flags.items():  # IPython fills in $name from the notebook; one left as written names nothing
+        if isinstance(value, str) and value.startswith("$"):
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: no notebook variable {value[1:]!r}; define it first, or write the value itself.")
+    return TrainConfig(**TRAIN_BODY.read(cell, flags, namespace))
 
 
 def lookup_variable(name, namespace):
@@ -436,6 +444,9 @@ def qlora_compare(line="", cell=None):
 
 
 ADAPTER_ACTIONS = ("list", "add", "load", "switch", "delete", "combine")
+#: PEFT's add_weighted_adapter combination types (it silently does nothing useful with another name).
+COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 
 
 @magic_arguments()
@@ -447,7 +458,7 @@ ADAPTER_ACTIONS = ("list", "add", "load", "switch", "delete", "combine")
 @argument("--dropout", type=float, default=None, help="add: LoRA dropout")
 @argument("--targets", default=None, help="add: comma-separated module names, or all-linear")
 @argument("--weights", default=None, help="combine: name=weight pairs, e.g. default=0.7,task2=0.3")
-@argument("--combination", default=None, help="combine: PEFT combination type: linear (same ranks), cat, ties... (default: linear or cat)")
+@argument("--combination", default=None, choices=COMBINATIONS, help="combine: PEFT's combination type (default: linear when the ranks agree, else cat)")
 @argument("--keep-active", action="store_true", help="add/load/combine: do not switch to the new adapter")
 def qlora_adapters(line=""):
     """Several LoRA adapters on one quantized base. The active one is used and trained.
@@ -511,6 +522,11 @@ def parse_adapters(line: str) -> dict:
     action = {"use": "switch", "remove": "delete"}.get(args.action, args.action)
     if action not in ADAPTER_ACTIONS:
         raise ConfigError(f"Unknown action {args.action!r}: use one of {', '.join(ADAPTER_ACTIONS)}.")
+    given = [k for k in _ADAPTER_OPTIONS if getattr(args, k) not in (None, False)] + (["name"] if args.name else [])
+    stray = [k for k in given if k not in _ADAPTER_OPTIONS_OF[action]]
+    if stray:
+        what = "name" if stray[0] == "name" else _ADAPTER_OPTIONS[stray[0]]
+        raise ConfigError(f"%qlora_adapters {action} takes no {what}: it would be ignored; %qlora_adapters? says which action takes it.")
     if action == "list":
         return {"action": action}
     if not args.name:
@@ -526,6 +542,15 @@ def parse_adapters(line: str) -> dict:
     return {"action": action, "name": args.name}
 
 
+# The options of %qlora_adapters, as written, and the ones each action reads (besides its name).
+_ADAPTER_OPTIONS = {"as_name": "--name", "r": "--r", "alpha": "--alpha", "dropout": "--dropout", "targets": "--targets",
+                    "weights": "--weights", "combination": "--combination", "keep_active": "--keep-active"}
+_ADAPTER_OPTIONS_OF = {"list": (), "switch": ("name",), "delete": ("name",),
+                       "add": ("name", "r", "alpha", "dropout", "targets", "keep_active"),
+                       "load": ("name", "as_name", "keep_active"),
+                       "combine": ("name", "weights", "combination", "keep_active")}
+
+
 def parse_weights(text: str) -> dict:
     """'default=0.7,task2=0.3' -> {'default': 0.7, 'task2': 0.3}; a bare name weighs 1."""
     weights = {}
@@ -534,9 +559,13 @@ def parse_weights(text: str) -> dict:
             continue
         key, _, value = part.partition("=")
         try:
-            weights[key.strip()] = float(value) if value.strip() else 1.0
+            weight = float(value) if value.strip() else 1.0
         except ValueError:
-            raise ConfigError(f"--weights: {value.strip()!r} is not a number; write name=weight, e.g. default=0.5.") from None
+            weight = None
+        if weight is None or not math.isfinite(weight):
+            kind = "a number" if weight is None else "a finite number"
+            raise ConfigError(f"--weights: {value.strip()!r} is not {kind}; write name=weight, e.g. default=0.5.")
+        weights[key.strip()] = weight
     return weights
 
 
