@@ -339,3 +339,66 @@ def test_merge_path_errors_are_one_line_and_the_folder_is_written_whole(tiny_loa
     report = qm.merge(tmp_path / "merged", verify=False)
     assert (tmp_path / "merged" / "config.json").exists() and report.size > 0
     assert sorted(os.listdir(tmp_path)) == ["merged", "notes.txt"]
+
+
+# --- folder_written on its own ---------------------------------------------------------------------------------
+
+
+def _write(folder, files):
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_folder_written_replaces_a_folder_whole(tmp_path, monkeypatch, swap):
+    from qlora_magic.engine import folder_writing
+
+    if swap == "two renames":  # as on a system without renameat2
+        monkeypatch.setattr(folder_writing, "_exchange", lambda a, b: False)
+    target = tmp_path / "out"
+    for files in ({"a.txt": "1", "b.txt": "1"}, {"a.txt": "2", "c.txt": "2"}):
+        with folder_writing.folder_written(target, "the test folder") as staging:
+            assert staging.parent == tmp_path and staging.name.startswith(STAGING) and not any(staging.iterdir())
+            _write(staging, files)
+            assert not (target / "c.txt").exists()  # nothing reaches the target before the block ends
+        assert {p.name: p.read_text() for p in target.iterdir()} == files
+        assert os.listdir(tmp_path) == ["out"]
+
+
+def test_folder_written_into_an_empty_folder_and_new_parents(tmp_path):
+    from qlora_magic.engine.folder_writing import folder_written
+
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "new" / "deeper" / "out"):
+        with folder_written(target, "the test folder") as staging:
+            _write(staging, {"a.txt": "x"})
+        assert os.listdir(target) == ["a.txt"]
+
+
+def test_folder_written_leaves_everything_as_it_was_on_an_error(tmp_path):
+    from qlora_magic.engine.folder_writing import folder_written
+
+    (tmp_path / "old").mkdir()
+    _write(tmp_path / "old", {"a.txt": "old"})
+    for target in (tmp_path / "old", tmp_path / "new" / "deeper" / "out"):
+        with pytest.raises(KeyError):
+            with folder_written(target, "the test folder") as staging:
+                _write(staging, {"a.txt": "new"})
+                raise KeyError("a bug half-way")
+    assert os.listdir(tmp_path) == ["old"]  # no staging folder, and the parents made for the new one removed
+    assert (tmp_path / "old" / "a.txt").read_text() == "old"
+
+
+def test_a_staging_folder_left_by_a_killed_writer_is_removed(tmp_path):
+    from qlora_magic.engine.folder_writing import folder_written
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # a pid that is no longer alive
+    abandoned, live = tmp_path / f"{STAGING}{pid}-abc", tmp_path / f"{STAGING}{os.getpid()}-def"
+    abandoned.mkdir()
+    live.mkdir()
+    with folder_written(tmp_path / "out", "the test folder") as staging:
+        _write(staging, {"a.txt": "x"})
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name])  # another writer's, still running, is kept
