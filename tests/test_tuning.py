@@ -91,3 +91,23 @@ def test_five_trials_keep_the_best_adapter_and_do_not_grow_memory(tiny_loaded, r
     text = repr(report)
     assert "eval loss" in text and "other tensors" in text and "memory after trial 0 -> 4" in text
     assert "<table>" in report._repr_html_()
+
+
+def test_a_diverged_trial_is_a_failed_trial_not_a_failed_search(tiny_loaded, rows, monkeypatch):
+    from qlora_magic.errors import DivergedError
+    from qlora_magic.tasks import finetune as finetune_module
+
+    real, calls = finetune_module.finetune, []
+
+    def diverging_first(session, config, **kwargs):  # trial 0's settings blow up, as lr=1e30 can
+        calls.append(config.lr)
+        if len(calls) == 1:
+            raise DivergedError("The training loss became nan at step 1: the adapter is back to its weights before this run.")
+        return real(session, config, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "finetune", diverging_first)
+    report = qlora_magic.tune(rows, prompt="Q: {question}\nA: ", response="{answer}", eval_split=0.25, max_steps=1,
+                              batch_size=4, grad_accum=1, trials=3, prune=False, search={"lr": [1e-3, 2e-3]})
+    assert [t["state"] for t in report.trials] == ["diverged", "complete", "complete"]
+    assert report.trials[0]["eval_loss"] is None and report.best["trial"] in (1, 2)
+    assert "trial0" not in tiny_loaded.model.peft_config and report.kept in tiny_loaded.model.peft_config

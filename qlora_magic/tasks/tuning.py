@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..config import TUNE_LORA, TuneConfig
 from ..display.formatting import gb, html_grid, text_grid
+from ..errors import DivergedError
 
 def _pruning_callback(trial, stop):
     """A TrainerCallback that hands each eval loss to Optuna and ends the run when the trial should be
@@ -129,7 +130,6 @@ class _Search:
         import optuna
 
         from ..engine.adapters import add_adapter, delete_adapter
-        from ..engine.memory_usage import release_memory
         from ..engine.stopping import StopFlag
         from .finetune import finetune
 
@@ -142,24 +142,34 @@ class _Search:
         train_config = self.config.train.replace(display="none", **{k: v for k, v in params.items() if k not in TUNE_LORA})
         try:
             summary = finetune(self.session, train_config, stop=stop, callbacks=[pruning])
+        except DivergedError:  # these settings blew up (lr too high): a failed trial, not a failed search
+            delete_adapter(self.session, name)
+            self._record(trial, params, None, 0, "diverged", started)
+            raise optuna.TrialPruned() from None
         except BaseException:
             delete_adapter(self.session, name)
             raise
         value = summary.eval_loss[1]
         state = "pruned" if pruning.pruned else ("interrupted" if summary.status == "interrupted" else "complete")
         self._keep_if_best(name, state, value)
-        release_memory()
-        model = self.session.model
-        self.report.trials.append({"trial": trial.number, **params, "eval_loss": value, "steps": summary.steps_done,
-                                   "state": state, "seconds": time.perf_counter() - started, "memory": _memory_now(model),
-                                   "other_tensors": other_tensor_bytes(model)})
-        if self.on_trial:
-            self.on_trial(self.report)
+        self._record(trial, params, value, summary.steps_done, state, started)
         if state == "interrupted":
             self.study.stop()
         if pruning.pruned:
             raise optuna.TrialPruned()
         return value
+
+    def _record(self, trial, params, value, steps, state, started):
+        """One row of the report (memory measured after the trial's adapter is kept or deleted), shown at once."""
+        from ..engine.memory_usage import release_memory
+
+        release_memory()
+        model = self.session.model
+        self.report.trials.append({"trial": trial.number, **params, "eval_loss": value, "steps": steps, "state": state,
+                                   "seconds": time.perf_counter() - started, "memory": _memory_now(model),
+                                   "other_tensors": other_tensor_bytes(model)})
+        if self.on_trial:
+            self.on_trial(self.report)
 
     def _keep_if_best(self, name, state, value):
         from ..engine.adapters import delete_adapter
