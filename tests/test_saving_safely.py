@@ -402,3 +402,19 @@ def test_a_staging_folder_left_by_a_killed_writer_is_removed(tmp_path):
     with folder_written(tmp_path / "out", "the test folder") as staging:
         _write(staging, {"a.txt": "x"})
     assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name])  # another writer's, still running, is kept
+
+
+def test_a_base_loaded_for_an_adapter_that_does_not_fit_is_freed(tiny_model_dir, folders, monkeypatch):
+    import gc
+    import weakref
+
+    from qlora_magic.engine import loading
+
+    bases = []
+    check_fits = loading.check_fits
+    monkeypatch.setattr(loading, "check_fits", lambda model, folder: (bases.append(weakref.ref(model)), check_fits(model, folder)))
+    with pytest.raises(AdapterError, match="does not fit this model") as info:
+        qm.load(tiny_model_dir, adapter=str(folders / "narrow"))
+    gc.collect()
+    assert info.value.__traceback__ is not None  # kept, as IPython keeps the last one (sys.last_traceback)
+    assert len(bases) == 1 and bases[0]() is None

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_TARGETS, LoadConfig
-from ..errors import AdapterError, ConfigError, ModelNotFoundError
+from ..errors import AdapterError, ConfigError, ModelNotFoundError, QloraError
 from ..display.formatting import Readout, count, gb
 from .adapter_folder import AdapterFolder, check_complete, check_fits, read_adapter_folder, warn_if_other_base
-from .memory_usage import MemoryReport, memory_report
+from .memory_usage import MemoryReport, memory_report, release_memory
 from .quiet import no_progress_bars, quiet_bnb_warnings
 from .speed import use_expandable_segments
 
@@ -135,7 +135,12 @@ def load_model(config: LoadConfig) -> LoadedModel:
     config = config.replace(bits=config.bits or 8)
     model, tokenizer, config, adaptive_report = load_quantized(config)
     if folder is not None:
-        model, config = restore_adapter(model, config, folder)
+        try:
+            model, config = restore_adapter(model, config, folder)
+        except QloraError as error:  # an adapter that does not fit: the base goes, the traceback must not keep it
+            model = error.__traceback__ = error.__context__ = None
+            release_memory()
+            raise error
     else:
         model, config = add_lora(model, config)
     report = LoadReport.measure(model, config, time.perf_counter() - started, adaptive_report)
