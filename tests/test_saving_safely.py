@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import time
@@ -61,6 +62,16 @@ def folders(tmp_path_factory, tiny_model_dir):
         if name.startswith(("tokenizer", "special", "chat")):
             shutil.copy(os.path.join(tiny_model_dir, name), root / "other-weights")
     return root
+
+
+@pytest.fixture
+def cpu_loaded(tiny_model_dir):
+    """The tiny model on the CPU, for the tests that fork (a forked child cannot use its parent's CUDA)."""
+    qm.load(tiny_model_dir, bits=8, device="cpu")
+    return qm.get_session()
+
+
+forks = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
 def _broken(folders, tmp_path, how):
@@ -214,7 +225,8 @@ def test_a_folder_the_system_refuses_is_one_line(tiny_loaded, path):
     _one_line(info.value)
 
 
-def test_a_read_only_folder_is_one_line(tiny_loaded, tmp_path_factory):
+@forks
+def test_a_read_only_folder_is_one_line(cpu_loaded):
     """Run as an ordinary user (root may write anywhere): in a forked child that drops to 'nobody' when root."""
     import tempfile
 
@@ -239,8 +251,11 @@ def test_a_read_only_folder_is_one_line(tiny_loaded, tmp_path_factory):
                 os.write(write_end, message.encode())
                 os._exit(0)
         os.close(write_end)
+        answered, _, _ = select.select([read_end], [], [], 300)  # a child stuck on a lock held at the fork fails here
+        if not answered:
+            os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        message = os.read(read_end, 10_000).decode()
+        message = os.read(read_end, 10_000).decode() if answered else "no answer from the child"
         assert message.startswith("ConfigError: The adapter folder") and f"{locked!r} is not a folder you can write to" in message
         assert os.listdir(locked) == []
     finally:
@@ -287,9 +302,10 @@ def test_a_failed_save_leaves_the_earlier_one_whole(tiny_loaded, tmp_path, monke
     assert _version_on_disk(target) == 2 and os.listdir(tmp_path) == ["adapter"]
 
 
-def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_adapter(tiny_loaded, tmp_path):
+@forks
+def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_adapter(cpu_loaded, tmp_path):
     target = tmp_path / "adapter"
-    _set_version(tiny_loaded, 1)
+    _set_version(cpu_loaded, 1)
     started = time.perf_counter()
     qm.save(target)
     one_save = time.perf_counter() - started  # to spread the kills over a save or two, not to assert on
@@ -301,7 +317,7 @@ def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_adapter(tiny_load
             try:
                 version = 2
                 while True:
-                    _set_version(tiny_loaded, version)
+                    _set_version(cpu_loaded, version)
                     qm.save(target)
                     version = 5 - version
             finally:
@@ -311,7 +327,7 @@ def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_adapter(tiny_load
         os.waitpid(pid, 0)
         found.append(_version_on_disk(target))
     assert set(found) <= {1, 2, 3}
-    _set_version(tiny_loaded, 4)
+    _set_version(cpu_loaded, 4)
     qm.save(target)  # the next save clears what the killed ones left
     assert _version_on_disk(target) == 4 and os.listdir(tmp_path) == ["adapter"]
     assert qm.load_adapter(target, name="survivor").names == ["default", "survivor"]
@@ -389,6 +405,7 @@ def test_folder_written_leaves_everything_as_it_was_on_an_error(tmp_path):
     assert (tmp_path / "old" / "a.txt").read_text() == "old"
 
 
+@forks
 def test_a_staging_folder_left_by_a_killed_writer_is_removed(tmp_path):
     from qlora_magic.engine.folder_writing import folder_written
 
