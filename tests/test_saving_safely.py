@@ -435,3 +435,20 @@ def test_a_base_loaded_for_an_adapter_that_does_not_fit_is_freed(tiny_model_dir,
     gc.collect()
     assert info.value.__traceback__ is not None  # kept, as IPython keeps the last one (sys.last_traceback)
     assert len(bases) == 1 and bases[0]() is None
+
+
+def test_the_fingerprint_survives_bf16_rounding_but_not_other_weights(tiny_model_dir):
+    """On a GPU the embedding is loaded in bf16; an adapter saved on a CPU (fp32) must not warn there."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_magic.engine.adapter_folder import base_differs, base_fingerprint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    saved = base_fingerprint(model)
+    embedding = model.get_input_embeddings().weight
+    with torch.no_grad():
+        embedding.copy_(embedding.to(torch.bfloat16).float())
+        assert not base_differs(model, saved)
+        embedding.mul_(1.05)  # values 5% off: another base
+        assert base_differs(model, saved)
+    assert not base_differs(model, {})  # nothing saved (an adapter from other tools): nothing to say
