@@ -36,7 +36,11 @@ FILES = [  # (file name, its text, the message the error holds)
     ("empty.json", "", "'empty.json' is empty"),
     ("no_rows.json", "[]", "'no_rows.json' has no rows"),
     ("broken.jsonl", ROW + '{"question": "x", "answer": }\n', "'broken.jsonl' line 2 is not valid JSON (Expecting value)"),
-    ("not_an_object.jsonl", ROW + "[1, 2]\n", "'not_an_object.jsonl': line 2 is [1, 2], not a record"),
+    ("not_an_object.jsonl", ROW + "\n[1, 2]\n", "'not_an_object.jsonl': line 3 is [1, 2], not a record"),
+    ("mixed.jsonl", ROW + '{"question": 42, "answer": "x"}\n',
+     "'mixed.jsonl': column 'question' mixes text (row 1) and numbers (row 2): make them all text, e.g. str(value)."),
+    ("mixed.json", '[{"question": 1, "answer": "a"}, {"question": "b", "answer": "c"}]',
+     "'mixed.json': column 'question' mixes numbers (row 1) and text (row 2): make them all text"),
     ("broken.json", '[{"question": "x",\n "answer": }]', "'broken.json' is not valid JSON at line 2"),
     ("surrogate.jsonl", ROW + '{"question": "bad \\ud800", "answer": "y"}\n',
      "'surrogate.jsonl': line 2, column 'question', holds '\\ud800', half of a UTF-16 surrogate pair"),
@@ -101,15 +105,6 @@ def test_rows_arrow_cannot_store_are_one_line_naming_the_row(tiny_loaded, rows, 
             qm.train(source, **TEMPLATES)
         assert message in str(info.value) and "\n" not in str(info.value)
     assert_untouched(qm.get_session(), model, weights)
-
-
-def test_a_file_column_of_text_and_numbers_is_read_as_given(tiny_loaded, tmp_path):
-    """datasets' JSON reader keeps such a column as JSON values; templates render them as text."""
-    from qlora_magic.engine.data import load_rows
-
-    write(tmp_path, "mixed.jsonl", ROW + '{"question": 42, "answer": "the answer"}\n')
-    rows = load_rows("mixed.jsonl")
-    assert [row["question"] for row in rows] == ["what is the color of the sky", 42]
 
 
 @pytest.mark.parametrize("where", ["prompt", "response"])

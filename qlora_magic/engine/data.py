@@ -61,18 +61,18 @@ def _table(make, records):
         raise DataError(blame_rows(records()) or f"The rows cannot be stored as a table: {_first_line(error)}") from None
 
 
-def blame_rows(records, unit: str = "row", source: str = "") -> str | None:
-    """Why arrow cannot store these rows, as a message naming the row (or line) to blame; None if nothing is
-    found. Text that is not valid Unicode, a row that is not a record, a column of text and numbers mixed."""
-    found = _first_fault(records, unit)
+def blame_rows(records, unit: str = "row", source: str = "", numbers=None) -> str | None:
+    """Why arrow cannot store these rows, as a message naming the row (or the line, with its `numbers`) to blame;
+    None if nothing is found. Text that is not valid Unicode, a row that is not a record, text and numbers mixed."""
+    found = _first_fault(records, unit, numbers or range(1, len(records) + 1))
     if found is None:
         return None
     return f"{source}: {found}" if source else found[0].upper() + found[1:]
 
 
-def _first_fault(records, unit: str) -> str | None:
-    first_kind = {}  # column -> (kind, number) of its first value
-    for number, record in enumerate(records, 1):
+def _first_fault(records, unit: str, numbers) -> str | None:
+    first_kind = {}  # column -> (kind, where) of its first value
+    for number, record in zip(numbers, records):
         where = f"{unit} {number}"
         if not isinstance(record, dict):
             return f"{where} is {_short(record)}, not a record: every row must be an object like {ROW_EXAMPLE}."
@@ -178,6 +178,11 @@ def _load_file(path: Path, name: str, fmt: str):
         raise DataError(where or f"Cannot read {name!r} as {path.suffix}: {_first_line(error)}") from None
     if len(rows) == 0:
         raise DataError(f"{name!r} has no rows: {_row_format(fmt)}.")
+    # datasets keeps a column of text and numbers as raw JSON values; refuse it as a list of such rows is refused.
+    mixed = [column for column, feature in rows.features.items() if isinstance(feature, datasets.Json)]
+    fault = mixed and blame_rows(rows.select_columns(mixed).to_list(), "row", repr(name))
+    if fault:
+        raise DataError(fault)
     return rows
 
 
@@ -204,7 +209,7 @@ def _json_fault(path: Path, name: str) -> str | None:
             return blame_rows(json.loads(text), "row", repr(name))
         except json.JSONDecodeError as error:
             return f"{name!r} is not valid JSON at line {error.lineno} ({error.msg}): a .json file is one array of objects, like [{ROW_EXAMPLE}]."
-    records = []
+    records, numbers = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -212,7 +217,8 @@ def _json_fault(path: Path, name: str) -> str | None:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
             return f"{name!r} line {number} is not valid JSON ({error.msg}): write one JSON object per line, like {ROW_EXAMPLE}."
-    return blame_rows(records, "line", repr(name))
+        numbers.append(number)
+    return blame_rows(records, "line", repr(name), numbers)
 
 
 def template_fields(template: str, what: str) -> list[str]:
