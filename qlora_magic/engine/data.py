@@ -166,7 +166,11 @@ def _load_file(path: Path, name: str, fmt: str):
 
     from .quiet import quiet_datasets
 
-    if _is_blank(path):
+    try:
+        blank = _is_blank(path)
+    except OSError as error:
+        raise DataError(f"Cannot read {name!r}: {error.strerror or error}: check that it is a file you may read.") from None
+    if blank:
         raise DataError(f"{name!r} is empty: {_row_format(fmt)}.")
     try:
         with quiet_datasets():
