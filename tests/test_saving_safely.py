@@ -452,3 +452,12 @@ def test_the_fingerprint_survives_bf16_rounding_but_not_other_weights(tiny_model
         embedding.mul_(1.05)  # values 5% off: another base
         assert base_differs(model, saved)
     assert not base_differs(model, {})  # nothing saved (an adapter from other tools): nothing to say
+
+
+def test_a_saved_folder_has_the_usual_mode(tmp_path):
+    from qlora_magic.engine.folder_writing import folder_written
+
+    (tmp_path / "plain").mkdir()
+    with folder_written(tmp_path / "out", "the test folder") as staging:
+        _write(staging, {"a.txt": "x"})
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode

@@ -10,8 +10,8 @@ import contextlib
 import ctypes
 import errno
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..config import check_folder
@@ -38,12 +38,14 @@ def folder_written(target: Path, what: str):
     _remove_abandoned_staging(target.parent)
     staging = None
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=target.parent))
+        staging = target.parent / f"{STAGING}{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir()  # not mkdtemp: its 0700 would become the saved folder's mode
         yield staging
         _sync(staging)
         old = _swap_in(staging, target)
         _sync_folder(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException as error:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -58,20 +60,24 @@ def folder_written(target: Path, what: str):
 
 def _make_parents(parent: Path, what: str) -> list[Path]:
     """Create the missing folders above the target; returns them, outermost first, to remove on failure."""
-    missing = [p for p in [parent, *parent.parents] if not p.exists()][::-1]
+    created = []
     try:
-        for folder in missing:
+        for folder in [p for p in [parent, *parent.parents] if not p.exists()][::-1]:
             folder.mkdir()
+            created.append(folder)
     except OSError as error:
+        for folder in reversed(created):
+            folder.rmdir()
         raise ConfigError(f"Cannot create {str(parent)!r} for {what}: {error.strerror or error}: choose another folder.") from None
-    return missing
+    return created
 
 
 def _remove_abandoned_staging(parent: Path):
-    """Remove staging folders whose writer is gone (killed mid-save)."""
+    """Remove staging folders whose writer is gone (killed mid-save). An old folder set aside by the two-rename
+    swap ("-old") stays: its writer may have died before the new one took its place."""
     for folder in parent.glob(f"{STAGING}*"):
         pid = folder.name[len(STAGING):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not _alive(int(pid)) and not folder.name.endswith("-old"):
             shutil.rmtree(folder, ignore_errors=True)
 
 
