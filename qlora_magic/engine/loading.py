@@ -167,7 +167,7 @@ def check_task_type(folder: AdapterFolder, task: str):
     saved = folder.lora.get("task_type")
     tasks = {peft_type: name for name, (_, peft_type) in TASK_CLASSES.items()}
     if saved and saved != TASK_CLASSES[task][1]:
-        fix = f"load it with --task {tasks[saved]}" if saved in tasks else "qlora_magic loads causal-lm, seq-cls and seq2seq adapters"
+        fix = f"load it with {folder.load_command} --task {tasks[saved]}" if saved in tasks else "qlora_magic loads causal-lm, seq-cls and seq2seq adapters"
         raise AdapterError(f"Adapter {str(folder.path)!r} was trained for {tasks.get(saved, saved)}, not {task}: {fix}.")
 
 
