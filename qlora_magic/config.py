@@ -131,8 +131,10 @@ def check_folder(path, what="--output-dir"):
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"{what} {str(path)!r} is under {str(existing)!r}, which is a file: choose a path under a folder.")
-    stats = os.statvfs(existing)  # a filesystem with no blocks (/proc, /sys) holds no folders of ours
-    if stats.f_flag & os.ST_RDONLY or stats.f_blocks == 0 or not os.access(existing, os.W_OK | os.X_OK):
+    # /proc and /sys say writable to root, yet hold no folders of ours. (Not "a filesystem with no blocks":
+    # some FUSE mounts, e.g. network drives in notebooks, report none and are writable.)
+    pseudo = existing.resolve().parts[1:2] in (("proc",), ("sys",))
+    if pseudo or os.statvfs(existing).f_flag & os.ST_RDONLY or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {str(path)!r}: {str(existing)!r} is not a folder you can write to; choose one you can.")
 
 
