@@ -149,6 +149,9 @@ def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None,
     model = session.require_model("generation")
     _not_for_classifier(session, "generation")
     if session.task == "seq2seq":
+        if config.system:
+            raise ConfigError("--system goes into a chat template, and a seq2seq model reads the text as written: "
+                              "drop --system and put the instruction in the prompt.")
         config = config.replace(raw=True)  # the encoder reads the text as written: no chat template
     to_output = on_text is None and config.stream
     text = generate_text(model, session.tokenizer, config, on_text=_print_text if to_output else on_text)

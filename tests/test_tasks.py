@@ -112,6 +112,9 @@ def test_seq2seq_trains_generates_and_evaluates(tiny_t5_dir):
     # The decoder writes one of the targets it learned (which one varies with the LoRA initialization's seed
     # when other tests ran first; an untrained tiny T5 writes random tokens).
     assert answer.strip() in {"blue", "green", "red", "black"}
+    with pytest.raises(qlora_magic.errors.ConfigError, match=r"^--system goes into a chat template, and a seq2seq model"):
+        qlora_magic.generate("what is the color of the sky", system="Be brief.", stream=False)
+    assert qlora_magic.get_session().last_generation == answer  # the refused call changed nothing
     evaluation = qlora_magic.evaluate(metrics="perplexity,rouge", base=True, max_new_tokens=5)
     # perplexity from the decoder's logits against the target tokens, as training's loss
     assert evaluation["default"]["loss"] == pytest.approx(e_last, rel=0.1)
