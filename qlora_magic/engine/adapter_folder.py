@@ -1,7 +1,8 @@
 """The adapter folder: PEFT's own format (adapter_config.json + adapter_model.safetensors, loadable by plain
 `PeftModel.from_pretrained`), the tokenizer, and our run record `qlora_magic.json` beside them. Writing one
-and reading one back both live here, and so does the typed record of a training run (`TrainRun`) that the
-session keeps and `qlora_magic.json` saves."""
+(whole, through folder_writing) and reading one back (checked against the model before anything is loaded: the
+safetensors header, the ranks, the shapes, the base's fingerprint) both live here, and so does the typed record
+of a training run (`TrainRun`) that the session keeps and `qlora_magic.json` saves."""
 
 from __future__ import annotations
 
