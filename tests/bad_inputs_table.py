@@ -14,7 +14,7 @@ from typing import Callable
 from IPython.core.error import UsageError
 
 import qlora_magic as qm
-from qlora_magic.config import GenerateConfig, LoadConfig
+from qlora_magic.config import EvalConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig
 from qlora_magic.errors import AdapterError, ConfigError, DataError, ModelNotFoundError, NoModelError, QloraError
 
 NAN, INF = float("nan"), float("inf")
@@ -447,5 +447,51 @@ for name, run in [
     ("api-combine", lambda e: qm.api.combine_adapters("mix", {"default": 1})), ("api-save", lambda e: qm.save(e.p("ad"))),
 ]:
     row(f"no-model-{name}", run, NO_MODEL + (ConfigError,), no_model=True)
+
+# --- paths no file system takes, folders that are not what they seem, options another action owns ----------------
+
+LONG = "@/" + "b" * 300
+for name, cell, expect in [
+    ("load-300-char-folder", f"%qlora_load {LONG}", MODEL), ("load-lone-surrogate-folder", "%qlora_load @/model\ud800", MODEL),
+    ("load-an-adapter-folder-as-model", "%qlora_load @/adapters/good", MODEL),
+    ("load--adapter-300-chars", f"%qlora_load --adapter {LONG}", ADAPTER),
+    ("load-hub-id-not-cached", "%qlora_load no-such-org/no-such-model-xyz", MODEL),
+    ("load--keep-8bit-with-bits-4", "%qlora_load @tiny --bits 4 --keep-8bit 0.3", OPTION),
+    ("save-home-of-no-user", "%qlora_save ~no_such_user_xyz/ad", OPTION),
+    ("save-the-notebook-folder", "%qlora_save .", OPTION), ("save-lone-surrogate", "%qlora_save @/ad\ud800", OPTION),
+    ("merge-home-of-no-user", "%qlora_merge ~no_such_user_xyz/merged", OPTION),
+    ("merge-into-an-adapter-folder", "%qlora_merge @/adapters/good", OPTION),
+    ("merge-lone-surrogate", "%qlora_merge @/merged\ud800", OPTION),
+    ("train-data-file-300-chars", f"%%qlora_train\n{train_body(data=LONG + '.jsonl')}", DATA),
+    ("train-eval_split-leaves-no-training-rows", f"%%qlora_train\n{train_body(eval_split='0.999')}", DATA),
+    ("train--max-length=1", f"%%qlora_train --max-length 1\n{TRAIN}", DATA),
+    ("eval--data-300-chars", f"%qlora_eval --data {LONG}.jsonl", DATA),
+    ("eval--adapters-one-unknown", "%qlora_eval --adapters default,nope", ADAPTER),
+    ("compare--adapters-one-unknown", "%qlora_compare --adapters default,nope what is the sky", ADAPTER),
+    ("generate--seed=2**32", f"%qlora_generate --seed {2**32} what is the sky", OPTION),
+    ("adapters-load-300-chars", f"%qlora_adapters load {LONG}", ADAPTER),
+    ("adapters-switch-extra-word", "%qlora_adapters switch default extra", OPTION),
+    ("adapters-switch-with--r", "%qlora_adapters switch default --r 4", OPTION),
+    ("adapters-add-with--weights", "%qlora_adapters add t --weights default=1", OPTION),
+    ("adapters-load-with--r", "%qlora_adapters load @/adapters/good --name x --r 4", OPTION),
+    ("adapters-delete-with--alpha", "%qlora_adapters delete nope --alpha 2", OPTION + ADAPTER),
+]:
+    row(name, cell, expect)
+for name in ["scalar.json", "list_rows.jsonl", "bad.parquet"]:
+    row(f"train-data-file-{name}", f"%%qlora_train\n{train_body(data='@/data/' + name)}", DATA)
+row("api-save-null-byte", lambda e: qm.save(e.p("a\x00b")))
+row("api-merge-null-byte", lambda e: qm.merge(e.p("m\x00b")))
+row("api-load-null-byte", lambda e: qm.load(e.p("m\x00b")), MODEL)
+row("api-load_adapter-null-byte", lambda e: qm.api.load_adapter(e.p("a\x00b")), ADAPTER)
+row("api-train-null-byte-file", lambda e: qm.train(e.p("data/x\x00.jsonl"), **GOOD_ROWS), DATA)
+row("api-generate-prompt-over-the-context", lambda e: qm.generate("the sky is blue " * 200, greedy=True, max_new_tokens=4))
+row("api-compare-prompt-over-the-context", lambda e: qm.compare(["the sky is blue " * 200], max_new_tokens=4))
+row("api-generate-greedy='yes'", lambda e: qm.generate("hi", greedy="yes"))
+row("api-generate-stream='no'", lambda e: qm.generate("hi", greedy=True, stream="no"))
+row("api-compare-a-prompt-not-text", lambda e: qm.compare(["what is the sky", 5]))
+row("api-train-chat='yes'", lambda e: qm.train(e.rows, chat="yes", **GOOD_ROWS))
+row("api-train-config-and-options", lambda e: qm.train(config=TrainConfig(data=e.rows, prompt="{question}", response="{answer}"), lr=1e-3))
+row("api-evaluate-config-and-options", lambda e: qm.evaluate(config=EvalConfig(), limit=3))
+row("api-merge-config-and-path", lambda e: qm.merge(e.p("merged"), config=MergeConfig(path=e.p("merged2"))))
 
 assert len({r.id for r in ROWS}) == len(ROWS), "row ids must be unique"

@@ -73,6 +73,9 @@ def write_data_files(root: Path, rows):
     (data / "header_only.csv").write_text("question,answer\n")
     (data / "rows.txt").write_text("question answer\n")
     (data / "nodata").mkdir()
+    (data / "scalar.json").write_text('"just some text"')
+    (data / "list_rows.jsonl").write_text('["a", "b"]\n["c", "d"]\n')
+    (data / "bad.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
     (root / "a_file.txt").write_text("a plain file, not a folder\n")
     (root / "occupied").mkdir()
     (root / "occupied" / "notes.txt").write_text("someone's notes\n")
@@ -154,7 +157,7 @@ class Harness:
     def __init__(self, shell, root: Path, e: Files):
         self.shell, self.root, self.e = shell, root, e
         self.shown: list[str] = []
-        self.results: dict[str, list[str]] = {}  # row id -> problems, written out when BAD_INPUTS_REPORT names a file
+        self.results: dict[str, dict] = {}  # row id -> problems and the line shown, written to $BAD_INPUTS_REPORT
         shell._showtraceback = lambda etype, value, stb: self.shown.append(shell.InteractiveTB.stb2text(stb))
         shell.show_usage_error = lambda error: self.shown.append(f"UsageError: {error}")
         self.keep()
@@ -234,7 +237,8 @@ class Harness:
         before_files = files(self.root)
         before = state(qlora_magic.get_session())
         error, shown, extra = self.run(row)
-        problems = []
+        self.results[row.id] = {"shown": shown}
+        problems = self.results[row.id]["problems"] = []
         if self.timed_out:
             problems.append(f"accepted: still running after {ROW_SECONDS} s (stopped as Ctrl-C would)")
         elif error is None:
@@ -348,7 +352,7 @@ def _skip(row):
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_bad_input_fails_in_one_line_and_changes_nothing(harness, row):
     _skip(row)
-    problems = harness.results[row.id] = harness.check(row)
+    problems = harness.check(row)
     assert not problems, "; ".join(problems)
 
 
