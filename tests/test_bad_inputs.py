@@ -28,7 +28,7 @@ from IPython.core.error import UsageError
 import qlora_magic
 import qlora_magic.api  # noqa: F401 - the table calls qm.api.add_adapter & co.
 import qlora_magic.session as session_module
-from bad_inputs_table import ROWS
+from bad_inputs_table import KNOWN_FAILURES, ROWS
 from qlora_magic.errors import QloraError
 from tiny_model import build_tiny_model, toy_rows
 
@@ -349,7 +349,12 @@ def _skip(row):
             pytest.skip("--device cuda is valid where there is a GPU")
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def _param(row):
+    known = KNOWN_FAILURES.get(row.id)
+    return pytest.param(row, id=row.id, marks=[pytest.mark.xfail(strict=True, reason=known)] if known else [])
+
+
+@pytest.mark.parametrize("row", [_param(r) for r in ROWS])
 def test_bad_input_fails_in_one_line_and_changes_nothing(harness, row):
     _skip(row)
     problems = harness.check(row)

@@ -180,7 +180,9 @@ def grid_cases(name):
     if name in ("qlora_load", "qlora_save", "qlora_merge", "qlora_memory", "qlora_panel"):
         cases += [(value, None) for value in LINE_VALUES]  # the positional (model, path) or a stray word
     for key in sorted(keys or ()):
-        cases += [(line, f"{base_body}{key}: {value}\n") for line in ("",) for value in YAML_VALUES]
+        cases += [("", f"{base_body}{key}: {value}\n") for value in YAML_VALUES]
+    if keys:
+        cases += [("", body) for body in ODD_BODIES]
     if name == "qlora_tune":
         cases += [("", f"{TUNE_BODY.split('search:')[0]}search:\n  {key}: {spec}\n") for key in SEARCHABLE + ["bogus"] for spec in SEARCH_SPECS]
     return cases
@@ -197,7 +199,17 @@ def grid_crashes(name) -> dict[str, tuple]:
     return found
 
 
-@pytest.mark.parametrize("name", sorted(MAGICS))
+# Magics whose parsing still crashes somewhere, as "<who fixes it>: <the cause>": strict expected failures, so
+# a fix shows up as XPASS (a failure) until its line here is removed.
+KNOWN_GRID_CRASHES: dict[str, str] = {}
+KNOWN_FUZZ_CRASHES: dict[str, str] = {}
+
+
+def _params(names, known):
+    return [pytest.param(n, marks=[pytest.mark.xfail(strict=True, reason=known[n])] if n in known else []) for n in names]
+
+
+@pytest.mark.parametrize("name", _params(sorted(MAGICS), KNOWN_GRID_CRASHES))
 def test_grid_of_options_and_body_keys(name):
     crashes = grid_crashes(name)
     assert not crashes, f"{len(crashes)} kinds of crash:\n" + "\n".join(f"{k}   e.g. {v!r}" for k, v in crashes.items())
@@ -243,7 +255,13 @@ def body_of(keys, search=False):
             lambda specs: "search:\n" + "".join(f"  {n}: {s}\n" for n, s in specs)))
     yaml_body = st.tuples(*parts).map(lambda p: "\n".join([f"{k}: {v}" for k, v in p[0].items()] + [x for x in p[1:] if x]))
     return st.one_of(yaml_body, yaml_body, yaml_body, yaml_body, yaml_body, yaml_body, st.text(max_size=40),
-                     st.sampled_from(["", "\n", "---", "- a\n- b", "5", "\t", "a:\tb"]))
+                     st.sampled_from(ODD_BODIES))
+
+
+# Whole bodies YAML reads oddly: documents, non-text keys, merge keys, complex keys.
+ODD_BODIES = ["", "\n", "---", "- a\n- b", "5", "\t", "a:\tb", "---\nepochs: 1\n---\nepochs: 2", "null: 1", "true: 1",
+              "~: 2", "1.5: x", "? [a, b]\n: 1", "<<: {epochs: 2}", "<<: 5", "epochs: 1\nepochs: 2", "data: &d x\nsplit: *d",
+              "%YAML 1.1\n---\nepochs: 1", "{epochs: 1", "[epochs, 1]", "'epochs': !!float '1'"]
 
 
 def prompt_body():
@@ -282,6 +300,6 @@ FUZZES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FUZZES))
+@pytest.mark.parametrize("name", _params(sorted(FUZZES), KNOWN_FUZZ_CRASHES))
 def test_hypothesis_fuzz_of_line_and_body(name):
     FUZZES[name]()
