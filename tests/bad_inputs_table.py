@@ -494,6 +494,19 @@ row("api-train-config-and-options", lambda e: qm.train(config=TrainConfig(data=e
 row("api-evaluate-config-and-options", lambda e: qm.evaluate(config=EvalConfig(), limit=3))
 row("api-merge-config-and-path", lambda e: qm.merge(e.p("merged"), config=MergeConfig(path=e.p("merged2"))))
 
+row("api-load-calibration-one-text", lambda e: qm.load(e.tiny, bits="auto", calibration=["only one"]))
+row("api-load-calibration-a-text", lambda e: qm.load(e.tiny, bits="auto", calibration="the sky is blue"))
+row("api-load-layers_8bit-unknown", lambda e: qm.load(e.tiny, bits="auto", layers_8bit=["model.bogus.layer"]))
+row("api-load-layers_8bit-without-auto", lambda e: qm.load(e.tiny, bits=8, layers_8bit=["model.layers.0.self_attn.q_proj"]))
+row("api-train-prompt-a-number", lambda e: qm.train(e.rows, **{**GOOD_ROWS, "prompt": 5}))
+row("api-train-label-a-number", lambda e: qm.train(e.rows, **{**GOOD_ROWS, "label": 5}))
+row("api-generate-system-a-number", lambda e: qm.generate("hi", greedy=True, system=5))
+row("api-compare-base='no'", lambda e: qm.compare("hi", base="no"))
+row("api-evaluate-base='yes'", lambda e: qm.evaluate(base="yes"))
+row("api-merge-verify='no'", lambda e: qm.merge(e.p("merged"), verify="no"))
+row("api-tune-keep='yes'", lambda e: qm.tune(e.rows, search={"r": [4]}, keep="yes", **TUNE_ROWS))
+row("api-tune-prune=5", lambda e: qm.tune(e.rows, search={"r": [4]}, prune=5, **TUNE_ROWS))
+
 assert len({r.id for r in ROWS}) == len(ROWS), "row ids must be unique"
 
 # Rows that still break the promise, as "<who fixes it>: <the cause>". They run as strict expected failures:
