@@ -234,55 +234,65 @@ class Harness:
         """What went wrong with one row, as short phrases (empty: the promise held)."""
         if row.no_model:
             session_module._session = session_module.Session()
-        before_files = files(self.root)
-        before = state(qlora_magic.get_session())
+        before_files, before = files(self.root), state(qlora_magic.get_session())
         error, shown, extra = self.run(row)
-        self.results[row.id] = {"shown": shown}
-        problems = self.results[row.id]["problems"] = []
-        if self.timed_out:
-            problems.append(f"accepted: still running after {ROW_SECONDS} s (stopped as Ctrl-C would)")
-        elif error is None:
-            problems.append("accepted: no error")
-        elif not (isinstance(error, QloraError) or type(error) is UsageError):
-            problems.append(f"traceback: {type(error).__name__}: {_first_line(error)} ({len(shown.splitlines())} lines)")
-        else:
-            if len(shown.strip().splitlines()) != 1:
-                problems.append(f"shown in {len(shown.strip().splitlines())} lines: {shown.strip()[:200]!r}")
-            if not isinstance(error, row.expect):
-                problems.append(f"{type(error).__name__} instead of {'/'.join(t.__name__ for t in row.expect)}: {_first_line(error)}")
+        problems = self.error_problems(row, error, shown)
         if extra:
             problems.append(f"other output ({len(extra.splitlines())} lines): {extra.splitlines()[0][:120]!r}")
         after = state(qlora_magic.get_session())
         changed = [key for key in before if before[key] != after[key]]
         if changed:
             problems.append("session changed: " + ", ".join(changed))
-        after_files = files(self.root)
-        created = sorted(set(after_files) - set(before_files))
-        touched = sorted(k for k in before_files if k in after_files and before_files[k] != after_files[k])
-        removed = sorted(set(before_files) - set(after_files))
-        for what, paths in (("created", created), ("changed", touched), ("removed", removed)):
-            if paths:
-                problems.append(f"files {what}: " + ", ".join(p[:60] for p in paths[:3]))
+        problems += self.file_problems(before_files)
         if row.no_model:
             session_module._session = self.session
         answer = self.greedy_answer()
         if answer != self.answer:
             problems.append(f"greedy answer changed: {answer[:80]!r} (was {self.answer[:80]!r})")
         if changed or answer != self.answer or row.no_model:
-            try:
-                self.restore()
-                intact = self.greedy_answer() == self.answer and state(qlora_magic.get_session()) == self.state
-            except Exception:  # noqa: BLE001 - an adapter the row deleted cannot be put back: load again
-                intact = False
-            if not intact:
-                self.rebuild()
-        for path in created:  # so the next row starts from the same folder
+            self.put_back()
+        self.results[row.id] = {"shown": shown, "problems": problems}
+        return problems
+
+    def error_problems(self, row, error, shown) -> list[str]:
+        if self.timed_out:
+            return [f"accepted: still running after {ROW_SECONDS} s (stopped as Ctrl-C would)"]
+        if error is None:
+            return ["accepted: no error"]
+        if not (isinstance(error, QloraError) or type(error) is UsageError):
+            return [f"traceback: {type(error).__name__}: {_first_line(error)} ({len(shown.splitlines())} lines)"]
+        problems = []
+        lines = shown.strip().splitlines()
+        if len(lines) != 1:
+            problems.append(f"shown in {len(lines)} lines: {shown.strip()[:200]!r}")
+        if not isinstance(error, row.expect):
+            problems.append(f"{type(error).__name__} instead of {'/'.join(t.__name__ for t in row.expect)}: {_first_line(error)}")
+        return problems
+
+    def file_problems(self, before: dict) -> list[str]:
+        """Files created, changed or removed in the watched folder; what was created is removed again, so the
+        next row starts from the same folder."""
+        after = files(self.root)
+        created = sorted(set(after) - set(before))
+        changed = sorted(k for k in before if k in after and before[k] != after[k])
+        removed = sorted(set(before) - set(after))
+        for path in created:
             target = self.root / path.rstrip("/")
             if target.is_dir():
                 shutil.rmtree(target, ignore_errors=True)
             elif target.exists():
                 target.unlink()
-        return problems
+        return [f"files {what}: " + ", ".join(p[:60] for p in paths[:3])
+                for what, paths in (("created", created), ("changed", changed), ("removed", removed)) if paths]
+
+    def put_back(self):
+        try:
+            self.restore()
+            intact = self.greedy_answer() == self.answer and state(qlora_magic.get_session()) == self.state
+        except Exception:  # noqa: BLE001 - an adapter the row deleted cannot be put back: load again
+            intact = False
+        if not intact:
+            self.rebuild()
 
     def rebuild(self):
         """The session could not be put back (an adapter lost...): load it again, the same way."""
