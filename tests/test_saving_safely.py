@@ -162,6 +162,14 @@ def test_an_adapter_of_another_base_names_it_and_how_to_load_it(tiny_loaded, fol
     assert qm.load(adapter=str(folders / "narrow")).model_name == str(folders / "narrow-base")  # as the message says
 
 
+@pytest.mark.parametrize("path", ["a\x00b", "a\ud800b", "~no_such_user_xyz/adapter", "x" * 300])
+def test_an_adapter_path_no_folder_can_have_is_one_line(tiny_loaded, path):
+    with pytest.raises(AdapterError, match="No saved adapter at") as info:
+        qm.load_adapter(path)
+    _one_line(info.value)
+    assert qm.list_adapters().names == ["default"]
+
+
 def test_the_magic_shows_a_bad_folder_in_one_line(ip, tiny_loaded, folders, tmp_path):
     bad = _broken(folders, tmp_path, "truncated")
     result = ip.run_cell(f"%qlora_adapters load {bad}")
@@ -205,6 +213,9 @@ def _files(folder):
     ("x" * 300, "is 300 bytes long; folder names must be at most 255"),
     ("deep/" + "y" * 260 + "/adapter", "is 260 bytes long"),
     ("mine", "already holds other files"),
+    ("a\x00b", "cannot be a folder name (embedded null byte)"),
+    ("a\ud800b", "cannot be a folder name ('utf-8' codec can't encode"),
+    ("~no_such_user_xyz/adapter", "cannot be a folder name (Could not determine home directory.)"),
 ])
 def test_a_bad_save_path_is_one_line_before_anything_is_written(tiny_loaded, tmp_path, path, message):
     (tmp_path / "notes.txt").write_text("keep me")

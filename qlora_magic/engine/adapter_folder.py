@@ -152,12 +152,17 @@ class AdapterFolder:
         return f"%qlora_load {base}--adapter {shlex.quote(str(self.path))}"
 
 
-def read_adapter_folder(adapter_path) -> AdapterFolder:
-    """Read and check a saved adapter folder before anything is loaded. One line when a file cannot be read, the
-    weights are not safetensors or are cut short, or adapter_config.json's r does not match the weights."""
-    path = Path(adapter_path).expanduser()
-    if not (path / CONFIG_FILE).exists():
-        raise ModelNotFoundError(f"No saved adapter at {str(adapter_path)!r} (adapter_config.json is missing): give the folder %qlora_save wrote.")
+def read_adapter_folder(adapter_path, missing=ModelNotFoundError) -> AdapterFolder:
+    """Read and check a saved adapter folder before anything is loaded. One line (`missing` when there is no
+    adapter there) when a file cannot be read, the weights are not safetensors or are cut short, or
+    adapter_config.json's r does not match the weights."""
+    try:
+        path = Path(adapter_path).expanduser()
+        found = (path / CONFIG_FILE).exists()
+    except (TypeError, ValueError, RuntimeError, OSError) as error:  # a NUL, a lone surrogate, ~nobody, too long
+        raise missing(f"No saved adapter at {str(adapter_path)!r} ({error}): give the folder %qlora_save wrote.") from None
+    if not found:
+        raise missing(f"No saved adapter at {str(adapter_path)!r} (adapter_config.json is missing): give the folder %qlora_save wrote.")
     lora = _read_json(path / CONFIG_FILE, AdapterError, "save the adapter again")
     if lora.get("peft_type") != "LORA":
         raise AdapterError(f"{str(path)!r} holds a {lora.get('peft_type')} adapter, not LoRA: qlora_magic loads LoRA adapters only.")

@@ -11,7 +11,6 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import AdapterError, ConfigError
 from ..display.formatting import html_grid, text_grid
@@ -102,10 +101,8 @@ def load_adapter(session, path, name=None, *, activate=True):
     model = session.require_model("loading an adapter")
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise ConfigError(f"Give the folder of a saved adapter, e.g. %qlora_adapters load runs/my-adapter (got {path!r}).")
-    folder = Path(path).expanduser()
-    if not (folder / "adapter_config.json").exists():
-        raise AdapterError(f"No saved adapter at {str(path)!r} (adapter_config.json is missing): give a folder %qlora_save wrote.")
-    saved = read_adapter_folder(folder)
+    saved = read_adapter_folder(path, missing=AdapterError)
+    folder = saved.path
     name = _new_name(model, name or folder.name.replace("-", "_"))
     check_task_type(saved, session.task)
     check_fits(model, saved)
@@ -153,7 +150,7 @@ def combine_adapters(session, name, weights: dict, *, combination_type=None, act
     """A new adapter `name` = weighted combination of existing ones, e.g. {"default": 0.7, "task2": 0.3}.
 
     combination_type: PEFT's (linear, cat, svd, ties, ...); default linear when all ranks agree, else
-    cat (concatenation, exact for any ranks). svd is not offered on 8/4-bit bases by PEFT.
+    cat (concatenation, exact for any ranks).
     """
     model = session.require_model("combining adapters")
     if not weights or not isinstance(weights, dict):
