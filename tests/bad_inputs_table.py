@@ -34,7 +34,7 @@ class Row:
     id: str
     run: str | Callable  # a cell's text, or e -> an API call
     expect: tuple = OPTION
-    no_model: bool = False  # run in a fresh session with no model loaded
+    session: str = "causal-lm"  # the session it runs in: the tiny causal LM, "seq-cls" (a classifier) or "none"
     needs_no_cuda: bool = False  # only bad where torch sees no GPU
 
     @property
@@ -428,13 +428,31 @@ row("api-tune-lr-nan", lambda e: qm.tune(e.rows, search={"lr": {"low": NAN, "hig
 row("api-tune-unknown-option", lambda e: qm.tune(e.rows, search={"bogus": [1]}, **TUNE_ROWS))
 row("api-tune-no-eval_split", lambda e: qm.tune(e.rows, search={"r": [4]}, **{**TUNE_ROWS, "eval_split": None}))
 
-# --- qm.classify (no magic) --------------------------------------------------------------------------------------
+# --- a classifier (--task seq-cls): qm.classify, and what does not apply to it -------------------------------
 
+CLASSES = 'data: $sentiment\nprompt: "{text}"\nlabel: sentiment\nmax_steps: 1\ndisplay: none\n'
 row("api-classify-a-decoder", lambda e: qm.classify(["the sky is blue"]))
-row("api-classify-empty", lambda e: qm.classify([]))
-row("api-classify-None", lambda e: qm.classify(None))
-row("api-classify-batch_size=0", lambda e: qm.classify(["x"], batch_size=0))
-row("api-classify-max_length=nan", lambda e: qm.classify(["x"], max_length=NAN))
+for name, run, expect in [
+    ("api-classify-empty", lambda e: qm.classify([]), OPTION),
+    ("api-classify-None", lambda e: qm.classify(None), OPTION),
+    ("api-classify-a-number", lambda e: qm.classify(5), OPTION),
+    ("api-classify-batch_size=0", lambda e: qm.classify(["the sky is blue"], batch_size=0), OPTION),
+    ("api-classify-batch_size=nan", lambda e: qm.classify(["the sky is blue"], batch_size=NAN), OPTION),
+    ("api-classify-max_length=nan", lambda e: qm.classify(["the sky is blue"], max_length=NAN), OPTION),
+    ("api-classify-max_length=0", lambda e: qm.classify(["the sky is blue"], max_length=0), OPTION),
+    ("api-classify-lone-surrogate", lambda e: qm.classify(["the sky is \ud800"]), DATA),
+    ("classifier-generate", "%qlora_generate --greedy what is the sky", OPTION),
+    ("classifier-compare", "%qlora_compare what is the sky", OPTION),
+    ("classifier-eval", "%qlora_eval", OPTION),
+    ("classifier-train-label-missing-column", f"%%qlora_train\n{CLASSES.replace('label: sentiment', 'label: nope')}", DATA),
+    ("classifier-train-response-not-label", "%%qlora_train\n" + CLASSES.replace("label: sentiment", 'response: "{sentiment}"'), DATA),
+    ("classifier-train-too-many-classes", f"%%qlora_train\n{CLASSES.replace('$sentiment', '$six_classes')}", DATA),
+    ("classifier-train-empty-labels", f"%%qlora_train\n{CLASSES.replace('$sentiment', '$unlabelled')}", DATA),
+    ("classifier-train-negative-label-ids", f"%%qlora_train\n{CLASSES.replace('$sentiment', '$negative_ids')}", DATA),
+    ("classifier-train--packing", f"%%qlora_train --packing\n{CLASSES}", OPTION),
+    ("classifier-train-prompt-missing-column", f"%%qlora_train\n{CLASSES.replace('{text}', '{nope}')}", DATA),
+]:
+    row(name, run, expect, session="seq-cls")
 
 # --- every verb with no model loaded ----------------------------------------------------------------------------
 
@@ -446,7 +464,7 @@ for name, run in [
     ("api-classify", lambda e: qm.classify(["x"])), ("api-switch_adapter", lambda e: qm.api.switch_adapter("default")),
     ("api-combine", lambda e: qm.api.combine_adapters("mix", {"default": 1})), ("api-save", lambda e: qm.save(e.p("ad"))),
 ]:
-    row(f"no-model-{name}", run, NO_MODEL + (ConfigError,), no_model=True)
+    row(f"no-model-{name}", run, NO_MODEL + (ConfigError,), session="none")
 
 # --- paths no file system takes, folders that are not what they seem, options another action owns ----------------
 

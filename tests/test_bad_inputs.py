@@ -30,7 +30,7 @@ import qlora_magic.api  # noqa: F401 - the table calls qm.api.add_adapter & co.
 import qlora_magic.session as session_module
 from bad_inputs_table import KNOWN_FAILURES, ROWS
 from qlora_magic.errors import QloraError
-from tiny_model import build_tiny_model, toy_rows
+from tiny_model import build_tiny_model, sentiment_rows, toy_rows
 
 ROW_SECONDS = 45  # a row still running after this was accepted and is training or generating: stop it as Ctrl-C would
 GREEDY = "%qlora_generate --greedy --max-new-tokens 8 what is the color of the sky"
@@ -232,8 +232,8 @@ class Harness:
 
     def check(self, row) -> list[str]:
         """What went wrong with one row, as short phrases (empty: the promise held)."""
-        if row.no_model:
-            session_module._session = session_module.Session()
+        session_module._session = {"none": session_module.Session(), "seq-cls": self.classifier()}.get(row.session, self.session)
+        probe = self.classes() if row.session == "seq-cls" else None
         before_files, before = files(self.root), state(qlora_magic.get_session())
         error, shown, extra = self.run(row)
         problems = self.error_problems(row, error, shown)
@@ -244,12 +244,16 @@ class Harness:
         if changed:
             problems.append("session changed: " + ", ".join(changed))
         problems += self.file_problems(before_files)
-        if row.no_model:
-            session_module._session = self.session
+        if row.session == "seq-cls":
+            if self.classes() != probe:
+                problems.append("the classifier's answer changed")
+            if changed or self.classes() != probe:
+                self._classifier = None  # made again for the next classifier row
+        session_module._session = self.session
         answer = self.greedy_answer()
         if answer != self.answer:
             problems.append(f"greedy answer changed: {answer[:80]!r} (was {self.answer[:80]!r})")
-        if changed or answer != self.answer or row.no_model:
+        if (changed and row.session == "causal-lm") or answer != self.answer:
             self.put_back()
         self.results[row.id] = {"shown": shown, "problems": problems}
         return problems
@@ -294,6 +298,17 @@ class Harness:
         if not intact:
             self.rebuild()
 
+    def classifier(self):
+        """A session holding the tiny model loaded as a 2-class classifier (made on first use)."""
+        if getattr(self, "_classifier", None) is None:
+            session_module._session = self._classifier = session_module.Session()
+            qlora_magic.load(self.e.tiny, bits=8, task="seq-cls", num_labels=2)
+        return self._classifier
+
+    def classes(self):
+        result = qlora_magic.classify(["the sky is blue", "the sky is red"])
+        return result.labels, [[round(p, 5) for p in row.values()] for row in result.probabilities]
+
     def rebuild(self):
         """The session could not be put back (an adapter lost...): load it again, the same way."""
         load_session(self.e)
@@ -337,6 +352,8 @@ def harness(tiny_model_dir, tmp_path_factory):
     shell = InteractiveShell.instance(history_length=0, history_load_length=0)
     shell.history_manager.enabled = False
     shell.extension_manager.load_extension("qlora_magic")
+    shell.user_ns.update(sentiment=sentiment_rows(16), six_classes=[{"text": f"word {i}", "sentiment": f"c{i}"} for i in range(6)] * 2,
+                         unlabelled=[{"text": "the sky", "sentiment": None}] * 8, negative_ids=[{"text": "the sky", "sentiment": -1}] * 8)
     shell.user_ns.update(rows=e.rows, five=5, empty=[], not_dicts=[1, 2, 3],
                          mixed_rows=[{"question": "a", "answer": 1}, {"question": 2, "answer": "b"}] * 6,
                          surrogate_rows=[{"question": "what is \ud800", "answer": "x"}] * 8)
