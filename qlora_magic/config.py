@@ -122,7 +122,10 @@ def check_folder(path, what="--output-dir"):
     Creates nothing, so a bad path fails before anything is loaded, trained or written."""
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise ConfigError(f"{what} must be a folder path (text), got {path!r}.")
-    folder = Path(path).expanduser().absolute()
+    try:
+        folder = Path(path).expanduser().absolute()
+    except RuntimeError:  # ~name of no such user
+        raise ConfigError(f"{what} {str(path)!r}: {str(path).split('/')[0]!r} is no user's home folder; write the path out.") from None
     longest = max(folder.parts, key=len)
     if len(longest.encode()) > 255:
         raise ConfigError(f"{what}: the name {longest[:20]!r}... is {len(longest.encode())} bytes long; folder names must be at most 255.")
@@ -437,6 +440,10 @@ class CompareConfig(_Config):
         if not self.base and self.adapters == []:
             raise ConfigError("Nothing to compare: keep the base model or name an adapter.")
 
+
+#: PEFT's add_weighted_adapter combination types (with another name it adds an adapter of untouched weights).
+COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 
 MERGE_DTYPES = ("float16", "bfloat16", "float32")
 

@@ -108,3 +108,13 @@ def test_bad_combine_and_load_values_are_one_line_and_add_nothing(tiny_loaded, c
     assert qlora_magic.list_adapters().names == ["default"]
     after = _lora_weights(tiny_loaded.model, "default")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_targets_that_name_no_module_are_one_line_not_silently_skipped(tiny_model_dir):
+    with pytest.raises(qlora_magic.errors.ConfigError, match=r"^--targets 'bogus_proj' names no module of this model: choose from .*q_proj"):
+        qlora_magic.load(tiny_model_dir, bits=8, device="cpu", targets="q_proj,bogus_proj")
+    qlora_magic.load(tiny_model_dir, bits=8, device="cpu", targets="q_proj")
+    before = qlora_magic.list_adapters()
+    with pytest.raises(qlora_magic.errors.ConfigError, match=r"^--targets 'nope' names no module"):
+        qlora_magic.add_adapter("task2", targets="v_proj,nope")
+    assert repr(qlora_magic.list_adapters()) == repr(before)  # nothing added

@@ -215,7 +215,7 @@ def _files(folder):
     ("mine", "already holds other files"),
     ("a\x00b", "cannot be a folder name (embedded null byte)"),
     ("a\ud800b", "cannot be a folder name ('utf-8' codec can't encode"),
-    ("~no_such_user_xyz/adapter", "cannot be a folder name (Could not determine home directory.)"),
+    ("~no_such_user_xyz/adapter", "'~no_such_user_xyz' is no user's home folder"),
 ])
 def test_a_bad_save_path_is_one_line_before_anything_is_written(tiny_loaded, tmp_path, path, message):
     (tmp_path / "notes.txt").write_text("keep me")

@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from ..config import COMBINATIONS
 from ..errors import AdapterError, ConfigError
 from ..display.formatting import html_grid, text_grid
 
@@ -71,7 +72,7 @@ def add_adapter(session, name, *, r=None, alpha=None, dropout=None, targets=None
     from peft import LoraConfig
 
     from ..config import LoadConfig
-    from .loading import TASK_CLASSES
+    from .loading import TASK_CLASSES, check_targets
 
     model = session.require_model("adding an adapter")
     _new_name(model, name)
@@ -79,6 +80,7 @@ def add_adapter(session, name, *, r=None, alpha=None, dropout=None, targets=None
     # LoadConfig checks the values (and splits 'q_proj,v_proj'), as for %qlora_load.
     given = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets}  # 0 is a value, refused by the check
     options = LoadConfig(**{k: getattr(loaded, k) if v is None else v for k, v in given.items()})
+    check_targets(model, options.targets)
     lora = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                       target_modules=options.targets, bias="none", task_type=TASK_CLASSES[loaded.task][1])
     try:
@@ -139,11 +141,6 @@ def delete_adapter(session, name):
         model.set_adapter(next(n for n in adapter_names(model) if n != name))
     model.delete_adapter(name)
     return adapter_table(model)
-
-
-#: PEFT's add_weighted_adapter combination types (with another name it adds an adapter of untouched weights).
-COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 
 
 def combine_adapters(session, name, weights: dict, *, combination_type=None, activate=True):

@@ -79,6 +79,19 @@ def default_targets(model):
     return DEFAULT_TARGETS.get(model_type)  # None lets PEFT use its own per-architecture table
 
 
+def check_targets(model, targets):
+    """A one-line ConfigError when a --targets name matches no module of the model: PEFT adapts the names that
+    do match and silently skips the rest, so q_proj,bogus_proj would train q_proj alone."""
+    if not isinstance(targets, list):  # None (the default table) or "all-linear"
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.startswith("Linear")})
+        raise ConfigError(f"--targets {missing[0]!r} names no module of this model: choose from {', '.join(linear[:12])}"
+                          f"{', ...' if len(linear) > 12 else ''}, or all-linear.")
+
+
 def adapted_modules(model) -> list[str]:
     """The module names that carry LoRA layers (what 'all-linear' or a default resolved to)."""
     from peft.tuners.lora import LoraLayer
@@ -248,6 +261,7 @@ def add_lora(model, config: LoadConfig):
     from peft import LoraConfig, get_peft_model
 
     targets = config.targets or default_targets(model)
+    check_targets(model, targets)
     try:
         lora = LoraConfig(
             r=config.r,

@@ -14,7 +14,7 @@ from argparse import ArgumentTypeError
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from ..config import (CompareConfig, EvalConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig, TuneConfig,
+from ..config import (COMBINATIONS, CompareConfig, EvalConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig, TuneConfig,
                       check_adapter_options, check_folder)
 from ..errors import ConfigError
 
@@ -444,9 +444,6 @@ def qlora_compare(line="", cell=None):
 
 
 ADAPTER_ACTIONS = ("list", "add", "load", "switch", "delete", "combine")
-#: PEFT's add_weighted_adapter combination types (it silently does nothing useful with another name).
-COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 
 
 @magic_arguments()
