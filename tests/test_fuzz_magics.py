@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import traceback
+import typing
 from unittest import mock
 
 import pytest
@@ -78,24 +79,30 @@ def _panel(line):
         magics.QloraMagics(shell=None).qlora_panel(line)
 
 
-# name -> (declaration, parse(line, body), the body a grid case changes one key of, its keys)
+class Magic(typing.NamedTuple):
+    declaration: object  # the @magic_arguments function: its options
+    parse: typing.Callable  # (line, body) -> a config, as the magic reads them
+    body: str | None = None  # a body that parses: each grid case adds one key to it
+    keys: frozenset = frozenset()  # the keys the body may hold
+
+
 MAGICS = {
-    "qlora_load": (parsing.qlora_load, lambda line, body: parsing.parse_load(line), None, None),
-    "qlora_train": (parsing.qlora_train, lambda line, body: parsing.parse_train(line, body, NAMESPACE),
-                    TRAIN_BODY, parsing.TRAIN_BODY.keys),
-    "qlora_generate": (parsing.qlora_generate, lambda line, body: parsing.parse_generate(line + " hello", None), None, None),
-    "qlora_generate_cell": (parsing.qlora_generate, lambda line, body: parsing.parse_generate(line, body or "hello"), None, None),
-    "qlora_save": (parsing.qlora_save, lambda line, body: parsing.parse_save(line), None, None),
-    "qlora_memory": (parsing.qlora_memory, lambda line, body: _memory(line), None, None),
-    "qlora_panel": (parsing.qlora_panel, lambda line, body: _panel(line), None, None),
-    "qlora_eval": (parsing.qlora_eval, lambda line, body: parsing.parse_eval(line, body, NAMESPACE),
-                   "data: rows.jsonl\n", parsing.EVAL_BODY.keys),
-    "qlora_compare": (parsing.qlora_compare, lambda line, body: parsing.parse_compare(line + " hello", None), None, None),
-    "qlora_compare_cell": (parsing.qlora_compare, lambda line, body: parsing.parse_compare(line, body or "a\n---\nb"), None, None),
-    "qlora_adapters": (parsing.qlora_adapters, lambda line, body: parsing.parse_adapters(line), None, None),
-    "qlora_merge": (parsing.qlora_merge, lambda line, body: parsing.parse_merge(line), None, None),
-    "qlora_tune": (parsing.qlora_tune, lambda line, body: parsing.parse_tune(line, body, NAMESPACE),
-                   TUNE_BODY, parsing.TUNE_BODY.keys - {"search"}),
+    "qlora_load": Magic(parsing.qlora_load, lambda line, body: parsing.parse_load(line)),
+    "qlora_train": Magic(parsing.qlora_train, lambda line, body: parsing.parse_train(line, body, NAMESPACE),
+                         TRAIN_BODY, frozenset(parsing.TRAIN_BODY.keys)),
+    "qlora_generate": Magic(parsing.qlora_generate, lambda line, body: parsing.parse_generate(line + " hello")),
+    "qlora_generate_cell": Magic(parsing.qlora_generate, lambda line, body: parsing.parse_generate(line, body or "hello")),
+    "qlora_save": Magic(parsing.qlora_save, lambda line, body: parsing.parse_save(line)),
+    "qlora_memory": Magic(parsing.qlora_memory, lambda line, body: _memory(line)),
+    "qlora_panel": Magic(parsing.qlora_panel, lambda line, body: _panel(line)),
+    "qlora_eval": Magic(parsing.qlora_eval, lambda line, body: parsing.parse_eval(line, body, NAMESPACE),
+                        "data: rows.jsonl\n", frozenset(parsing.EVAL_BODY.keys)),
+    "qlora_compare": Magic(parsing.qlora_compare, lambda line, body: parsing.parse_compare(line + " hello")),
+    "qlora_compare_cell": Magic(parsing.qlora_compare, lambda line, body: parsing.parse_compare(line, body or "a\n---\nb")),
+    "qlora_adapters": Magic(parsing.qlora_adapters, lambda line, body: parsing.parse_adapters(line)),
+    "qlora_merge": Magic(parsing.qlora_merge, lambda line, body: parsing.parse_merge(line)),
+    "qlora_tune": Magic(parsing.qlora_tune, lambda line, body: parsing.parse_tune(line, body, NAMESPACE),
+                        TUNE_BODY, frozenset(parsing.TUNE_BODY.keys - {"search"})),
 }
 
 
@@ -179,7 +186,7 @@ def grid_cases(name):
         cases += [(f"{action} {value}", None) for action in parsing.ADAPTER_ACTIONS + ("use", "remove") for value in LINE_VALUES]
     if name in ("qlora_load", "qlora_save", "qlora_merge", "qlora_memory", "qlora_panel"):
         cases += [(value, None) for value in LINE_VALUES]  # the positional (model, path) or a stray word
-    for key in sorted(keys or ()):
+    for key in sorted(keys):
         cases += [("", f"{base_body}{key}: {value}\n") for value in YAML_VALUES]
     if keys:
         cases += [("", body) for body in ODD_BODIES]
@@ -190,7 +197,7 @@ def grid_cases(name):
 
 def grid_crashes(name) -> dict[str, tuple]:
     """Each distinct crash kind of `name`'s grid, with the first (line, body) that shows it."""
-    _, parse, _, _ = MAGICS[name]
+    parse = MAGICS[name].parse
     found = {}
     for line, body in grid_cases(name):
         kind = crash_kind(lambda: parse(line, body))
@@ -269,7 +276,7 @@ def prompt_body():
 
 
 def _fuzz(name, body=st.none(), line=None):
-    declaration, parse, _, _ = MAGICS[name]
+    declaration, parse = MAGICS[name].declaration, MAGICS[name].parse
     line = line if line is not None else st.one_of(st.just(""), line_of(declaration))
 
     @FUZZ
