@@ -114,6 +114,9 @@ def _seed(name, value):
 #: the others (cosine_with_min_lr, warmup_stable_decay, reduce_lr_on_plateau, greedy...) need ones we do not pass.
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
 MAX_EPOCHS, MAX_STEPS, MAX_RANK, MAX_NEW_TOKENS, MAX_TRIALS, MAX_LABELS = 1000, 1_000_000, 4096, 32768, 1000, 100_000
+# Adam moves each weight by about lr per step: above 1 every step wrecks the adapter, and from ~1e30 the loss
+# can stay finite (stuck at ln(vocab)) so no divergence check sees it.
+MAX_LR = 1.0
 
 
 def check_folder(path, what="--output-dir"):
@@ -300,7 +303,7 @@ class TrainConfig(_Config):
         _positive("--max-steps", self.max_steps, most=MAX_STEPS)
         _positive("--batch-size", self.batch_size)
         _positive("--grad-accum", self.grad_accum)
-        _positive("--lr", self.lr)
+        _positive("--lr", self.lr, most=MAX_LR, why="; LoRA learning rates are around 1e-4 to 1e-2")
         _positive("--max-length", self.max_length)
         _positive("--logging-steps", self.logging_steps)
         _positive("--eval-steps", self.eval_steps)

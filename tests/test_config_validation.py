@@ -63,6 +63,7 @@ def test_the_table_covers_every_number():
     (TrainConfig, {"output_dir": 5}, '--output-dir must be text, got 5: put it in quotes, e.g. "5".'),
     (TrainConfig, {"chat": "maybe"}, "chat must be true or false, got 'maybe'."),
     (TrainConfig, {"lr": True}, "--lr must be a number, got True."),
+    (TrainConfig, {"lr": 1e30}, "--lr must be at most 1.0, got 1e+30; LoRA learning rates are around 1e-4 to 1e-2."),
     (TrainConfig, {"seed": -1}, "--seed must be a whole number from 0 to 4294967295, got -1."),
     (TrainConfig, {"seed": 2**40}, "--seed must be a whole number from 0 to 4294967295"),
     (TrainConfig, {"seed": 2**70}, "--seed must be a whole number from 0 to 4294967295"),

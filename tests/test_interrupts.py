@@ -203,14 +203,11 @@ def test_weights_gone_nan_at_the_last_step_are_put_back_too(tiny_loaded, rows):
     assert same_weights(tiny_loaded.model, before) and tiny_loaded.runs == [] and tiny_loaded.history == []
 
 
-def test_a_huge_learning_rate_diverges_in_one_line(tiny_loaded, rows):
+def test_a_huge_learning_rate_is_refused_before_any_training(tiny_loaded, rows):
+    # lr 1e30 once left the loss finite (stuck at ln(vocab)) and the adapter wrecked, where no divergence check sees it
     before = trainable(tiny_loaded.model)
-    try:
-        config = qm.config.TrainConfig(data=rows, max_steps=6, **{**FAST, "lr": 1e37})
-    except ConfigError:
-        pytest.skip("the config refuses lr=1e37 before any training")
-    with pytest.raises(DivergedError, match=r"^The (training loss became (nan|inf)|adapter's weights became NaN or infinite) at step \d+: .*now 1e\+37"):
-        finetune(tiny_loaded, config)
+    with pytest.raises(ConfigError, match=r"^--lr must be at most 1.0, got 1e\+37"):
+        qm.train(rows, max_steps=6, **{**FAST, "lr": 1e37})
     assert same_weights(tiny_loaded.model, before) and tiny_loaded.runs == [] and tiny_loaded.history == []
 
 
