@@ -130,7 +130,7 @@ def classify(texts, *, batch_size=16, max_length=512):
     return classify_texts(get_session(), texts, batch_size=batch_size, max_length=max_length)
 
 
-@_verb("Generating", "The generation was interrupted: run it again.")
+@_verb("Generating", "The generation was interrupted before its first words: run it again.")
 def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None, **options) -> str:
     """Answer `prompt`, streaming the text; returns the new text (also in `get_session().last_generation`).
 
@@ -154,9 +154,24 @@ def generate(prompt=None, *, config: GenerateConfig | None = None, on_text=None,
                               "drop --system and put the instruction in the prompt.")
         config = config.replace(raw=True)  # the encoder reads the text as written: no chat template
     to_output = on_text is None and config.stream
-    text = generate_text(model, session.tokenizer, config, on_text=_print_text if to_output else on_text)
-    if to_output:
-        _print_text("\n")
+    send = _print_text if to_output else (on_text or (lambda chunk: None))
+    pieces = []
+
+    def keep_and_send(chunk):  # the text so far stays in the session if Ctrl-C stops the answer
+        pieces.append(chunk)
+        session.last_generation = "".join(pieces)
+        send(chunk)
+
+    try:
+        text = generate_text(model, session.tokenizer, config, on_text=keep_and_send)
+    except KeyboardInterrupt:
+        if not pieces:
+            raise  # nothing shown yet: the plain interrupted message
+        raise Interrupted(f"The generation was stopped after {len(session.last_generation)} characters: the text so far "
+                          "is in get_session().last_generation.") from None
+    finally:
+        if to_output and pieces:
+            _print_text("\n")
     session.last_generation = text
     return text
 

@@ -3,6 +3,7 @@ in memory; a run is recorded only once it trained; a loss gone NaN/inf puts the 
 run says which evaluation it has. Real runs on the tiny offline Llama; the interrupt is raised from deep inside."""
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -74,9 +75,25 @@ def test_an_interrupted_generation_is_one_line(tiny_loaded, monkeypatch):
     from qlora_magic.engine import generation
 
     monkeypatch.setattr(generation, "build_inputs", interrupt)
-    with pytest.raises(Interrupted, match=r"^The generation was interrupted: run it again\.$"):
+    with pytest.raises(Interrupted, match=r"^The generation was interrupted before its first words: run it again\.$"):
         qm.generate("sky", stream=False)
     assert tiny_loaded.last_generation is None
+
+
+def test_ctrl_c_in_the_middle_of_an_answer_keeps_the_text_so_far(tiny_loaded):
+    chunks = []
+
+    def reader(chunk):  # Ctrl-C arrives while the third piece is shown
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match=r"^The generation was stopped after \d+ characters: the text so far is in get_session\(\)\.last_generation\.$"):
+        qm.generate("sky", greedy=True, max_new_tokens=40, raw=True, on_text=reader)
+    assert tiny_loaded.last_generation == "".join(chunks)
+    assert not [t for t in threading.enumerate() if t.is_alive() and t.name.startswith("Thread") and t.daemon
+                and "work" in repr(getattr(t, "_target", ""))]  # the generating thread ended
+    assert qm.generate("sky", greedy=True, max_new_tokens=3, raw=True, stream=False) is not None  # and it answers again
 
 
 def test_an_interrupted_evaluation_records_nothing(tiny_loaded, rows, monkeypatch):

@@ -61,7 +61,8 @@ def max_new_tokens_for(model, prompt_length: int, asked: int) -> int:
 def generate_text(model, tokenizer, config: GenerateConfig, on_text=None) -> str:
     """Generate an answer; `on_text(chunk)` receives the text as it comes (None: nobody does).
 
-    Returns the new text, without the prompt. Ctrl-C stops generation and keeps the text so far.
+    Returns the new text, without the prompt. Ctrl-C stops the generating thread, then raises KeyboardInterrupt
+    (the caller has had the text so far through `on_text`).
     """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -109,7 +110,8 @@ def generate_text(model, tokenizer, config: GenerateConfig, on_text=None) -> str
             pieces.append(chunk)
             on_text(chunk)
     except KeyboardInterrupt:
-        stop.set()
+        stop.set()  # the thread ends at its next token; then the interrupt goes on up
+        raise
     finally:
         thread.join()
     if errors:
