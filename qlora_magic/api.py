@@ -125,9 +125,11 @@ def classify(texts, *, batch_size=16, max_length=512):
     >>> result = qlora_magic.classify(["A wonderful film.", "Dull and too long."])
     >>> result.labels, result.probabilities[0]
     """
+    from .config import ClassifyConfig
     from .engine.classification import classify_texts
 
-    return classify_texts(get_session(), texts, batch_size=batch_size, max_length=max_length)
+    config = ClassifyConfig(texts=texts, batch_size=batch_size, max_length=max_length)
+    return classify_texts(get_session(), config.texts, batch_size=config.batch_size, max_length=config.max_length)
 
 
 @_verb("Generating", "The generation was interrupted before its first words: run it again.")

@@ -339,6 +339,27 @@ class TrainConfig(_Config):
 
 
 @dataclass
+class ClassifyConfig(_Config):
+    """What qm.classify reads: the texts, and how many at a time."""
+
+    texts: Any = field(default=None, metadata={"help": "a text or a list of texts"})
+    batch_size: int = field(default=16, metadata={"help": "texts per forward pass"})
+    max_length: int = field(default=512, metadata={"help": "longest text in tokens (longer ones are cut)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.texts, str):
+            self.texts = [self.texts]
+        if not isinstance(self.texts, (list, tuple)) or not all(isinstance(t, str) for t in self.texts):
+            raise ConfigError(f"classify needs a text or a list of texts, got {self.texts!r:.60}.")
+        if not self.texts:
+            raise ConfigError("No texts to classify: pass a text or a list of texts.")
+        self.texts = list(self.texts)
+        _positive("batch_size", self.batch_size)
+        _positive("max_length", self.max_length)
+
+
+@dataclass
 class GenerateConfig(_Config):
     """How to answer a prompt."""
 

@@ -529,16 +529,5 @@ assert len({r.id for r in ROWS}) == len(ROWS), "row ids must be unique"
 
 # Rows that still break the promise, as "<who fixes it>: <the cause>". They run as strict expected failures:
 # when a fix makes one pass, the test fails until its line here is removed.
-KNOWN_FAILURES: dict[str, str] = {
-    "api-classify-None": "classify (api.classify, engine/classification.py): texts unchecked, TypeError: 'NoneType' object is not iterable",
-    "api-classify-a-number": "classify (api.classify, engine/classification.py): texts unchecked, TypeError: 'int' object is not iterable",
-    "api-classify-batch_size=0": "classify (api.classify, engine/classification.py): batch_size unchecked, ValueError from range()",
-    "api-classify-batch_size=nan": "classify (api.classify, engine/classification.py): batch_size unchecked, TypeError from range()",
-    "api-classify-max_length=nan": "classify (api.classify, engine/classification.py): max_length unchecked, TypeError in the tokenizer",
-    "api-classify-max_length=0": "classify (api.classify, engine/classification.py): max_length unchecked, RuntimeError in the model",
-    "api-classify-lone-surrogate": "classify (api.classify, engine/classification.py): a lone surrogate reaches the tokenizer (TypeError)",
-    "load-300-char-folder": "offline/data (D, resolve_model): a 300-character folder name gives OSError ENAMETOOLONG",
-    "train-data-file-300-chars": "offline/data (D, engine/data.py): a 300-character file name gives OSError ENAMETOOLONG",
-    "eval--data-300-chars": "offline/data (D, engine/data.py): a 300-character file name gives OSError ENAMETOOLONG",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 assert set(KNOWN_FAILURES) <= {r.id for r in ROWS}, "a known failure names no row"

@@ -166,7 +166,7 @@ def test_save_refuses_a_folder_with_other_files(tiny_loaded, tmp_path):
     ("missing.jsonl", {}, DataError, "No file 'missing.jsonl'"),
     ("rows", dict(prompt="{question"), ConfigError, "malformed"),
     ("rows", dict(eval_split=48), DataError, "eval_split=48 leaves 0 training"),
-    (42, {}, DataError, "Cannot train on a int"),
+    (42, {}, DataError, "data cannot be '42' (of type int)"),
     ("nobody/no-such-dataset", {}, DataError, "Cannot load dataset 'nobody/no-such-dataset'"),
 ])
 def test_bad_training_input_leaves_the_session_untouched(tiny_loaded, rows, data, options, error, message):

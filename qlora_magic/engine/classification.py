@@ -51,11 +51,15 @@ def classify_texts(session, texts, batch_size: int = 16, max_length: int = 512) 
     model = session.require_model("classification")
     if session.task != "seq-cls":
         raise ConfigError("classify() needs a classifier: load one with --task seq-cls (qlora_magic.load(..., task='seq-cls')).")
+    from .data import check_text
+
     if isinstance(texts, str):
         texts = [texts]
     texts = [str(t) for t in texts]
     if not texts:
         raise ConfigError("No texts to classify: pass a text or a list of texts.")
+    for number, text in enumerate(texts, 1):
+        check_text(text, f"text {number}")
     names = class_names(model)
     device = next(model.parameters()).device
     probabilities = []

@@ -41,10 +41,13 @@ def load_rows(source, split="train"):
     elif type(source).__name__ == "DataFrame":
         rows = _table(lambda: datasets.Dataset.from_pandas(source, preserve_index=False), lambda: source.to_dict("records"))
     elif isinstance(source, (str, Path)):
-        rows = _load_named(str(source), split)
+        try:
+            rows = _load_named(str(source), split)
+        except OSError as error:  # a path no file system takes (a name over 255 bytes...)
+            raise DataError(f"data: {str(source)[:60]!r}... cannot be opened ({error.strerror or error}): give an existing file.") from None
     else:
         raise DataError(
-            f"Cannot train on a {type(source).__name__}: give a list of dicts, a DataFrame, a datasets.Dataset, a file path or a Hub id."
+            f"data cannot be {str(source)[:40]!r} (of type {type(source).__name__}): give a list of dicts, a DataFrame, a datasets.Dataset, a file path or a Hub id."
         )
     if len(rows) == 0:
         raise DataError("The dataset is empty: it has no rows to train on.")

@@ -35,7 +35,11 @@ def resolve_model(name) -> str:
 
         return str(default_model_path())
     path = Path(name).expanduser()
-    looks_local = path.exists() or str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
+    try:
+        exists = path.exists()
+    except OSError as error:  # a path no file system takes (a name over 255 bytes...)
+        raise ModelNotFoundError(f"No model folder at {str(name)[:60]!r}... ({error.strerror or error}): give an existing folder or a Hub id.") from None
+    looks_local = exists or str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
     if looks_local:
         if not path.is_dir():
             raise ModelNotFoundError(f"No model folder at {name!r}: give an existing folder with a config.json, or a Hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'.")
