@@ -59,6 +59,21 @@ def ip():
     shell.history_manager.enabled = False
     shell.extension_manager.load_extension("qlora_magic")
     yield shell
+    close_shell(shell)
+
+
+def close_shell(shell):
+    """Forget a test's shell now: IPython registers each shell's exit work (a reset and a gc.collect) with
+    atexit, and a hundred such shells left pytest collecting garbage for minutes after the last test."""
+    import atexit
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+    atexit.unregister(shell.atexit_operations)
+    saver = getattr(shell.history_manager, "save_thread", None)
+    if saver is not None:
+        atexit.unregister(saver.stop)
+        saver.stop()
     InteractiveShell.clear_instance()
 
 

@@ -29,6 +29,7 @@ import qlora_magic
 import qlora_magic.api  # noqa: F401 - the table calls qm.api.add_adapter & co.
 import qlora_magic.session as session_module
 from bad_inputs_table import KNOWN_FAILURES, ROWS
+from conftest import close_shell
 from qlora_magic.errors import QloraError
 from tiny_model import build_tiny_model, sentiment_rows, toy_rows
 
@@ -363,7 +364,7 @@ def harness(tiny_model_dir, tmp_path_factory):
     finally:
         if os.environ.get("BAD_INPUTS_REPORT"):
             Path(os.environ["BAD_INPUTS_REPORT"]).write_text(json.dumps(harness.results, indent=1))
-        InteractiveShell.clear_instance()
+        close_shell(shell)
         os.chdir(previous_cwd)
         qlora_magic.reset_session()
 
