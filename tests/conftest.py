@@ -10,6 +10,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import qlora_magic  # noqa: E402
+from ipython_shell import close_shell  # noqa: E402
 from tiny_model import build_tiny_model, build_tiny_t5, toy_rows  # noqa: E402
 
 
@@ -60,21 +61,6 @@ def ip():
     shell.extension_manager.load_extension("qlora_magic")
     yield shell
     close_shell(shell)
-
-
-def close_shell(shell):
-    """Forget a test's shell now: IPython registers each shell's exit work (a reset and a gc.collect) with
-    atexit, and a hundred such shells left pytest collecting garbage for minutes after the last test."""
-    import atexit
-
-    from IPython.core.interactiveshell import InteractiveShell
-
-    atexit.unregister(shell.atexit_operations)
-    saver = getattr(shell.history_manager, "save_thread", None)
-    if saver is not None:
-        atexit.unregister(saver.stop)
-        saver.stop()
-    InteractiveShell.clear_instance()
 
 
 @pytest.fixture

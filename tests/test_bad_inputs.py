@@ -29,7 +29,7 @@ import qlora_magic
 import qlora_magic.api  # noqa: F401 - the table calls qm.api.add_adapter & co.
 import qlora_magic.session as session_module
 from bad_inputs_table import KNOWN_FAILURES, ROWS
-from conftest import close_shell
+from ipython_shell import close_shell
 from qlora_magic.errors import QloraError
 from tiny_model import build_tiny_model, sentiment_rows, toy_rows
 
