@@ -72,7 +72,8 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
     >>> qlora_magic.load(adapter="runs/my-adapter")      # restore a saved adapter and its base
 
     The session's previous model is replaced only once the new one has loaded: a failed or interrupted
-    load keeps it.
+    load keeps it. When the two do not fit in GPU memory together, the previous one is freed and the load
+    tried once more.
     """
     from .engine.loading import load_model
     from .engine.memory_usage import release_memory
@@ -81,8 +82,12 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
         options["model"] = model
     check_adapter_options(options)
     config = _config(LoadConfig, config, options)
-    loaded = load_model(config)
     session = get_session()
+    loaded = _load_beside(session, config)
+    if loaded is None:  # out of GPU memory beside the previous model (released here, outside the except block)
+        session.model = None
+        release_memory()
+        loaded = load_model(config)
     session.model = None
     release_memory()
     session.model, session.tokenizer, session.load_config = loaded.model, loaded.tokenizer, loaded.config
@@ -95,6 +100,20 @@ def load(model=None, *, config: LoadConfig | None = None, **options):
             set_class_names(loaded.model, session.label_names)
     session.last_load_report = loaded.report
     return loaded.report
+
+
+def _load_beside(session, config):
+    """The LoadedModel, or None when the GPU ran out of memory while the session's previous model holds some."""
+    import torch
+
+    from .engine.loading import load_model
+
+    try:
+        return load_model(config)
+    except torch.OutOfMemoryError:
+        if session.model is None:
+            raise
+    return None  # the half-loaded model went with the except block; the caller frees the old one
 
 
 @_verb("Training", "Training was interrupted before its first step: the adapter and history are unchanged.", stoppable=True)

