@@ -5,13 +5,13 @@
     %%qlora_train ...
     %qlora_generate ...
 
-or from Python: qlora_magic.load(), .train(), .generate(), .classify(), .save(), .memory(), .get_session().
+or from Python: qlora_magic.load(), .train(), .generate(), .classify(), .save(), .memory(), .unload(), .get_session().
 Importing this package (and %load_ext) does not import torch; the verbs import it when first used.
 """
 
 from ._version import __version__  # noqa: E402
 
-from .api import classify, generate, load, memory, save, train  # noqa: E402
+from .api import classify, generate, load, memory, save, train, unload  # noqa: E402
 from .api import (add_adapter, combine_adapters, compare, delete_adapter, evaluate, list_adapters,  # noqa: E402
                   load_adapter, merge, switch_adapter, tune)
 from .errors import QloraError  # noqa: E402
@@ -37,6 +37,6 @@ def unload_ipython_extension(ipython):
     prompt_lines.unregister(ipython)
 
 
-__all__ = ["load", "train", "generate", "save", "memory", "get_session", "reset_session", "panel", "QloraError",
-            "evaluate", "compare", "list_adapters", "add_adapter", "load_adapter", "switch_adapter", "delete_adapter",
-            "combine_adapters", "merge", "tune", "classify"]
+__all__ = ["load", "train", "generate", "save", "memory", "unload", "get_session", "reset_session", "panel",
+           "QloraError", "evaluate", "compare", "list_adapters", "add_adapter", "load_adapter", "switch_adapter",
+           "delete_adapter", "combine_adapters", "merge", "tune", "classify"]

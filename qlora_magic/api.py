@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 from .config import GenerateConfig, LoadConfig, TrainConfig, check_adapter_options
-from .errors import ConfigError, ConflictingOptionsError, Interrupted, NoModelError
+from .errors import BusyError, ConfigError, ConflictingOptionsError, DivergedError, Interrupted, NoModelError, QloraError
 from .engine.stopping import StopFlag
 from .session import get_session, session_lock
 
@@ -25,7 +25,11 @@ def _config(cls, config, options):
 def _verb(what, interrupted, stoppable=False):
     """An api verb that uses the session's model: it holds the session lock while it runs (BusyError at once
     when another thread, such as the panel's, holds it), and a Ctrl-C that reaches it ends in one line,
-    Interrupted(`interrupted`: the message, or a function of the session that makes it)."""
+    Interrupted(`interrupted`: the message, or a function of the session that makes it).
+
+    Whatever else leaves the verb leaves nothing alive behind it: IPython keeps the last error
+    (sys.last_traceback), and its frames would keep the tensors of a failed run, or an out-of-memory step,
+    in memory until the next error (pytorch#37726)."""
 
     def decorate(verb):
         @functools.wraps(verb)
@@ -35,16 +39,41 @@ def _verb(what, interrupted, stoppable=False):
             with session_lock.hold(what, stoppable=stoppable):
                 try:
                     return verb(*args, **kwargs)
-                except Interrupted:
+                except Interrupted as error:  # one line already, raised deep down (an answer stopped midway)
+                    _let_go(error)
                     raise
                 except KeyboardInterrupt:
                     pass  # raised below, once this handler has dropped the interrupt and its traceback
+                except BaseException as error:
+                    _let_go(error)
+                    raise
                 release_memory()  # what the interrupted frames held (a half-loaded model) is garbage now
                 raise Interrupted(interrupted(get_session()) if callable(interrupted) else interrupted) from None
 
         return run
 
     return decorate
+
+
+def _let_go(error):
+    """Clear the locals of the frames `error` (and the errors it was raised from) passed through, then collect
+    what they held when it can be much: after an unexpected error (a failed step, out of GPU memory) or a
+    one-line error raised mid-work (a Ctrl-C, a run gone NaN). The traceback still shows each frame's file,
+    line and code. A bad option fails before anything is built, and skips the collection (half a second
+    with a model loaded)."""
+    import traceback
+
+    from .engine.memory_usage import release_memory
+
+    errors, seen = [error], set()
+    while errors:
+        chained = errors.pop()
+        if chained is not None and id(chained) not in seen:
+            seen.add(id(chained))
+            traceback.clear_frames(chained.__traceback__)  # skips the frames still running (this one, the cell's)
+            errors += [chained.__cause__, chained.__context__]
+    if not isinstance(error, QloraError) or isinstance(error, (Interrupted, DivergedError)):
+        release_memory()
 
 
 def _load_interrupted(session):
@@ -116,7 +145,6 @@ def _load_beside(session, config):
     return None  # the half-loaded model went with the except block; the caller frees the old one
 
 
-@_verb("Training", "Training was interrupted before its first step: the adapter and history are unchanged.", stoppable=True)
 def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=None, **options):
     """Fine-tune the session's adapters on `data`; returns a TrainSummary.
 
@@ -124,12 +152,96 @@ def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=N
 
     Rows go to `get_session().history` as they are logged. Ctrl-C stops at the next step and keeps the
     adapter as trained so far; so does `stop.set()` on the `StopFlag` given as `stop=` (the panel's Stop).
-    """
-    from .tasks.finetune import finetune
 
+    With `background=True` the run trains in a thread of its own, and `train` returns as soon as its checks
+    passed and training began (a bad option, data or template still fails here): a RunHandle, which a notebook
+    shows as the run's live view. Meanwhile the model is the run's (other verbs are refused, BusyError);
+    `attach()` shows the run again, `runs()` lists it, `stop()` ends it after the step in flight.
+
+    >>> run = qlora_magic.train(rows, prompt="Q: {question}\\nA: ", response="{answer}", background=True)
+    >>> run.wait().status                                 # or qlora_magic.stop()
+    """
     if data is not None:
         options["data"] = data
-    return finetune(get_session(), _config(TrainConfig, config, options), reporter=reporter, stop=stop)
+    config = _config(TrainConfig, config, options)
+    if config.background:
+        return _train_in_background(config, reporter, stop)
+    return _train(config, reporter, stop)
+
+
+@_verb("Training", "Training was interrupted before its first step: the adapter and history are unchanged.", stoppable=True)
+def _train(config: TrainConfig, reporter=None, stop=None):
+    from .tasks.finetune import finetune
+
+    if config.resume is not None:
+        return _resume(config, reporter, stop)
+    return finetune(get_session(), config, reporter=reporter, stop=stop)
+
+
+def _resume(config, reporter, stop):
+    """`train(resume=...)`: the run, its checkpoint and its data checked; then its base and the checkpoint's
+    adapter loaded (as %qlora_load --adapter would: runs and history restored), and the run carried on."""
+    from .tasks.finetune import finetune
+    from .tasks.resuming import plan_resume
+
+    point = plan_resume(config)
+    load(adapter=str(point.checkpoint))
+    return finetune(get_session(), point.config, reporter=reporter, stop=stop, resume=point)
+
+
+def _train_in_background(config: TrainConfig, reporter, stop):
+    """`train(background=True)`: refused at once while another thread uses the model (as a panel's click is);
+    otherwise the run starts in a thread that holds the session lock until it ends."""
+    from .tasks import live_runs
+    from .tasks.run_handle import RunHandle
+
+    refusal = session_lock.refusal()
+    if refusal:
+        raise BusyError(refusal)
+    stop = stop if stop is not None else StopFlag()  # the run's, and its LiveRun's: %qlora_stop sets it
+
+    def train_holding_the_session(broadcast):  # in the run's thread
+        with session_lock.hold("Training", by="a background run", stop_with=live_runs.STOP_WITH):
+            return _train(config, broadcast, stop)
+
+    run = live_runs.start(train_holding_the_session, stop, views=[reporter] if reporter is not None else ())
+    return RunHandle(run.folder, run)
+
+
+def runs(output_dir=None):
+    """The training runs: this kernel's background runs first, then the run folders under `output_dir`
+    (default runs/), newest first, with status (running, completed, interrupted, failed, crashed), step, last
+    train and eval loss, checkpoint step. Reads only: free while a run trains.
+
+    >>> qlora_magic.runs()["20261202-141500-word_forms"].loss
+    """
+    from .tasks.run_lookup import runs_table
+
+    return runs_table(output_dir)
+
+
+def attach(run=None, *, output_dir=None):
+    """A run as a RunHandle, shown in a notebook as its view: the whole history so far, then live while it trains
+    in this kernel (a run another process trains is re-read every 2 s; one that ended is drawn as it ended).
+
+    `run`: a run folder's name, a start or end of it only one run has, or its path; default this kernel's newest
+    background run, else the newest run folder under `output_dir` (default runs/).
+
+    >>> qlora_magic.attach()                              # after a page reload, in any cell
+    >>> qlora_magic.attach("word_forms", output_dir="/content/drive/MyDrive/runs")
+    """
+    from .tasks.run_lookup import find_run
+
+    return find_run(run, output_dir)
+
+
+def stop(run=None, *, output_dir=None) -> str:
+    """Stop a background run of this kernel after the step in flight (the adapter keeps every finished step);
+    returns one line saying so, or why there is nothing to stop (the run ended, or crashed). A run another
+    process trains cannot be stopped from here: ConfigError (interrupt that kernel). `run` as for attach()."""
+    from .tasks.run_lookup import find_run
+
+    return find_run(run, output_dir).stop()
 
 
 def _not_for_classifier(session, action):
@@ -219,7 +331,32 @@ def memory():
     return memory_report(get_session().model)
 
 
-__all__ = ["load", "train", "generate", "classify", "save", "memory", "NoModelError", "StopFlag"]
+@_verb("Unloading the model", "The unload was interrupted: run %qlora_unload again.")
+def unload():
+    """Drop the session's model and tokenizer and give their memory back; returns an UnloadReport (memory
+    before and after, what was freed). With no model loaded it says so and changes nothing.
+
+    >>> qlora_magic.unload()                              # then load another model, or none
+
+    The history and the last training and tuning readouts stay (they hold no tensors); the next load starts
+    them afresh.
+    """
+    from .engine.memory_usage import UnloadReport, memory_report, release_memory
+
+    session = get_session()
+    if session.model is None:
+        return UnloadReport(None)
+    loaded = session.last_load_report
+    unloaded = (f"{loaded.model_name}, {loaded.quantization}" if loaded is not None
+                else getattr(session.load_config, "model", None) or "the embedded default")
+    before = memory_report(session.model)
+    session.model = session.tokenizer = session.load_config = session.last_load_report = None
+    release_memory()
+    return UnloadReport(unloaded, before, memory_report())
+
+
+__all__ = ["load", "train", "generate", "classify", "save", "memory", "unload", "runs", "attach", "stop", "NoModelError",
+           "StopFlag"]
 
 
 # --- evaluation, comparison, adapters, merge -------------------------------------------------------

@@ -118,6 +118,7 @@ MAX_EPOCHS, MAX_STEPS, MAX_RANK, MAX_NEW_TOKENS, MAX_TRIALS, MAX_LABELS = 1000, 
 # Adam moves each weight by about lr per step: above 1 every step wrecks the adapter, and from ~1e30 the loss
 # can stay finite (stuck at ln(vocab)) so no divergence check sees it.
 MAX_LR = 1.0
+MAX_CHECKPOINT_MINUTES = 7 * 24 * 60  # a week: longer is a typo (0 is the way to say "not by time")
 
 
 def check_folder(path, what="--output-dir"):
@@ -304,7 +305,11 @@ class TrainConfig(_Config):
     packing: bool | None = field(default=None, metadata={"help": "pack a micro-batch's examples into one row (attention kept inside each); None: on"})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "trade compute for memory; None decides from the memory estimate"})
     max_memory: str | int | float | None = field(default=None, metadata={"help": "GPU memory budget for the batch layout: '10GB' (10e9 bytes), '10GiB' (10 x 2**30), '512MB', or a number of GB; None: the card's memory"})
-    output_dir: str | None = field(default=None, metadata={"help": "run folder (TensorBoard files); default runs/<time>"})
+    output_dir: str | None = field(default=None, metadata={"help": "folder that holds the run folders (<time>-<name>: settings, history, checkpoints, TensorBoard); default runs/ (a Google Drive folder keeps them past a Colab disconnect)"})
+    name: str | None = field(default=None, metadata={"help": "the run's name, after the time in its folder's name (default: the data file's name, or run)"})
+    checkpoint_minutes: float = field(default=10, metadata={"help": "write a checkpoint every N minutes (also after each evaluation and at the end); 0: only those"})
+    resume: Any = field(default=None, metadata={"help": "carry on a run from its latest checkpoint: true (the newest run in --output-dir) or a run folder"})
+    background: bool = field(default=False, metadata={"help": "start the run and return at once; %qlora_attach shows it, %qlora_stop stops it"})
     display: str = field(default="auto", metadata={"help": "auto, html, widget, text or none"})
 
     def __post_init__(self):
@@ -339,11 +344,16 @@ class TrainConfig(_Config):
             raise ConfigError("The cell body needs a response: template, e.g. response: \"{answer}\" (or, for --task seq-cls, label: <column>).")
         if self.output_dir is not None:
             check_folder(self.output_dir)
+        _positive("--checkpoint-minutes", self.checkpoint_minutes, allow_zero=True, most=MAX_CHECKPOINT_MINUTES)
+        if self.name is not None and not str(self.name).strip():
+            raise ConfigError("--name is empty: give the run a name, or leave --name out.")
+        if self.resume is not None and self.resume is not True and not isinstance(self.resume, (str, os.PathLike)):
+            raise ConfigError(f"--resume takes a run folder, or nothing (the newest run), got {self.resume!r}.")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
         # A saved run's record: its output_dir says where that run wrote, which need not be writable here.
-        config = super().from_dict({**values, "output_dir": None})
+        config = super().from_dict({**values, "output_dir": None, "resume": None, "background": False})
         config.output_dir = values.get("output_dir")
         return config
 

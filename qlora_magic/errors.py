@@ -53,3 +53,7 @@ class Interrupted(QloraError, KeyboardInterrupt):
 
 class DivergedError(QloraError, ArithmeticError):
     """The training loss (or the adapter's weights) became NaN or infinite; the adapter was put back."""
+
+
+class OutOfMemory(QloraError, MemoryError):
+    """A training step ran out of GPU memory at the smallest batch layout; the message says what would fit."""

@@ -22,7 +22,7 @@ def test_load_ext_does_not_import_torch():
 
 def test_magics_are_registered(ip):
     magics = ip.magics_manager.lsmagic()
-    for name in ("qlora_load", "qlora_generate", "qlora_save", "qlora_memory"):
+    for name in ("qlora_load", "qlora_generate", "qlora_save", "qlora_memory", "qlora_unload"):
         assert name in magics["line"]
     for name in ("qlora_train", "qlora_generate"):
         assert name in magics["cell"]
@@ -69,6 +69,12 @@ def test_save_magic(ip, tmp_path):
     with mock.patch.object(api, "save", return_value=tmp_path) as save:
         ip.run_line_magic("qlora_save", "runs/a")
     save.assert_called_once_with("runs/a")
+
+
+def test_unload_magic(ip):
+    with mock.patch.object(api, "unload", return_value="report") as unload:
+        ip.run_line_magic("qlora_unload", "")
+    unload.assert_called_once_with()
 
 
 @pytest.mark.parametrize("cell, error", [

@@ -32,6 +32,9 @@ class Reporter:
     def end(self, summary):
         """Training ended (completed, interrupted or failed: summary.status)."""
 
+    def note(self, text: str):
+        """Something the run changed on its own, in one line (a smaller batch layout after running out of memory)."""
+
 
 class NullReporter(Reporter):
     pass
@@ -81,6 +84,7 @@ class HtmlReporter(Reporter):
         self._history = []
         self._progress = {"step": 0, "total_steps": 0}
         self._status = "running"
+        self._notes = []
 
     def start(self, info):
         from IPython.display import HTML, display
@@ -99,6 +103,10 @@ class HtmlReporter(Reporter):
 
     def end(self, summary):
         self._status = summary.status
+        self._draw(chart=True)
+
+    def note(self, text):
+        self._notes.append(text)
         self._draw(chart=True)
 
     def _maybe_draw(self, chart):
@@ -127,7 +135,9 @@ class HtmlReporter(Reporter):
             f"<div style='font-size:90%;color:#555'>{html.escape(settings)}</div>"
             f"<div style='background:#eee;width:100%;max-width:540px;height:10px;border-radius:5px'>"
             f"<div style='background:{color};width:{100 * fraction:.1f}%;height:10px;border-radius:5px'></div></div>"
-            f"<div>{html.escape(self._status)} · {readouts}</div>{image}</div>"
+            f"<div>{html.escape(self._status)} · {readouts}</div>"
+            + "".join(f"<div style='color:#b35900'>{html.escape(note)}</div>" for note in self._notes)
+            + f"{image}</div>"
         )
 
 
@@ -159,3 +169,8 @@ class TextReporter(Reporter):
     def end(self, summary):
         if self.bar is not None:
             self.bar.close()
+
+    def note(self, text):
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.file)

@@ -44,9 +44,10 @@ class WidgetReporter(Reporter):
         self.history: list = []
         self._progress = {"step": 0, "total_steps": 0}
         self._last_chart = 0.0
+        self.notes: list[str] = []
 
     def start(self, info):
-        self.status, self.history = "running", []
+        self.status, self.history, self.notes = "running", [], []
         self._progress = {"step": 0, "total_steps": info["total_steps"]}
         settings = ", ".join(f"{k}={v}" for k, v in info.get("settings", {}).items())
         self.settings.value = f"<span style='color:#555;font-size:90%'>{html.escape(settings)}</span>"
@@ -77,12 +78,17 @@ class WidgetReporter(Reporter):
         self._draw_readout()
         self._draw_chart()
 
+    def note(self, text):
+        self.notes.append(text)
+        self._draw_readout()
+
     def _draw_readout(self):
         p = self._progress
         self.bar.value = p["step"] / p["total_steps"] if p.get("total_steps") else 0
         items = readout_items(last_row(self.history, "loss"), last_row(self.history, "eval_loss"), p)
         self.readout.value = f"{html.escape(self.status)} · " + " · ".join(
-            f"<b>{html.escape(k)}</b> {html.escape(v)}" for k, v in items)
+            f"<b>{html.escape(k)}</b> {html.escape(v)}" for k, v in items) + "".join(
+            f"<br><span style='color:#b35900'>{html.escape(note)}</span>" for note in self.notes)
 
     def _draw_chart(self):
         from ..display.chart import loss_chart_png

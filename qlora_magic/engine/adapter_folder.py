@@ -342,26 +342,38 @@ def save_adapter(session, path) -> Path:
     tokenizer, and qlora_magic.json (load config, training runs, history, the base's fingerprint), all at once:
     they go into a staging folder beside `path` that then takes its place, so an earlier save there stays whole
     until the new one is complete, and a bad path fails in one line before anything is written."""
-    from .._version import __version__
     from .folder_writing import check_folder_path, folder_written
     from .quiet import no_progress_bars
 
     path = check_folder_path(path, "The adapter folder")
     if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
         raise ConfigError(f"{str(path)!r} already holds other files: choose a new folder, so nothing of yours is overwritten.")
-    record = json.dumps({
+    record = run_record(session)
+    with folder_written(path, "the adapter") as staging, no_progress_bars():
+        session.model.save_pretrained(str(staging))
+        write_beside_adapter(session, staging, record)
+    return path
+
+
+def run_record(session, runs=None) -> str:
+    """qlora_magic.json's text for the session now: load config, training runs (`runs`, default the session's),
+    history, the base's fingerprint."""
+    from .._version import __version__
+
+    return json.dumps({
         "qlora_magic_version": __version__,
         "saved_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "load_config": {**session.load_config.to_dict(), "calibration": describe_data(session.load_config.calibration)},
-        "train_configs": [run.to_json() for run in session.runs],
+        "train_configs": [run.to_json() for run in (session.runs if runs is None else runs)],
         "history": session.history,
         "base_check": base_fingerprint(session.model),
     }, indent=2, default=str)
-    with folder_written(path, "the adapter") as staging, no_progress_bars():
-        session.model.save_pretrained(str(staging))
-        session.tokenizer.save_pretrained(str(staging))
-        (staging / RUN_FILE).write_text(record)
-    return path
+
+
+def write_beside_adapter(session, folder: Path, record: str):
+    """What makes PEFT's adapter files in `folder` a qlora_magic adapter folder: the tokenizer and the run record."""
+    session.tokenizer.save_pretrained(str(folder))
+    (folder / RUN_FILE).write_text(record)
 
 
 def saved_run(adapter_path) -> dict:

@@ -1,4 +1,5 @@
-"""Memory readouts: model footprint, GPU allocated/reserved/total, or the process's CPU memory."""
+"""Memory readouts: model footprint, GPU allocated/reserved/total, or the process's CPU memory; what an
+unload freed."""
 
 from __future__ import annotations
 
@@ -36,6 +37,50 @@ class MemoryReport(Readout):
             ]
         rows.append(("CPU process (RSS)", f"{gb(self.cpu_rss)} of {gb(self.cpu_total)}"))
         return rows
+
+
+@dataclass(repr=False)
+class UnloadReport(Readout):
+    """What unloading the model gave back: memory measured before and after, in bytes. `unloaded` names the
+    model and its quantization; None when no model was loaded (then nothing was measured)."""
+
+    unloaded: str | None
+    before: MemoryReport | None = None
+    after: MemoryReport | None = None
+
+    title = "Model unloaded"
+    NOTHING = "No model is loaded: nothing to unload."
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.before is not None and self.before.gpu_total is not None and self.after.gpu_total is not None
+
+    @property
+    def freed(self) -> int:
+        """GPU memory allocated on a GPU, the process's RSS on the CPU (where the allocator may keep some pages
+        for reuse); 0 when nothing was loaded."""
+        if self.unloaded is None:
+            return 0
+        if self.on_gpu:
+            return self.before.gpu_allocated - self.after.gpu_allocated
+        return self.before.cpu_rss - self.after.cpu_rss
+
+    def rows(self):
+        def change(field):
+            return f"{gb(getattr(self.before, field))} -> {gb(getattr(self.after, field))}"
+
+        rows = [("model", self.unloaded), ("model footprint", gb(self.before.model_footprint))]
+        if self.on_gpu:
+            rows += [("GPU allocated", change("gpu_allocated")), ("GPU reserved", change("gpu_reserved"))]
+        rows.append(("CPU process (RSS)", change("cpu_rss")))
+        rows.append(("freed", f"{gb(max(self.freed, 0))} of {'GPU' if self.on_gpu else 'process'} memory"))
+        return rows
+
+    def __repr__(self):
+        return self.NOTHING if self.unloaded is None else super().__repr__()
+
+    def _repr_html_(self):
+        return f"<div class='qlora-readout'>{self.NOTHING}</div>" if self.unloaded is None else super()._repr_html_()
 
 
 def memory_report(model=None) -> MemoryReport:

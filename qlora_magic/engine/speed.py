@@ -199,6 +199,20 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
     return best[1]
 
 
+def smaller_layout(settings: dict) -> dict | None:
+    """After a step ran out of memory: the changes to `settings` that use less, the effective batch kept.
+    First smaller micro-batches (half, or the largest divisor of the effective batch below half: accumulation
+    rises), then gradient checkpointing; None when the smallest layout is already in use."""
+    batch = settings["batch"]
+    effective = batch.micro * batch.accum
+    micro = next((m for m in range(batch.micro // 2, 0, -1) if effective % m == 0), None)
+    if micro is not None:
+        return {"batch": BatchLayout(micro, effective // micro)}
+    if not settings["gradient_checkpointing"]:
+        return {"gradient_checkpointing": True}
+    return None
+
+
 def gpu_budget(device: str, max_memory=None) -> int:
     """Bytes this process may use on `device`: --max-memory, else the card's memory (times the process's
     memory fraction when one was set), counting what this process already holds as usable."""

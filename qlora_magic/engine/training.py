@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import re
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,12 @@ from typing import Any
 from ..config import TrainConfig
 from ..display.formatting import Readout, gb
 from ..display.reporters import Reporter
-from ..errors import ConfigError, DivergedError
+from ..errors import ConfigError, DivergedError, OutOfMemory
 from .speed import BatchLayout, choose_settings
 from .stopping import StopFlag, stop_on_interrupt
 
 
-def _make_callback(reporter: Reporter, log: RunLog, stop: StopFlag, device: str):
+def _make_callback(reporter: Reporter, log: RunLog, stop: StopFlag, device: str, folder=None):
     from transformers import TrainerCallback
 
     class EventsCallback(TrainerCallback):
@@ -71,9 +73,34 @@ def _make_callback(reporter: Reporter, log: RunLog, stop: StopFlag, device: str)
             else:
                 return  # the end-of-training summary log; the summary object carries it
             log.history.append(row)
+            if folder is not None:
+                folder.append(row)
             reporter.log(row, self.progress(state), log.history)
 
     return EventsCallback()
+
+
+def _checkpoint_callback(every_seconds: float | None):
+    """Asks the Trainer to write a checkpoint every `every_seconds` (None: only at evaluations) and after each
+    evaluation, so a run killed at any moment loses at most that much time."""
+    from transformers import TrainerCallback
+
+    class CheckpointCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if every_seconds is not None and time.monotonic() - self.last >= every_seconds:
+                control.should_save = True
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if state.global_step > 0:  # not the "before" evaluation: nothing is learned yet
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+
+    return CheckpointCallback()
 
 
 def _memory_now(device):
@@ -91,12 +118,11 @@ def default_run_dir() -> Path:
 
 
 def _trainer_class(chunked_loss: bool, rounded_pad_id: int | None = None):
-    """transformers' Trainer, or one whose training loss comes from `speed.causal_lm_loss` (same numbers,
-    without the batch's logits; evaluation keeps the model's own loss, it returns the logits), and which,
-    when packed batches are rounded up (rounded_pad_id given), counts tokens without the pad segment."""
-    from transformers import Trainer
-
-    base = _chunked_loss_trainer() if chunked_loss else Trainer
+    """transformers' Trainer, whose checkpoints go whole into the run folder (`CheckpointingTrainer`); one whose
+    training loss comes from `speed.causal_lm_loss` (same numbers, without the batch's logits; evaluation keeps
+    the model's own loss, it returns the logits), and which, when packed batches are rounded up (rounded_pad_id
+    given), counts tokens without the pad segment."""
+    base = _chunked_loss_trainer() if chunked_loss else _checkpointing_trainer()
     if rounded_pad_id is None:
         return base
     from .data import packed_real_tokens
@@ -108,12 +134,39 @@ def _trainer_class(chunked_loss: bool, rounded_pad_id: int | None = None):
     return RealTokensTrainer
 
 
-def _chunked_loss_trainer():
+def _checkpointing_trainer():
     from transformers import Trainer
 
+    class CheckpointingTrainer(Trainer):
+        """Writes each checkpoint into `run_folder` (a RunFolder) whole: the adapter, optimizer, scheduler, RNG
+        and Trainer state as transformers writes them, plus `checkpoint_extras(folder)` (the tokenizer and run
+        record that make it a loadable adapter folder), into a staging folder renamed into place."""
+
+        run_folder = None
+        checkpoint_extras = None
+
+        def _save_checkpoint(self, model, trial):
+            if self.run_folder is None:
+                return
+            self.store_flos()
+            self.run_folder.write_checkpoint(self.state.global_step, self._checkpoint_files)
+
+        def _checkpoint_files(self, folder):
+            self.save_model(str(folder), _internal_call=True)
+            self._save_optimizer_and_scheduler(str(folder))
+            self._save_scaler(str(folder))
+            self._save_rng_state(str(folder))
+            self.state.save_to_json(str(folder / "trainer_state.json"))
+            if self.checkpoint_extras is not None:
+                self.checkpoint_extras(folder)
+
+    return CheckpointingTrainer
+
+
+def _chunked_loss_trainer():
     from .speed import causal_lm_loss, hidden_states_as_logits, output_head
 
-    class ChunkedLossTrainer(Trainer):
+    class ChunkedLossTrainer(_checkpointing_trainer()):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             module = self.accelerator.unwrap_model(model)
             head = output_head(module)
@@ -151,18 +204,36 @@ class RunLog:
 
     history: list = field(default_factory=list)
     run: int = 0
+    first_row: int | None = None  # where this run's rows start (a resumed run's include those before it stopped)
     steps_kept: int = 0  # set as the run ends: the optimizer steps the adapter keeps (0: none, or put back)
+
+
+@dataclass
+class Checkpointing:
+    """A run that keeps a run folder: its rows go to history.jsonl as they are logged, and checkpoints go to
+    checkpoints/ every `every_minutes` (None: only after evaluations), after each evaluation and at the end.
+
+    extras(folder): writes what else a checkpoint holds (the tokenizer and run record that make it an adapter
+        folder %qlora_load --adapter takes). resume_from: a checkpoint to carry on from (adapter, optimizer,
+        scheduler, data position and RNG restored by the Trainer)."""
+
+    folder: Any  # run_folder.RunFolder
+    every_minutes: float | None = 10
+    extras: Any = None
+    resume_from: Path | None = None
 
 
 def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, reporter: Reporter,
                  log: RunLog | None = None, stop: StopFlag | None = None, overrides: dict | None = None,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, checkpointing: Checkpointing | None = None):
     """Train `model` in place. Returns a TrainSummary. Rows are appended to `log.history` as they come.
 
     overrides: settings to force over `choose_settings`' choice (benchmarks compare layouts this way:
     {"batch": "4x4", "packing": False, "gradient_checkpointing": True, "bf16_stream": False,
     "chunked_loss": False, ...}).
     callbacks: extra transformers TrainerCallbacks.
+    checkpointing: the run folder to keep (Checkpointing); without it, TensorBoard files go to
+    `config.output_dir` (or runs/<time>) and nothing else is written.
     """
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
@@ -171,7 +242,10 @@ def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, repo
     log = log if log is not None else RunLog()
     device = str(next(model.parameters()).device)
     settings = run_settings(config, device, model, data.train, overrides)
-    run_dir = Path(config.output_dir) if config.output_dir else default_run_dir()
+    if checkpointing is not None:
+        run_dir = checkpointing.folder.path
+    else:
+        run_dir = Path(config.output_dir) if config.output_dir else default_run_dir()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, no permission, a read-only disk
@@ -179,11 +253,20 @@ def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, repo
     if not settings["gradient_checkpointing"] and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()  # left on by an earlier run that needed it
     with contextlib.closing(SummaryWriter(log_dir=str(run_dir / "tensorboard"))) as writer:
-        args = training_arguments(config, settings, run_dir, device, evaluate=data.eval is not None)
-        watcher = _make_callback(reporter, log, stop, device)
-        trainer = build_trainer(model, tokenizer, args, settings, data,
-                                [TensorBoardCallback(tb_writer=writer), watcher] + list(callbacks or []))
-        return _train(trainer, model, settings, reporter, log, stop, run_dir, watcher)
+        watcher = _make_callback(reporter, log, stop, device, checkpointing and checkpointing.folder)
+        extra = [TensorBoardCallback(tb_writer=writer), watcher] + list(callbacks or [])
+        if checkpointing is not None:
+            every = checkpointing.every_minutes
+            extra.append(_checkpoint_callback(every * 60 if every else None))
+
+        def make_trainer(settings: dict, resuming: bool):
+            args = training_arguments(config, settings, run_dir, device, evaluate=data.eval is not None, resuming=resuming)
+            trainer = build_trainer(model, tokenizer, args, settings, data, extra)
+            if checkpointing is not None:
+                trainer.run_folder, trainer.checkpoint_extras = checkpointing.folder, checkpointing.extras
+            return trainer
+
+        return _train(make_trainer, model, settings, reporter, log, stop, run_dir, watcher, checkpointing)
 
 
 def run_settings(config: TrainConfig, device: str, model, train_set, overrides: dict | None = None) -> dict:
@@ -196,8 +279,10 @@ def run_settings(config: TrainConfig, device: str, model, train_set, overrides: 
     return settings
 
 
-def training_arguments(config: TrainConfig, settings: dict, run_dir: Path, device: str, evaluate: bool):
-    """transformers' TrainingArguments for the config and the chosen settings; `evaluate`: there is an eval set."""
+def training_arguments(config: TrainConfig, settings: dict, run_dir: Path, device: str, evaluate: bool,
+                       resuming: bool = False):
+    """transformers' TrainingArguments for the config and the chosen settings; `evaluate`: there is an eval set;
+    `resuming`: the run goes on from a checkpoint (its "before" evaluation was made before it stopped)."""
     from transformers import TrainingArguments
 
     batch = settings["batch"]
@@ -218,8 +303,8 @@ def training_arguments(config: TrainConfig, settings: dict, run_dir: Path, devic
         logging_first_step=True,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=config.eval_steps or max(1, settings["steps"] // 5),
-        eval_on_start=evaluate,  # the "before" point of the eval curve
-        save_strategy="no",  # %qlora_save writes the adapter; no multi-GB checkpoints by surprise
+        eval_on_start=evaluate and not resuming,  # the "before" point of the eval curve
+        save_strategy="no",  # checkpoints are asked for by CheckpointCallback, and written by CheckpointingTrainer
         report_to="none",  # TensorBoard is added as a callback, with our own folder
         bf16=settings["precision"] == "bf16",
         fp16=settings["precision"] == "fp16",
@@ -260,8 +345,8 @@ def build_trainer(model, tokenizer, args, settings: dict, data: TrainingData, ca
     return trainer
 
 
-def _train(trainer, model, settings: dict, reporter: Reporter, log: RunLog, stop: StopFlag, run_dir: Path,
-           watcher) -> TrainSummary:
+def _train(make_trainer, model, settings: dict, reporter: Reporter, log: RunLog, stop: StopFlag, run_dir: Path,
+           watcher, checkpointing: Checkpointing | None = None) -> TrainSummary:
     """trainer.train() inside the run's context managers, then the summary. The reporter gets its end
     event however the run ends: completed, interrupted (Stop, Ctrl-C) or failed (then the error is raised).
     A loss gone NaN/inf (seen by `watcher`, the EventsCallback), or weights left so by the last step, fail the
@@ -272,17 +357,24 @@ def _train(trainer, model, settings: dict, reporter: Reporter, log: RunLog, stop
     from .speed import bf16_stream, dequantized_int8_training, no_kv_cache
 
     history = log.history
+    resume_from = checkpointing and checkpointing.resume_from
+    trainer = make_trainer(settings, resuming=bool(resume_from))
+    attempts = [trainer]  # the trainer that ran last (a new one after each out-of-memory back-off)
     evaluates = trainer.eval_dataset is not None
     stream_dtype = torch.bfloat16 if settings.get("bf16_stream") else None
-    first_row = len(history)
+    first_row = len(history) if log.first_row is None else log.first_row
     before = _trainable_weights(model)
-    reporter.start({"total_steps": settings["steps"], "settings": settings, "run_dir": str(run_dir)})
+    if checkpointing is not None:
+        checkpointing.folder.mark_running()
+        checkpointing.folder.update(total_steps=settings["steps"], settings={k: str(v) for k, v in settings.items()})
+    reporter.start({"total_steps": settings["steps"], "settings": settings, "run_dir": str(run_dir),
+                    "history": history})
     started = time.perf_counter()
     status, error = "completed", None
     try:
         with trainable_4bit(model), stop_on_interrupt(stop), no_kv_cache(model), bf16_stream(model, stream_dtype), \
                 dequantized_int8_training(settings.get("int8_dequant", False)):
-            trainer.train()
+            trainer = _train_backing_off(attempts, make_trainer, settings, reporter, resume_from)
             diverged = watcher.diverged or _weights_diverged(model, trainer.state.global_step)
             if not (stop or diverged) and evaluates and (not history or history[-1].get("eval_loss") is None):
                 trainer.evaluate()  # the "after" point, when the last step was not an eval step
@@ -299,8 +391,11 @@ def _train(trainer, model, settings: dict, reporter: Reporter, log: RunLog, stop
     except BaseException as exc:
         status, error = "failed", exc
     finally:
+        trainer = attempts[-1]
         model.eval()
         log.steps_kept = 0 if isinstance(error, DivergedError) else trainer.state.global_step
+        if checkpointing is not None:
+            _end_run_folder(trainer, checkpointing.folder, status, error, log.steps_kept)
         summary = TrainSummary.from_history(
             history[first_row:], status=status, steps_planned=settings["steps"], seconds=time.perf_counter() - started,
             run_dir=str(run_dir), settings=settings, steps_done=trainer.state.global_step,
@@ -309,6 +404,96 @@ def _train(trainer, model, settings: dict, reporter: Reporter, log: RunLog, stop
     if error is not None:
         raise error
     return summary
+
+
+def _train_backing_off(attempts: list, make_trainer, settings: dict, reporter: Reporter, resume_from=None):
+    """attempts[-1].train(); when a step runs out of GPU memory, its tensors are freed, the layout made smaller
+    (`speed.smaller_layout`: the effective batch kept) and the run carried on from the same optimizer step by a
+    new Trainer, resumed from a checkpoint of the last step (in the run folder, or a temporary one). Raises
+    OutOfMemory (one line) when the smallest layout fails too. Returns the trainer that finished."""
+    import tempfile
+
+    import torch
+
+    from .memory_usage import release_memory
+    from .speed import smaller_layout
+
+    scratch = None
+    try:
+        while True:
+            trainer = attempts[-1]
+            try:
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                return trainer
+            except torch.OutOfMemoryError as error:
+                traceback.clear_frames(error.__traceback__)  # the failed step's activations go with its frames
+                tried = _tried_bytes(str(error))
+            trainer.model.zero_grad(set_to_none=True)  # the half-accumulated step is dropped, not applied
+            release_memory()
+            step, smaller = trainer.state.global_step, smaller_layout(settings)
+            if smaller is None:
+                raise OutOfMemory(_out_of_memory_message(trainer, settings, step, tried)) from None
+            was = _layout_text(settings)
+            settings.update(smaller)
+            trainer.state.train_batch_size = settings["batch"].micro  # what the resumed Trainer will use
+            if trainer.run_folder is not None:
+                trainer._save_checkpoint(trainer.model, None)
+                resume_from = trainer.run_folder.latest_checkpoint()
+            else:
+                scratch = scratch or tempfile.TemporaryDirectory(prefix="qlora-backoff-")
+                resume_from = Path(scratch.name) / f"step-{step}"
+                resume_from.mkdir(exist_ok=True)
+                trainer._checkpoint_files(resume_from)
+            settings["out_of_memory"] = f"at step {step + 1}: {was} -> {_layout_text(settings)}"
+            reporter.note(f"Out of GPU memory at step {step + 1}: carried on with {_layout_text(settings)} "
+                          f"(was {was}); the effective batch is the same.")
+            attempts.append(make_trainer(settings, resuming=True))
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _layout_text(settings: dict) -> str:
+    checkpointing = " + gradient checkpointing" if settings["gradient_checkpointing"] else ""
+    return f"micro-batch {settings['batch'].micro} x {settings['batch'].accum}{checkpointing}"
+
+
+def _tried_bytes(message: str) -> int | None:
+    """The allocation that failed, from PyTorch's message ("Tried to allocate 2.00 GiB")."""
+    match = re.search(r"Tried to allocate ([\d.]+) ([KMGT]i?B)", message)
+    if not match:
+        return None
+    return int(float(match[1]) * 1024 ** ("KMGT".index(match[2][0]) + 1))
+
+
+def _out_of_memory_message(trainer, settings: dict, step: int, tried: int | None) -> str:
+    """What ran out, what would have been needed, where the work is kept and what to change."""
+    import torch
+
+    need = ""
+    if settings["device"].startswith("cuda"):
+        index = torch.device(settings["device"]).index or 0
+        peak = torch.cuda.max_memory_allocated(index)
+        total = torch.cuda.get_device_properties(index).total_memory
+        need = f" (it needed about {gb(peak + (tried or 0))}; the GPU has {gb(total)})"
+    kept = ""
+    if trainer.run_folder is not None and step:
+        kept = f"; step {step} is kept in {str(trainer.run_folder.path)!r} (%qlora_train --resume carries it on)"
+    return (f"Training ran out of GPU memory at step {step + 1} even with {_layout_text(settings)}{need}{kept}: "
+            "lower --max-length, load the model with --bits 4, or free GPU memory (%qlora_unload another model).")
+
+
+def _end_run_folder(trainer, folder, status: str, error, steps_kept: int):
+    """The last checkpoint (unless the adapter was put back, or the last one is of this step) and the status."""
+    latest = folder.latest_checkpoint()
+    if steps_kept and (latest is None or not latest.name.endswith(f"-{steps_kept:06d}")):
+        try:
+            trainer._save_checkpoint(trainer.model, None)
+        except Exception as problem:  # noqa: BLE001 - a full disk must not hide the run's own outcome
+            folder.update(checkpoint_error=str(problem).splitlines()[0] if str(problem) else type(problem).__name__)
+    folder.update(status=status, steps_done=trainer.state.global_step, ended_at=datetime.datetime.now().isoformat(timespec="seconds"),
+                  error=None if error is None else (str(error).splitlines() or [type(error).__name__])[0])
+    folder.close()
 
 
 def _trainable_weights(model) -> dict:

@@ -35,10 +35,10 @@ class QloraMagics(Magics):
     def qlora_load(self, line=""):
         display(api.load(config=parsing.parse_load(line)))
 
-    @cell_magic
+    @line_cell_magic
     @_doc_from(parsing.qlora_train)
-    def qlora_train(self, line="", cell=""):
-        config = parsing.parse_train(line, cell, namespace=self.shell.user_ns)
+    def qlora_train(self, line="", cell=None):  # a line magic too: %qlora_train --resume needs no body
+        config = parsing.parse_train(line, cell or "", namespace=self.shell.user_ns)
         if config.display == "auto":  # neither the line nor the body chose: %config QloraMagics.display may
             config = config.replace(display=self.display)
         summary = api.train(config=config)
@@ -63,6 +63,12 @@ class QloraMagics(Magics):
     def qlora_memory(self, line=""):
         parsing.parse_line(parsing.qlora_memory, line)
         display(api.memory())
+
+    @line_magic
+    @_doc_from(parsing.qlora_unload)
+    def qlora_unload(self, line=""):
+        parsing.parse_line(parsing.qlora_unload, line)
+        display(api.unload())
 
     @line_magic
     @_doc_from(parsing.qlora_panel)
@@ -102,6 +108,24 @@ class QloraMagics(Magics):
     @_doc_from(parsing.qlora_merge)
     def qlora_merge(self, line=""):
         display(api.merge(config=parsing.parse_merge(line)))
+
+    @line_magic
+    @no_var_expand
+    @_doc_from(parsing.qlora_runs)
+    def qlora_runs(self, line=""):
+        display(api.runs(**parsing.parse_runs(line)))
+
+    @line_magic
+    @no_var_expand
+    @_doc_from(parsing.qlora_attach)
+    def qlora_attach(self, line=""):
+        display(api.attach(**parsing.parse_run_choice(parsing.qlora_attach, line)))
+
+    @line_magic
+    @no_var_expand
+    @_doc_from(parsing.qlora_stop)
+    def qlora_stop(self, line=""):
+        print(api.stop(**parsing.parse_run_choice(parsing.qlora_stop, line)))
 
     @cell_magic
     @_doc_from(parsing.qlora_tune)

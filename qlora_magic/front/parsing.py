@@ -95,7 +95,11 @@ def qlora_load(line=""):
 @argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations to save memory (default: when the memory estimate needs it)")
 @argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None, help="never recompute activations")
 @argument("--max-memory", default=None, help="GPU memory budget for choosing the batch layout: 10GB (10e9 bytes), 10GiB (10 x 2**30), 512MB, or a number of GB (default: the card's memory)")
-@argument("--output-dir", default=None, help="run folder for TensorBoard files (default runs/<time>)")
+@argument("--output-dir", default=None, help="folder that holds the run folders: settings, history, checkpoints, TensorBoard (default runs/; a Google Drive folder survives a Colab disconnect)")
+@argument("--name", default=None, help="the run's name: its folder is <output-dir>/<time>-<name> (default: the data file's name)")
+@argument("--checkpoint-minutes", type=float, default=None, help=f"write a checkpoint every N minutes, also after each evaluation and at the end; 0: only those {_default(TrainConfig, 'checkpoint_minutes')}")
+@argument("--resume", nargs="?", const=True, default=None, help="carry on the newest run in --output-dir from its latest checkpoint, or the run folder given (a new kernel loads its model)")
+@argument("--background", action="store_true", default=None, help="start the run and return the cell at once; %%qlora_attach shows it, %%qlora_stop stops it")
 @argument("--display", default=None, choices=["auto", "html", "widget", "text", "none"], help=f"how to show progress {_default(TrainConfig, 'display')}")
 def qlora_train(line="", cell=""):
     """Fine-tune the loaded model's adapters. The cell body is YAML::
@@ -149,6 +153,12 @@ def qlora_save(line=""):
 @magic_arguments()
 def qlora_memory(line=""):
     """Show memory now: model footprint, GPU allocated/reserved/total, or the process's CPU memory."""
+
+
+@magic_arguments()
+def qlora_unload(line=""):
+    """Drop the loaded model and tokenizer and show the memory freed (GPU memory on a GPU, the process's RSS
+    on the CPU). The history stays; %qlora_load loads a model again."""
 
 
 # --- magic lines: split as a shell would, then read with the magic's declared options ---------------
@@ -384,7 +394,7 @@ def qlora_panel(line=""):
     """
 
 
-MAGIC_DECLARATIONS = [qlora_load, qlora_train, qlora_generate, qlora_save, qlora_memory, qlora_panel]
+MAGIC_DECLARATIONS = [qlora_load, qlora_train, qlora_generate, qlora_save, qlora_memory, qlora_unload, qlora_panel]
 
 
 # --- evaluation, comparison, adapters, merge -------------------------------------------------------
@@ -572,6 +582,72 @@ def parse_merge(line: str) -> MergeConfig:
 
 
 MAGIC_DECLARATIONS += [qlora_eval, qlora_compare, qlora_adapters, qlora_merge]
+
+
+# --- background runs ---------------------------------------------------------------------------------
+
+_RUN_HELP = ("a run folder's name, a start or end of it only one run has, or its path (default: this kernel's "
+             "newest background run, else the newest run folder)")
+_RUNS_DIR_HELP = "folder that holds the run folders (default runs/)"
+
+
+@magic_arguments()
+@argument("--output-dir", default=None, help=_RUNS_DIR_HELP)
+def qlora_runs(line=""):
+    """List the training runs: this kernel's background runs first (marked *), then the run folders under
+    --output-dir, newest first, with status (running, completed, interrupted, failed, crashed), step, last
+    train and eval loss, checkpoint and start time.
+
+    Examples::
+
+        %qlora_runs
+        %qlora_runs --output-dir /content/drive/MyDrive/runs
+    """
+
+
+@magic_arguments()
+@argument("run", nargs="?", default=None, help=_RUN_HELP)
+@argument("--output-dir", default=None, help=_RUNS_DIR_HELP)
+def qlora_attach(line=""):
+    """Show a run: its whole history so far (chart, progress, last losses), then live while it trains in this
+    kernel, from any later cell, after a page reload, or in another notebook of the same kernel. A run that
+    ended (or crashed) is drawn as it ended; one another process trains is re-read every 2 s.
+
+    Examples::
+
+        %%qlora_train --background --name word-forms
+        ...
+        %qlora_attach                 # after a reload: the newest background run
+        %qlora_attach word-forms
+    """
+
+
+@magic_arguments()
+@argument("run", nargs="?", default=None, help=_RUN_HELP)
+@argument("--output-dir", default=None, help=_RUNS_DIR_HELP)
+def qlora_stop(line=""):
+    """Stop a background run of this kernel after the step in flight; the adapter keeps every finished step,
+    and the run's folder has its last checkpoint. A run another kernel trains is stopped there (interrupt it).
+
+    Examples::
+
+        %qlora_stop
+        %qlora_stop word-forms
+    """
+
+
+MAGIC_DECLARATIONS += [qlora_runs, qlora_attach, qlora_stop]
+
+
+def parse_runs(line: str) -> dict:
+    """`%qlora_runs` flags -> the keywords of api.runs."""
+    return {"output_dir": parse_line(qlora_runs, line).output_dir}
+
+
+def parse_run_choice(declaration, line: str) -> dict:
+    """`%qlora_attach` / `%qlora_stop` line -> {"run": ..., "output_dir": ...}, the keywords of api.attach/stop."""
+    args = parse_line(declaration, line)
+    return {"run": args.run, "output_dir": args.output_dir}
 
 
 @magic_arguments()

@@ -15,9 +15,11 @@ from ..errors import ConfigError
 ROW_INDEX = "qlora_row"  # carried through tokenization, so tokenized rows can be found again among the raw rows
 
 
-def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=None):
+def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=None, run_folder=True, resume=None):
     """Train the session's active adapter as `config` says; returns the TrainSummary.
-    `callbacks`: extra transformers TrainerCallbacks (tuning prunes trials through one)."""
+    `callbacks`: extra transformers TrainerCallbacks (tuning prunes trials through one).
+    `run_folder`: keep a run folder (run.json, history.jsonl, checkpoints) under config.output_dir; tuning's
+    trials keep none. `resume`: a ResumePoint (tasks.resuming) to carry on from, its model already loaded."""
     from ..display import choose_reporter
     from ..engine.data import load_rows, prepare_datasets
     from ..engine.training import RunLog, TrainingData, run_training
@@ -31,21 +33,39 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
             raise ConfigError(f"--packing is for causal-lm models; a {task} model trains on padded batches: drop --packing.")
         config = config.replace(packing=False)
     # Everything that can fail on bad input runs before the model is touched.
-    rows = load_rows(config.data, config.split)
+    rows = resume.rows if resume is not None else load_rows(config.data, config.split)
     examples = task_examples(session, config, rows)
     train_set, eval_set, _ = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
     reporter = reporter or choose_reporter(config.display)
     if task == "seq-cls":
         set_class_names(model, examples.names)
-    run = TrainRun.of(config, label_names=examples.names if task == "seq-cls" else None)
-    log = RunLog(session.history, run=len(session.runs))
-    first_row = len(session.history)
+    first_row = len(session.history)  # the rows from here on go if the run leaves the adapter as it was
+    if resume is not None:  # the run is the checkpoint's last one, its rows so far already in the history
+        run, index = session.runs[-1], len(session.runs) - 1
+        run_rows = next((i for i, row in enumerate(session.history) if row.get("run") == index), first_row)
+    else:
+        run, index = TrainRun.of(config, label_names=examples.names if task == "seq-cls" else None), len(session.runs)
+        run_rows = first_row
+    log = RunLog(session.history, run=index, first_row=run_rows)
+    checkpointing = None
+    if resume is not None:
+        checkpointing = resume.checkpointing(session, config)
+    elif run_folder:
+        from .resuming import start_run_folder
+
+        checkpointing = start_run_folder(session, config, rows, run, index)
     try:
         summary = run_training(model, session.tokenizer, config, TrainingData(train_set, eval_set, task), reporter,
-                               log, stop=stop, callbacks=callbacks)
+                               log, stop=stop, callbacks=callbacks, checkpointing=checkpointing)
+    except BaseException:
+        if checkpointing is not None and checkpointing.folder.record.get("status") == "running":
+            checkpointing.folder.update(status="failed")  # it failed before training began
+            checkpointing.folder.close()
+        raise
     finally:
         if log.steps_kept:  # the adapter changed: the record says how, however the run ended
-            session.runs.append(run)
+            if resume is None:
+                session.runs.append(run)
         else:  # it failed before its first step, or was put back: no trace (%qlora_save would record it)
             del session.history[first_row:]
     session.last_train_summary = summary

@@ -141,7 +141,7 @@ class _Search:
         started = time.perf_counter()
         train_config = self.config.train.replace(display="none", **{k: v for k, v in params.items() if k not in TUNE_LORA})
         try:
-            summary = finetune(self.session, train_config, stop=stop, callbacks=[pruning])
+            summary = finetune(self.session, train_config, stop=stop, callbacks=[pruning], run_folder=False)
         except DivergedError:  # these settings blew up (lr too high): a failed trial, not a failed search
             delete_adapter(self.session, name)
             self._record(trial, params, None, 0, "diverged", started)
