@@ -338,9 +338,10 @@ class TrainConfig(_Config):
             parse_memory(self.max_memory)  # a malformed budget fails here, in one line
         if self.display not in ("auto", "html", "widget", "text", "none"):
             raise ConfigError(f"--display must be auto, html, widget, text or none, got {self.display!r}.")
-        if self.prompt is None and self.data is not None:
+        resuming = self.resume is not None  # the templates are the run's own
+        if self.prompt is None and self.data is not None and not resuming:
             raise ConfigError("The cell body needs a prompt: template, e.g. prompt: \"Question: {question}\\nAnswer: \".")
-        if self.response is None and self.label is None and self.data is not None:
+        if self.response is None and self.label is None and self.data is not None and not resuming:
             raise ConfigError("The cell body needs a response: template, e.g. response: \"{answer}\" (or, for --task seq-cls, label: <column>).")
         if self.output_dir is not None:
             check_folder(self.output_dir)

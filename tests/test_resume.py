@@ -20,15 +20,17 @@ SETUP = f"""
 import json
 from qlora_magic import get_session
 rows = [json.loads(line) for line in open({str(DATA)!r})][:48]
+import torch
+torch.manual_seed(0)  # the LoRA initialisation: the same in the killed kernel and the uninterrupted one
 """
-TRAIN = """%%qlora_train --max-steps 9 --eval-steps 3 --output-dir {out} --display none --lr 1e-3 --seed 3
+TRAIN = """%%qlora_train --max-steps 7 --eval-steps 3 --output-dir {out} --display none --lr 1e-3 --seed 3
 data: $rows
 prompt: "Instruction: {{instruction}}\\n\\nResponse: "
 response: "{{response}}"
-eval_split: 8
+eval_split: 4
 batch_size: 2
 grad_accum: 2
-max_length: 96
+max_length: 64
 """
 REPORT = """
 import torch
@@ -123,7 +125,7 @@ def test_a_killed_kernel_resumes_to_the_same_losses_and_adapter(tmp_path, uninte
         first.run(SETUP + "\n%qlora_load")
         first.run(TRAIN.format(out=out), wait=False)
         # Killed after the checkpoint of step 3 (an evaluation) and before the one of step 6.
-        _wait_for(lambda: _logged_steps(out) >= 5, what="step 5 to be logged")
+        _wait_for(lambda: _logged_steps(out) >= 4, what="step 4 to be logged")
     finally:
         first.kill()
     (run,) = out.iterdir()
@@ -143,14 +145,14 @@ def test_a_killed_kernel_resumes_to_the_same_losses_and_adapter(tmp_path, uninte
         second.close()
 
     whole_losses, resumed_losses = _losses(uninterrupted["history"]), _losses(resumed["history"])
-    assert sorted(resumed_losses) == list(range(1, 10))  # steps 1-3 from before the kill, 4-9 trained again
-    for step in range(4, 10):
+    assert sorted(resumed_losses) == list(range(1, 8))  # steps 1-3 from before the kill, 4-7 trained again
+    for step in range(4, 8):
         assert resumed_losses[step] == pytest.approx(whole_losses[step], rel=1e-4), step
     assert _losses(resumed["history"], "eval_loss") == pytest.approx(_losses(uninterrupted["history"], "eval_loss"), rel=1e-4)
     assert resumed["weights"].keys() == uninterrupted["weights"].keys()
     for name, values in uninterrupted["weights"].items():
         assert resumed["weights"][name] == pytest.approx(values, rel=1e-3, abs=1e-6), name
     record = json.loads((run / "run.json").read_text())
-    assert record["status"] == "completed" and record["steps_done"] == 9
+    assert record["status"] == "completed" and record["steps_done"] == 7
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in history if "loss" in row] == list(range(1, 10))  # no step twice
+    assert [row["step"] for row in history if "loss" in row] == list(range(1, 8))  # no step twice

@@ -21,7 +21,7 @@ class Reporter:
     """Receives training events. Subclasses override what they show."""
 
     def start(self, info: dict):
-        """info: total_steps, settings (dict of what was chosen), run_dir."""
+        """info: total_steps, settings (dict of what was chosen), run_dir, history (the rows so far)."""
 
     def step(self, progress: dict):
         """After each optimizer step: step, total_steps, elapsed, eta."""
@@ -91,7 +91,8 @@ class HtmlReporter(Reporter):
 
         self.settings = info.get("settings", {})
         self._progress = {"step": 0, "total_steps": info["total_steps"]}
-        self.handle = display(HTML(self._html(chart=False)), display_id=True)
+        self._history = info.get("history") or []  # a resumed run's steps before it stopped are drawn at once
+        self.handle = display(HTML(self._html(chart=bool(self._history))), display_id=True)
 
     def step(self, progress):
         self._progress = progress
