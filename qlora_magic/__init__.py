@@ -5,13 +5,15 @@
     %%qlora_train ...
     %qlora_generate ...
 
-or from Python: qlora_magic.load(), .train(), .generate(), .classify(), .save(), .memory(), .unload(), .get_session().
+or from Python: qlora_magic.load(), .train(), .generate(), .classify(), .save(), .memory(), .unload(), .get_session();
+.runs(), .attach(), .stop() for runs trained in the background (train(..., background=True)).
 Importing this package (and %load_ext) does not import torch; the verbs import it when first used.
 """
 
 from ._version import __version__  # noqa: E402
 
 from .api import classify, generate, load, memory, save, train, unload  # noqa: E402
+from .api import attach, runs, stop  # noqa: E402  (background runs)
 from .api import (add_adapter, combine_adapters, compare, delete_adapter, evaluate, list_adapters,  # noqa: E402
                   load_adapter, merge, switch_adapter, tune)
 from .errors import QloraError  # noqa: E402
@@ -39,4 +41,4 @@ def unload_ipython_extension(ipython):
 
 __all__ = ["load", "train", "generate", "save", "memory", "unload", "get_session", "reset_session", "panel",
            "QloraError", "evaluate", "compare", "list_adapters", "add_adapter", "load_adapter", "switch_adapter",
-           "delete_adapter", "combine_adapters", "merge", "tune", "classify"]
+           "delete_adapter", "combine_adapters", "merge", "tune", "classify", "runs", "attach", "stop"]

@@ -235,13 +235,14 @@ def attach(run=None, *, output_dir=None):
     return find_run(run, output_dir)
 
 
-def stop(run=None, *, output_dir=None) -> str:
-    """Stop a background run of this kernel after the step in flight (the adapter keeps every finished step);
-    returns one line saying so, or why there is nothing to stop (the run ended, or crashed). A run another
-    process trains cannot be stopped from here: ConfigError (interrupt that kernel). `run` as for attach()."""
+def stop(run=None, *, output_dir=None, wait=True) -> str:
+    """Stop a background run of this kernel after the step in flight (the adapter keeps every finished step) and,
+    with `wait`, return once it has, so the next cell can use the model; returns one line saying so, or why there
+    is nothing to stop (the run ended, or crashed). A run another process trains cannot be stopped from here:
+    ConfigError (interrupt that kernel). `run` as for attach()."""
     from .tasks.run_lookup import find_run
 
-    return find_run(run, output_dir).stop()
+    return find_run(run, output_dir).stop(wait=wait)
 
 
 def _not_for_classifier(session, action):

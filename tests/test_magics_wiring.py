@@ -22,7 +22,8 @@ def test_load_ext_does_not_import_torch():
 
 def test_magics_are_registered(ip):
     magics = ip.magics_manager.lsmagic()
-    for name in ("qlora_load", "qlora_generate", "qlora_save", "qlora_memory", "qlora_unload"):
+    for name in ("qlora_load", "qlora_generate", "qlora_save", "qlora_memory", "qlora_unload", "qlora_train",
+                 "qlora_runs", "qlora_attach", "qlora_stop"):
         assert name in magics["line"]
     for name in ("qlora_train", "qlora_generate"):
         assert name in magics["cell"]
@@ -69,6 +70,26 @@ def test_save_magic(ip, tmp_path):
     with mock.patch.object(api, "save", return_value=tmp_path) as save:
         ip.run_line_magic("qlora_save", "runs/a")
     save.assert_called_once_with("runs/a")
+
+
+def test_background_run_magics(ip, capsys):
+    with mock.patch.object(api, "train", return_value="handle") as train:
+        ip.run_cell_magic("qlora_train", "--background --name wf", "data: x.jsonl\nprompt: '{q}'\nresponse: '{a}'\n")
+    config = train.call_args.kwargs["config"]
+    assert config.background is True and config.name == "wf"
+    with mock.patch.object(api, "runs", return_value="table") as runs:
+        ip.run_line_magic("qlora_runs", "--output-dir drive/runs")
+        ip.run_line_magic("qlora_runs", "")
+    assert runs.call_args_list == [mock.call(output_dir="drive/runs"), mock.call(output_dir=None)]
+    with mock.patch.object(api, "attach", return_value="view") as attach:
+        ip.run_line_magic("qlora_attach", "")
+        ip.run_line_magic("qlora_attach", "word_forms --output-dir 'my runs'")
+    assert attach.call_args_list == [mock.call(run=None, output_dir=None), mock.call(run="word_forms", output_dir="my runs")]
+    capsys.readouterr()
+    with mock.patch.object(api, "stop", return_value="Stopping x after the step in flight.") as stop:
+        ip.run_line_magic("qlora_stop", "141500")
+    stop.assert_called_once_with(run="141500", output_dir=None)
+    assert capsys.readouterr().out == "Stopping x after the step in flight.\n"
 
 
 def test_unload_magic(ip):

@@ -12,10 +12,11 @@ class Broadcast(Reporter):
     """The reporter a background run trains with: it keeps the run's state (the start info, the latest progress,
     the run's history rows, notes, the summary) and sends each event on to the views attached.
 
-    `attach(view)` may be called from any thread while the run goes: under one lock with the events, the view
-    is given the state so far (start, the last row with the whole history, progress, notes, end) and then
-    every later event, so it misses none and sees none twice. A view that raises is dropped: a broken view
-    never fails the run."""
+    `attach(view)` may be called from any thread while the run goes: under the lock that each event takes to
+    change the state, the view is given the state so far (start, the last row with the whole history, progress,
+    notes, end) and joins the views; the events are sent after their change, to the views there were then. So a
+    view misses no event and sees none twice, and a slow view never holds up an attach. A view that raises is
+    dropped: a broken view never fails the run."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -34,35 +35,41 @@ class Broadcast(Reporter):
         with self._lock:
             self.info = info
             self.progress = {"step": 0, "total_steps": info["total_steps"]}
-            self._send("start", info)
+            views = list(self._views)
+        self._send(views, "start", info)
         self.started.set()
 
     def step(self, progress):
         with self._lock:
             self.progress = progress
-            self._send("step", progress)
+            views = list(self._views)
+        self._send(views, "step", progress)
 
     def log(self, row, progress, history):
+        rows = [r for r in history if r.get("run") == row.get("run")]  # a new list: views may keep it
         with self._lock:
-            self.progress = progress
-            self.history = [r for r in history if r.get("run") == row.get("run")]
-            self._send("log", row, progress, self.history)
+            self.progress, self.history = progress, rows
+            views = list(self._views)
+        self._send(views, "log", row, progress, rows)
 
     def note(self, text):
         with self._lock:
             self.notes.append(text)
-            self._send("note", text)
+            views = list(self._views)
+        self._send(views, "note", text)
 
     def end(self, summary):
         with self._lock:
             self.summary = summary
-            self._send("end", summary)
+            views = list(self._views)
+        self._send(views, "end", summary)
 
     def fail(self, message: str):
         """The run ended with an error (after `end`): the views that can show it (`failed(message)`) do."""
         with self._lock:
             self.error = message
-            self._send("failed", message)
+            views = list(self._views)
+        self._send(views, "failed", message)
 
     # --- views ------------------------------------------------------------------------------------
 
@@ -100,11 +107,12 @@ class Broadcast(Reporter):
         if self.error is not None and hasattr(view, "failed"):
             view.failed(self.error)
 
-    def _send(self, event, *args):
-        for view in list(self._views):
+    def _send(self, views, event, *args):
+        """Outside the lock: a slow view delays the run's thread, never an attach."""
+        for view in views:
             if not hasattr(view, event):  # `failed`: a plain Reporter has no place for it
                 continue
             try:
                 getattr(view, event)(*args)
             except Exception:  # noqa: BLE001 - training must not fail because a view did
-                self._views.remove(view)
+                self.detach(view)

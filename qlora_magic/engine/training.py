@@ -579,9 +579,11 @@ class TrainSummary(Readout):
         if peak:
             rows.append(("peak memory", gb(peak)))
         rows.append(("settings", ", ".join(f"{k}={v}" for k, v in self.settings.items())))
+        rows.append(("run folder", self.run_dir))
         rows.append(("TensorBoard", f"{self.run_dir}/tensorboard"))
         if self.status == "interrupted":
-            rows.append(("note", f"stopped at step {self.steps_done}; the adapter keeps what it learned so far"))
+            rows.append(("note", f"stopped at step {self.steps_done}; the adapter keeps what it learned so far "
+                                 "(%qlora_train --resume carries the run on from its checkpoint)"))
         return rows
 
     def _repr_html_(self):

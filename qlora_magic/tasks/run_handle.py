@@ -61,23 +61,32 @@ class RunHandle(Readout):
             self.live.wait(timeout)
         return self
 
-    def stop(self) -> str:
-        """Ask the run to stop after the step in flight; returns one line saying what happened. A run of another
-        process cannot be stopped from here (ConfigError: interrupt it there)."""
+    def stop(self, wait: bool = True) -> str:
+        """Ask the run to stop after the step in flight and, with `wait`, wait until it has (Ctrl-C stops waiting,
+        not the stopping); returns one line saying what happened. A run of another process cannot be stopped
+        from here (ConfigError: interrupt it there)."""
         info = self.info()
         where = f"step {info.step}/{info.total_steps}" if info.total_steps else f"step {info.step}"
         if self.live is not None and self.live.running:
             self.live.stop()
-            return (f"Stopping {self.name} after the step in flight ({where}); "
-                    "the adapter keeps every finished step.")
+            if not wait:
+                return (f"Stopping {self.name} after the step in flight ({where}); "
+                        "the adapter keeps every finished step.")
+            try:  # the next cell can use the model: the run has let go of it (a step takes seconds at most)
+                while not self.live.wait(0.1):
+                    pass
+            except KeyboardInterrupt:
+                return f"Stopping {self.name} after the step in flight ({where}); %qlora_runs shows when it has."
+            info = self.info()
+            return (f"Stopped {self.name} at step {info.step}/{info.total_steps or '?'} ({self.live.status}): the adapter "
+                    "keeps every finished step; %qlora_train --resume carries the run on.")
         status = self.status
         if status == "running":
             process = self.folder.record.get("process") or {}
             raise ConfigError(f"{self.name} is running in another process (pid {process.get('pid', '?')} on "
                               f"{process.get('host', '?')}), not this kernel: interrupt that kernel to stop it at its next step.")
         if status == "crashed":
-            return (f"Nothing to stop: {self.name} crashed at {where} (its process is gone); "
-                    f"%%qlora_train --resume {self.folder.path} carries it on from its last checkpoint.")
+            return f"Nothing to stop: {self.name} crashed at {where} (its process is gone); {self._resume_hint(info)}."
         return f"Nothing to stop: {self.name} already ended ({status}, {where})."
 
     # --- showing it
@@ -109,19 +118,25 @@ class RunHandle(Readout):
         if info.checkpoint_step is not None:
             rows.append(("checkpoint", f"step {info.checkpoint_step}"))
         rows.append(("folder", str(self.folder.path)))
-        note = self._note(info.status)
+        note = self._note(info)
         if note:
             rows.append(("note", note))
         return rows
 
-    def _note(self, status) -> str | None:
+    def _note(self, info: RunInfo) -> str | None:
+        status = info.status
         if self.live is not None and status == "running":
             return f"{STOP_WITH} {self.name} stops it after the step in flight; %qlora_attach shows it again"
         if self.live is None and status == "running":
             return "running in another process; %qlora_attach there, or here (followed from its folder)"
         if status == "crashed":
-            return f"its process is gone; %%qlora_train --resume {self.folder.path} carries it on"
+            return f"its process is gone; {self._resume_hint(info)}"
         return None
+
+    def _resume_hint(self, info: RunInfo) -> str:
+        if info.checkpoint_step is None:
+            return "it wrote no checkpoint, so train it again"
+        return f"%%qlora_train --resume {self.folder.path} carries it on from step {info.checkpoint_step}"
 
     def _repr_html_(self):
         from ..display.chart import loss_chart_png, png_img_tag
@@ -152,9 +167,11 @@ def _draw_from_folder(view, folder: RunFolder, history: list | None = None):
               settings=record.get("settings"), error=record.get("error"))
 
 
-def _follow(view, folder: RunFolder, every: float = FOLLOW_SECONDS):
-    """Re-read `folder` every `every` seconds in a daemon thread, redrawing `view` when it has new rows, until
+def _follow(view, folder: RunFolder, every: float | None = None):
+    """Re-read `folder` every `every` seconds (FOLLOW_SECONDS) in a daemon thread, redrawing `view` when it has new rows, until
     the run ends or the view is closed. (Only widget values change: safe from a thread.)"""
+
+    every = every or FOLLOW_SECONDS
 
     def follow():
         seen = len(view.history)
