@@ -352,7 +352,7 @@ def unload():
                 else getattr(session.load_config, "model", None) or "the embedded default")
     before = memory_report(session.model)
     session.model = session.tokenizer = session.load_config = session.last_load_report = None
-    release_memory()
+    release_memory(workspaces=True)
     return UnloadReport(unloaded, before, memory_report())
 
 

@@ -73,6 +73,11 @@ def _memory(line):
         magics.QloraMagics(shell=None).qlora_memory(line)
 
 
+def _unload(line):
+    with mock.patch("qlora_magic.api.unload", return_value=None), mock.patch.object(magics, "display"):
+        magics.QloraMagics(shell=None).qlora_unload(line)
+
+
 def _panel(line):
     # the magic reads its line, then opens the panel: here a stand-in, so only the reading is fuzzed
     with mock.patch("qlora_magic.front.panel.panel", return_value=None):
@@ -95,6 +100,10 @@ MAGICS = {
     "qlora_save": Magic(parsing.qlora_save, lambda line, body: parsing.parse_save(line)),
     "qlora_memory": Magic(parsing.qlora_memory, lambda line, body: _memory(line)),
     "qlora_panel": Magic(parsing.qlora_panel, lambda line, body: _panel(line)),
+    "qlora_unload": Magic(parsing.qlora_unload, lambda line, body: _unload(line)),
+    "qlora_runs": Magic(parsing.qlora_runs, lambda line, body: parsing.parse_runs(line)),
+    "qlora_attach": Magic(parsing.qlora_attach, lambda line, body: parsing.parse_run_choice(parsing.qlora_attach, line)),
+    "qlora_stop": Magic(parsing.qlora_stop, lambda line, body: parsing.parse_run_choice(parsing.qlora_stop, line)),
     "qlora_eval": Magic(parsing.qlora_eval, lambda line, body: parsing.parse_eval(line, body, NAMESPACE),
                         "data: rows.jsonl\n", frozenset(parsing.EVAL_BODY.keys)),
     "qlora_compare": Magic(parsing.qlora_compare, lambda line, body: parsing.parse_compare(line + " hello")),
@@ -184,7 +193,8 @@ def grid_cases(name):
                 cases += [(f"{prefix} {option} {value}".strip(), base_body), (f"{prefix} {option}={value}".strip(), base_body)]
     if name == "qlora_adapters":
         cases += [(f"{action} {value}", None) for action in parsing.ADAPTER_ACTIONS + ("use", "remove") for value in LINE_VALUES]
-    if name in ("qlora_load", "qlora_save", "qlora_merge", "qlora_memory", "qlora_panel"):
+    if name in ("qlora_load", "qlora_save", "qlora_merge", "qlora_memory", "qlora_panel", "qlora_unload", "qlora_runs",
+                "qlora_attach", "qlora_stop"):
         cases += [(value, None) for value in LINE_VALUES]  # the positional (model, path) or a stray word
     for key in sorted(keys):
         cases += [("", f"{base_body}{key}: {value}\n") for value in YAML_VALUES]
@@ -295,6 +305,10 @@ FUZZES = {
     "qlora_save": _fuzz("qlora_save", line=line_of(parsing.qlora_save)),
     "qlora_memory": _fuzz("qlora_memory", line=line_of(parsing.qlora_memory)),
     "qlora_panel": _fuzz("qlora_panel", line=line_of(parsing.qlora_panel)),
+    "qlora_unload": _fuzz("qlora_unload", line=line_of(parsing.qlora_unload)),
+    "qlora_runs": _fuzz("qlora_runs", line=line_of(parsing.qlora_runs)),
+    "qlora_attach": _fuzz("qlora_attach", line=line_of(parsing.qlora_attach)),
+    "qlora_stop": _fuzz("qlora_stop", line=line_of(parsing.qlora_stop)),
     "qlora_eval": _fuzz("qlora_eval", st.one_of(st.none(), body_of(parsing.EVAL_BODY.keys))),
     "qlora_compare": _fuzz("qlora_compare", line=st.tuples(line_of(parsing.qlora_compare), prompt_body()).map(" ".join).map(_one_line_of_text)),
     "qlora_compare_cell": _fuzz("qlora_compare_cell", prompt_body()),

@@ -190,3 +190,13 @@ def test_a_run_folder_cut_short_reads_back(tmp_path):
     folder = RunFolder(tmp_path)
     (tmp_path / "history.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed mid-line
     assert folder.history() == [{"step": 1, "loss": 2.0}] and folder.record == {} and folder.status() == "crashed"
+
+
+@pytest.mark.parametrize("path", ["\x00bad", "\ud800", "x" * 300])
+@pytest.mark.parametrize("verb", ["runs", "attach", "stop", "resume"])
+def test_paths_no_file_system_takes_are_one_line(verb, path):
+    call = {"runs": lambda: qm.runs(output_dir=path), "attach": lambda: qm.attach(path),
+            "stop": lambda: qm.stop("x", output_dir=path), "resume": lambda: qm.train(resume=path)}[verb]
+    with pytest.raises(ConfigError) as error:
+        call()
+    assert "\n" not in str(error.value) and "is no path a file system takes" in str(error.value)

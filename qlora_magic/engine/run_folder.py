@@ -233,12 +233,26 @@ class RunInfo:
 
 
 def list_runs(output_dir=DEFAULT_OUTPUT_DIR) -> list[RunFolder]:
-    """The run folders under `output_dir`, newest first (by the time in their names, then their record)."""
-    root = Path(output_dir).expanduser()
+    """The run folders under `output_dir`, newest first (by the time in their names, then their record); none
+    when there is no such folder. One line when `output_dir` is no path a file system takes."""
+    root = readable_path(output_dir, "--output-dir")
     with contextlib.suppress(OSError):
         folders = [RunFolder(path) for path in root.iterdir() if (path / RECORD_FILE).is_file()]
         return sorted(folders, key=lambda folder: (folder.record.get("started_at") or "", folder.path.name), reverse=True)
     return []
+
+
+def readable_path(path, what: str) -> Path:
+    """`path` as a Path that can be looked at (it need not exist); ConfigError (one line) for a NUL, a lone
+    surrogate, ~ of no user or a name too long for the file system."""
+    try:
+        folder = Path(str(path)).expanduser()
+        os.stat(folder)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return folder
+    except (ValueError, OSError, RuntimeError) as error:
+        raise ConfigError(f"{what} {str(path)!r} is no path a file system takes ({error}): give a folder path.") from None
+    return folder
 
 
 def find_checkpoint(where, output_dir=DEFAULT_OUTPUT_DIR) -> tuple[RunFolder, Path]:
@@ -251,7 +265,7 @@ def find_checkpoint(where, output_dir=DEFAULT_OUTPUT_DIR) -> tuple[RunFolder, Pa
                 return folder, checkpoint
         raise ConfigError(f"No run under {str(output_dir)!r} has a checkpoint to resume: give --resume the run folder, "
                           "or --output-dir the folder that holds your runs.")
-    path = Path(str(where)).expanduser()
+    path = readable_path(where, "--resume")
     if (path / TRAINER_STATE).is_file() and path.parent.name == CHECKPOINTS:
         return RunFolder(path.parent.parent), path
     if (path / RECORD_FILE).is_file():

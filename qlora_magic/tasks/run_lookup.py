@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..display.formatting import html_grid, text_grid
-from ..engine.run_folder import DEFAULT_OUTPUT_DIR, RECORD_FILE, RunFolder, RunInfo, list_runs
+from ..engine.run_folder import DEFAULT_OUTPUT_DIR, RECORD_FILE, RunFolder, RunInfo, list_runs, readable_path
 from ..errors import ConfigError
 from .live_runs import STOP_WITH, live_runs
 from .run_handle import RunHandle
@@ -30,7 +30,7 @@ def find_run(run=None, output_dir=None) -> RunHandle:
                               "%%qlora_train makes one (--output-dir names another folder).")
         return runs[0]
     text = str(run)
-    path = Path(text).expanduser()
+    path = readable_path(text, "The run")
     if (path / RECORD_FILE).is_file():
         return next((handle for handle in runs if _same(handle.folder.path, path)), None) or RunHandle(RunFolder(path))
     exact = [handle for handle in runs if handle.name == text]
