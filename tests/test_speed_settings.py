@@ -316,3 +316,58 @@ def test_training_with_the_chunked_loss_takes_the_same_steps(tiny_model_dir):
         losses[chunked] = [r["loss"] for r in summary.history if "loss" in r]
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+# --- a budget that cannot be met is said before training, with the smallest one that works ----------------
+
+LLAMA3_8B = {"hidden": 4096, "intermediate": 14336, "layers": 32, "vocab": 128256}
+
+
+@pytest.mark.parametrize("in_use_gb, budget_gb", [(10.5, 10), (3.6, 4), (6.5, 6.8)])
+def test_a_budget_too_small_fails_in_one_line_with_one_that_works(in_use_gb, budget_gb):
+    from qlora_magic.engine.speed import check_budget, plan_fits
+
+    in_use, budget = int(in_use_gb * 1e9), int(budget_gb * 1e9)
+    plan = plan_batches(16, LENGTHS, True, LLAMA3_8B, budget, in_use, LORA_Q_V, chunked_loss=True)
+    assert not plan_fits(plan, budget)
+    with pytest.raises(ConfigError) as error:
+        check_budget(plan, budget, in_use, LENGTHS, given=True)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"--max-memory {budget_gb:.2f} GB is too small: the model")
+    assert ("alone takes" in message) == (in_use_gb >= budget_gb * SAFETY)
+    assert "--bits 4" in message and "(the longest example is 512 tokens)" in message
+    offered = parse_memory(message.split("Give --max-memory ")[1].split(" or more")[0].replace(" ", ""))
+    # The budget offered works: planned with it, the same data fits.
+    assert plan_fits(plan_batches(16, LENGTHS, True, LLAMA3_8B, offered, in_use, LORA_Q_V, chunked_loss=True), offered)
+    with pytest.raises(ConfigError, match="or lower --max-length \\(the longest example is 512 tokens\\)\\.$"):
+        check_budget(plan, budget, in_use, LENGTHS, given=True, four_bit=True)  # already 4-bit: not offered again
+
+
+def test_without_max_memory_an_over_budget_plan_runs_and_a_fitting_one_is_quiet():
+    from qlora_magic.engine.speed import check_budget
+
+    budget, in_use = int(10e9), int(10.5e9)
+    plan = plan_batches(16, LENGTHS, True, LLAMA3_8B, budget, in_use, LORA_Q_V, chunked_loss=True)
+    check_budget(plan, budget, in_use, LENGTHS, given=False)  # the card's memory: the back-off is there
+    fitting = plan_batches(16, LENGTHS, True, LLAMA_7B, 80 * GiB, IN_USE[4], LORA_Q_V, chunked_loss=True)
+    check_budget(fitting, 80 * GiB, IN_USE[4], LENGTHS, given=True)
+
+
+def test_bf16_stream_puts_the_frozen_fp32_weights_back_bit_for_bit():
+    import torch
+
+    from qlora_magic.engine.speed import bf16_stream
+
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 100))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name == "2.weight")  # one trainable weight, as LoRA's: it stays fp32
+    with torch.no_grad():
+        model[0].weight.mul_(1 + 1e-4)  # values bf16 cannot hold exactly
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    with bf16_stream(model, torch.bfloat16) as cast:
+        assert cast == 4
+        assert {name: p.dtype for name, p in model.named_parameters()} == {
+            "0.weight": torch.bfloat16, "1.weight": torch.bfloat16, "1.bias": torch.bfloat16,
+            "2.weight": torch.float32, "2.bias": torch.bfloat16}
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32 and torch.equal(param, before[name]), name

@@ -213,6 +213,30 @@ def smaller_layout(settings: dict) -> dict | None:
     return None
 
 
+def plan_fits(plan: BatchPlan, budget: int | None) -> bool:
+    """Whether the plan's estimated peak is within the share of the budget plans may fill (SAFETY)."""
+    return budget is None or plan.estimate is None or plan.estimate <= SAFETY * budget
+
+
+def check_budget(plan: BatchPlan, budget: int | None, in_use: int, lengths: list[int], given: bool,
+                 four_bit: bool = False):
+    """One line, before training, when a --max-memory budget (`given`) cannot be met: the model alone is over
+    it, or even the smallest layout's estimate is. It says the smallest budget that works and what else to
+    change. Without --max-memory (the card's memory) the run goes ahead and the settings say it is over."""
+    if not given or plan_fits(plan, budget):
+        return
+    needed = math.ceil(plan.estimate / SAFETY / 1e8) * 1e8  # rounded up to 0.1 GB
+    longest = f" (the longest example is {max(lengths)} tokens)" if lengths else ""
+    if in_use >= SAFETY * budget:
+        why = f"the model alone takes {gb(in_use)}"
+    else:
+        layout = f"micro-batch {plan.layout.micro}" + (" with gradient checkpointing" if plan.checkpointing else "")
+        why = f"the model takes {gb(in_use)} and training it at the smallest layout ({layout}) about {gb(plan.estimate)} in all"
+    bits = "" if four_bit else ", or load the model with --bits 4"
+    raise ConfigError(f"--max-memory {gb(budget)} is too small: {why}. Give --max-memory {gb(needed)} or more, "
+                      f"or lower --max-length{longest}{bits}.")
+
+
 def gpu_budget(device: str, max_memory=None) -> int:
     """Bytes this process may use on `device`: --max-memory, else the card's memory (times the process's
     memory fraction when one was set), counting what this process already holds as usable."""
@@ -273,19 +297,28 @@ def no_kv_cache(model):
 
 @contextlib.contextmanager
 def bf16_stream(model, dtype):
-    """Cast frozen fp32 floating parameters (norms, embeddings, output head) to `dtype` for the run,
-    and back afterwards. LoRA weights (trainable) stay fp32 for the optimizer."""
+    """Cast frozen fp32 floating parameters (norms, embeddings, output head) to `dtype` for the run, and
+    put the fp32 originals back afterwards, bit for bit. LoRA weights (trainable) stay fp32 for the optimizer.
+
+    The originals wait in CPU memory: each is moved off the device before its `dtype` copy is made, so the
+    cast adds no transient to the run's peak (cast in place, the fp32 and bf16 copies of a 128k-vocabulary
+    embedding were both on the GPU, ~1 GiB more than the estimate), and casting back does not round the
+    frozen weights to bf16 precision."""
     import torch
 
-
     cast = _frozen_fp32(model) if dtype is not None and dtype != torch.float32 else []
-    for param in cast:
-        param.data = param.data.to(dtype)
+    originals = []
     try:
+        for param in cast:
+            device = param.device
+            original = param.data.to("cpu", copy=True) if device.type != "cpu" else param.data
+            param.data = original  # the device's fp32 copy is freed here, before the smaller one is made
+            originals.append(original)
+            param.data = original.to(device, dtype=dtype)
         yield len(cast)
     finally:
-        for param in cast:
-            param.data = param.data.to(torch.float32)
+        for param, original in zip(cast, originals):
+            param.data = original.to(param.device)
 
 
 class _Int8DequantLinear:
@@ -480,6 +513,8 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
     if on_gpu:
         plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
                             checkpointing=config.gradient_checkpointing, chunked_loss=chunked_loss)
+        check_budget(plan, budget, in_use, list(lengths or []), given=config.max_memory is not None,
+                     four_bit=bool(getattr(model, "is_loaded_in_4bit", False)))
     else:
         plan = BatchPlan(BatchLayout(config.batch_size, config.grad_accum), bool(config.gradient_checkpointing))
     settings = {
@@ -497,7 +532,8 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
         settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
         if packing:
             settings["pad_packed_to"] = PACKED_LENGTH_MULTIPLE
-        settings["memory_plan"] = f"{gb(plan.estimate)} of {gb(budget)}"
+        over = "" if plan_fits(plan, budget) else " (more than fits: a step out of memory makes the micro-batch smaller)"
+        settings["memory_plan"] = f"{gb(plan.estimate)} of {gb(budget)}{over}"
         settings["bf16_stream"] = precision == "bf16"
         settings["int8_dequant"] = precision == "bf16" and _has_int8_layers(model)
     return settings
