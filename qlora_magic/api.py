@@ -8,6 +8,7 @@ one line (Interrupted); training stops at the next step boundary instead and kee
 from __future__ import annotations
 
 import functools
+import traceback
 
 from .config import GenerateConfig, LoadConfig, TrainConfig, check_adapter_options
 from .errors import BusyError, ConfigError, ConflictingOptionsError, DivergedError, Interrupted, NoModelError, QloraError
@@ -42,8 +43,10 @@ def _verb(what, interrupted, stoppable=False):
                 except Interrupted as error:  # one line already, raised deep down (an answer stopped midway)
                     _let_go(error)
                     raise
-                except KeyboardInterrupt:
-                    pass  # raised below, once this handler has dropped the interrupt and its traceback
+                except KeyboardInterrupt as error:
+                    # Raised below, once this handler has dropped the interrupt. Its frames are cleared first:
+                    # one the interrupt left suspended (an import it broke) would keep its locals, the model too.
+                    traceback.clear_frames(error.__traceback__)
                 except BaseException as error:
                     _let_go(error)
                     raise
