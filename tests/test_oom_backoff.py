@@ -44,7 +44,7 @@ def _losses(history):
 def loaded(tiny_model_dir):
     def load():
         torch.manual_seed(0)  # the same LoRA initialisation for every run compared
-        qm.load(tiny_model_dir, bits=8, dropout=0.0)
+        qm.load(tiny_model_dir, bits=8, dropout=0.0, device="cpu")  # the layouts below are the CPU's (the user's)
         return qm.get_session()
     return load
 
