@@ -251,8 +251,8 @@ def test_a_run_whose_process_is_gone_lists_as_crashed(tmp_path):
                                "it wrote no checkpoint, so train it again.")
     (folder.path / "checkpoints" / "step-000002").mkdir(parents=True)
     (folder.path / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{}")
-    assert qm.stop("lost").endswith("%%qlora_train --resume runs/20260102-030405-lost carries it on from step 2.")
-    assert "%%qlora_train --resume runs/20260102-030405-lost carries it on from step 2" in repr(qm.attach("lost"))
+    assert qm.stop("lost").endswith("%qlora_train --resume runs/20260102-030405-lost carries it on from step 2.")
+    assert "%qlora_train --resume runs/20260102-030405-lost carries it on from step 2" in repr(qm.attach("lost"))
     view = qm.attach("lost").view()
     assert view.status == "crashed" and loss_steps(view.history) == [1, 2] and view.bar.bar_style == "danger"
 

@@ -363,11 +363,16 @@ def run_record(session, runs=None) -> str:
     return json.dumps({
         "qlora_magic_version": __version__,
         "saved_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "load_config": {**session.load_config.to_dict(), "calibration": describe_data(session.load_config.calibration)},
+        "load_config": load_record(session.load_config),
         "train_configs": [run.to_json() for run in (session.runs if runs is None else runs)],
         "history": session.history,
         "base_check": base_fingerprint(session.model),
     }, indent=2, default=str)
+
+
+def load_record(load_config) -> dict:
+    """A LoadConfig as the records keep it (qlora_magic.json, run.json): in-memory calibration rows noted, not copied."""
+    return {**load_config.to_dict(), "calibration": describe_data(load_config.calibration)}
 
 
 def write_beside_adapter(session, folder: Path, record: str):

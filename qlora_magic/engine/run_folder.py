@@ -112,9 +112,10 @@ class RunFolder:
     def update(self, **fields):
         self.write_record({**self.record, **fields, "updated_at": _now()})
 
-    def mark_running(self):
-        """Say in run.json that this process runs it (so another process can tell a crash from a live run)."""
-        self.update(status="running", process=_this_process())
+    def mark_running(self, **fields):
+        """Say in run.json that this process runs it (so another process can tell a crash from a live run), with
+        `fields` (what else the record should say now), in one write."""
+        self.update(**fields, status="running", process=_this_process())
 
     # --- history.jsonl ----------------------------------------------------------------------------------
 
@@ -179,18 +180,19 @@ class RunFolder:
 
     # --- what it shows ----------------------------------------------------------------------------------
 
-    def status(self) -> str:
-        status = self.record.get("status", "crashed")
-        if status == "running" and not self._still_running():
+    def status(self, record: dict | None = None) -> str:
+        """The run's status; `record`: run.json when the caller has just read it."""
+        record = self.record if record is None else record
+        status = record.get("status", "crashed")
+        if status == "running" and not self._still_running(record.get("process") or {}):
             return "crashed"
         return status
 
-    def _still_running(self) -> bool:
+    def _still_running(self, process: dict) -> bool:
         """Whether the process that wrote "running" is alive: the same pid and start time on this host. A run on
         another machine (a Colab runtime writing to Drive) counts as running while it logged in the last minutes."""
         import psutil
 
-        process = self.record.get("process") or {}
         if process.get("host") != socket.gethostname():
             with contextlib.suppress(OSError):
                 return time.time() - (self.path / HISTORY_FILE).stat().st_mtime < ELSEWHERE_SILENT_SECONDS
@@ -200,18 +202,21 @@ class RunFolder:
         except (psutil.Error, KeyError, TypeError):
             return False
 
-    def info(self) -> "RunInfo":
-        record, history = self.record, self.history()
-        losses = [row for row in history if row.get("loss") is not None]
-        evals = [row for row in history if row.get("eval_loss") is not None]
-        checkpoint = self.latest_checkpoint()
+    def info(self, status: str | None = None, history: list | None = None, step: int | None = None,
+             total_steps: int | None = None) -> "RunInfo":
+        """What %qlora_runs shows of the run, from its folder; a run of this process passes what its events say
+        (status, history, step, total_steps), which is more recent than the files."""
+        from ..display.reporters import last_row
+
+        record = self.record
+        history = self.history() if history is None else history
+        loss, evaluation, checkpoint = last_row(history, "loss"), last_row(history, "eval_loss"), self.latest_checkpoint()
         return RunInfo(
-            path=self.path, name=self.path.name, status=self.status(),
-            step=max((row.get("step", 0) for row in history), default=0),
-            total_steps=record.get("total_steps"),
-            loss=losses[-1]["loss"] if losses else None,
-            eval_loss=evals[-1]["eval_loss"] if evals else None,
-            checkpoint_step=_step_of(checkpoint) if checkpoint else None,
+            path=self.path, name=self.path.name, status=status or self.status(record),
+            step=max((row.get("step", 0) for row in history), default=0) if step is None else step,
+            total_steps=total_steps or record.get("total_steps"),
+            loss=loss and loss["loss"], eval_loss=evaluation and evaluation["eval_loss"],
+            checkpoint_step=checkpoint_step(checkpoint) if checkpoint else None,
             started_at=record.get("started_at"), updated_at=record.get("updated_at"),
         )
 
@@ -278,7 +283,8 @@ def find_checkpoint(where, output_dir=DEFAULT_OUTPUT_DIR) -> tuple[RunFolder, Pa
                       f"{DEFAULT_OUTPUT_DIR}/, or --resume alone for the latest run.")
 
 
-def _step_of(checkpoint: Path) -> int:
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint folder (checkpoints/step-000120) holds."""
     return int(_CHECKPOINT.fullmatch(checkpoint.name)[1])
 
 

@@ -365,8 +365,7 @@ def _train(make_trainer, model, settings: dict, reporter: Reporter, log: RunLog,
     first_row = len(history) if log.first_row is None else log.first_row
     before = _trainable_weights(model)
     if checkpointing is not None:
-        checkpointing.folder.mark_running()
-        checkpointing.folder.update(total_steps=settings["steps"], settings={k: str(v) for k, v in settings.items()})
+        checkpointing.folder.mark_running(total_steps=settings["steps"], settings={k: str(v) for k, v in settings.items()})
     reporter.start({"total_steps": settings["steps"], "settings": settings, "run_dir": str(run_dir),
                     "history": history})
     started = time.perf_counter()
@@ -485,8 +484,10 @@ def _out_of_memory_message(trainer, settings: dict, step: int, tried: int | None
 
 def _end_run_folder(trainer, folder, status: str, error, steps_kept: int):
     """The last checkpoint (unless the adapter was put back, or the last one is of this step) and the status."""
+    from .run_folder import checkpoint_step
+
     latest = folder.latest_checkpoint()
-    if steps_kept and (latest is None or not latest.name.endswith(f"-{steps_kept:06d}")):
+    if steps_kept and (latest is None or checkpoint_step(latest) != steps_kept):
         try:
             trainer._save_checkpoint(trainer.model, None)
         except Exception as problem:  # noqa: BLE001 - a full disk must not hide the run's own outcome

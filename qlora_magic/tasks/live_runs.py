@@ -73,17 +73,9 @@ class LiveRun:
 
     def info(self) -> RunInfo:
         """What %qlora_runs shows, from the events (more recent than history.jsonl: every step, not every log)."""
-        b = self.broadcast
-        losses = [row for row in b.history if row.get("loss") is not None]
-        evals = [row for row in b.history if row.get("eval_loss") is not None]
-        checkpoint = self.folder.latest_checkpoint()
-        record = self.folder.record
-        return RunInfo(
-            path=self.folder.path, name=self.name, status=self.status, step=b.progress.get("step", 0),
-            total_steps=b.progress.get("total_steps") or record.get("total_steps"),
-            loss=losses[-1]["loss"] if losses else None, eval_loss=evals[-1]["eval_loss"] if evals else None,
-            checkpoint_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None,
-            started_at=record.get("started_at"), updated_at=record.get("updated_at"))
+        progress = self.broadcast.progress
+        return self.folder.info(status=self.status, history=self.broadcast.history, step=progress.get("step", 0),
+                                total_steps=progress.get("total_steps"))
 
     # --- the thread
 

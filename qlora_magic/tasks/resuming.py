@@ -1,4 +1,4 @@
-"""Run folders for training runs, and carrying a run on from its latest checkpoint (`%%qlora_train --resume`).
+"""Run folders for training runs, and carrying a run on from its latest checkpoint (`%qlora_train --resume`).
 
 A run's folder (engine/run_folder.py) is made as the run starts: run.json says how the model was loaded, how
 the run was set up and which rows it trains on (their fingerprint; rows given in memory are copied to
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TrainConfig
-from ..engine.run_folder import DATA_FILE, DEFAULT_OUTPUT_DIR, RunFolder, data_fingerprint, find_checkpoint, run_name
+from ..engine.run_folder import (DATA_FILE, DEFAULT_OUTPUT_DIR, RunFolder, checkpoint_step, data_fingerprint,
+                                 find_checkpoint, run_name)
 from ..engine.training import Checkpointing
 from ..errors import ConfigError
 
@@ -27,21 +28,22 @@ RESUME_OPTIONS = ("data", "resume", "output_dir", "display", "background", "chec
 def start_run_folder(session, config: TrainConfig, rows, run, index: int) -> Checkpointing:
     """Make the run's folder and write run.json; returns how the run keeps it (Checkpointing)."""
     from .._version import __version__
+    from ..engine.adapter_folder import load_record
 
     folder = RunFolder.create(config.output_dir or DEFAULT_OUTPUT_DIR, run_name(config.data, config.name))
     data = {"source": run.source.to_json(), "rows": len(rows), "fingerprint": data_fingerprint(rows), "saved": None}
     if not isinstance(config.data, (str, os.PathLike)):
         data["saved"] = _save_rows(rows, folder)
-    folder.write_record({
+    # "running" until the run ends (a kill leaves it so: "crashed" once this process is gone)
+    folder.mark_running(**{
         "qlora_magic_version": __version__,
         "name": folder.path.name,
         "started_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "load_config": {**session.load_config.to_dict(), "calibration": None},
+        "load_config": load_record(session.load_config),
         "train_config": run.to_json(),
         "run_index": index,
         "data": data,
     })
-    folder.mark_running()  # until the run ends (a kill leaves it so: "crashed" once this process is gone)
     return Checkpointing(folder, config.checkpoint_minutes or None, _checkpoint_extras(session, run, index))
 
 
@@ -82,7 +84,7 @@ class ResumePoint:
 
     @property
     def step(self) -> int:
-        return int(self.checkpoint.name.split("-")[-1])
+        return checkpoint_step(self.checkpoint)
 
     def checkpointing(self, session, config: TrainConfig) -> Checkpointing:
         """The run folder kept as before; its history cut back to the checkpoint's step (the steps after it
@@ -102,7 +104,7 @@ def plan_resume(config: TrainConfig) -> ResumePoint:
     record, status = folder.record, folder.status()
     if status == "running":
         raise ConfigError(f"The run {folder.path.name!r} is still running: stop it first (%qlora_stop), or wait for it.")
-    step, total = int(checkpoint.name.split("-")[-1]), record.get("total_steps")
+    step, total = checkpoint_step(checkpoint), record.get("total_steps")
     if status == "completed" and total and step >= total:
         raise ConfigError(f"The run {folder.path.name!r} completed all its {total} steps: nothing to resume. Its adapter "
                           f"is in {str(checkpoint)!r} (%qlora_load --adapter takes it); train a new run to go further.")

@@ -136,7 +136,7 @@ class RunHandle(Readout):
     def _resume_hint(self, info: RunInfo) -> str:
         if info.checkpoint_step is None:
             return "it wrote no checkpoint, so train it again"
-        return f"%%qlora_train --resume {self.folder.path} carries it on from step {info.checkpoint_step}"
+        return f"%qlora_train --resume {self.folder.path} carries it on from step {info.checkpoint_step}"
 
     def _repr_html_(self):
         from ..display.chart import loss_chart_png, png_img_tag
