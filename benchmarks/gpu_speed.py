@@ -60,19 +60,20 @@ def simple_tokenizer(vocab_size):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def build_random_checkpoint(folder: Path, shape: dict, device: str) -> Path:
-    """Save a Llama with random bf16 weights and a tokenizer to `folder` (once; reused if there)."""
+def build_random_checkpoint(folder: Path, shape: dict, device: str, model_type: str = "llama") -> Path:
+    """Save a causal LM of `model_type` (llama, qwen2, ...) with random bf16 weights and a tokenizer to `folder`
+    (once; reused if there). `shape`: its config's sizes; the head is untied unless it says tie_word_embeddings."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if (folder / "config.json").exists():
         return folder
     started = time.perf_counter()
-    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID, tie_word_embeddings=False,
-                         dtype="bfloat16")
+    config = AutoConfig.for_model(model_type, **{"tie_word_embeddings": False, **shape}, bos_token_id=1, eos_token_id=2,
+                                  pad_token_id=PAD_ID, dtype="bfloat16")
     torch.manual_seed(0)
     with torch.device(device):  # initialising 6.7B weights on the GPU takes seconds, on a CPU minutes
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(folder)
     simple_tokenizer(shape["vocab_size"]).save_pretrained(folder)
     del model
@@ -644,6 +645,9 @@ def main(argv=None):
                     overrides={"bf16_stream": False})
                 row(ours, rows, 4, W, tmp, "  4-bit, 4x4, padded, checkpointing",
                     overrides={"batch": "4x4", "packing": False, "gradient_checkpointing": True})
+                row(ours, rows, steps, W, tmp, "  4-bit, 16x1, checkpointing", overrides={"gradient_checkpointing": True})
+                row(ours, rows, steps, W, tmp, "  4-bit, 16x1, checkpointing with the checkpoints in CPU memory",
+                    overrides={"gradient_checkpointing": True, "offload_checkpoints": True})
             if "display" not in skip:
                 from qlora_magic.display.reporters import HtmlReporter
 

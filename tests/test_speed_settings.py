@@ -202,6 +202,29 @@ def test_packed_batch_rounded_up_keeps_the_loss(tiny_model_dir):
         assert model(**rounded).loss.item() == pytest.approx(model(**packed).loss.item(), rel=1e-5)
 
 
+def test_a_lone_example_is_rounded_up_as_one_causal_sequence(tiny_model_dir):
+    """One example per micro-batch (long context): the pad continues it, so attention needs no mask; the
+    loss and the real-token count are the example's own."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_magic.engine.data import make_collator, packed_real_tokens
+    from qlora_magic.engine.speed import no_kv_cache
+
+    tokenizer, rows = _tokenized(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
+    alone = make_collator(tokenizer, packing=True)([dict(rows[1])])
+    rounded = make_collator(tokenizer, packing=True, pad_to_multiple_of=64)([dict(rows[1])])
+    length = alone["input_ids"].shape[1]
+    assert length % 64 and rounded["input_ids"].shape[1] == length + (-length % 64)
+    assert rounded["position_ids"][0].tolist() == list(range(rounded["input_ids"].shape[1]))  # one sequence
+    assert packed_real_tokens(rounded, tokenizer.pad_token_id) == length == packed_real_tokens(alone, tokenizer.pad_token_id)
+    with torch.no_grad(), no_kv_cache(model):
+        assert model(**rounded).loss.item() == pytest.approx(model(**alone).loss.item(), rel=1e-5)
+        logits = model(**rounded).logits[0, :length]
+        assert torch.allclose(logits, model(**alone).logits[0], atol=1e-5)  # nothing before the pad sees it
+
+
 def test_rounded_packing_trains_the_same_and_counts_real_tokens(tiny_model_dir, rows, tmp_path):
     """A real run with the GPU's rounding forced on the CPU: same losses, same tokens counted."""
     from transformers import TrainerCallback
@@ -294,28 +317,44 @@ def test_chunked_loss_is_only_for_plain_frozen_heads(tiny_model_dir):
     assert output_head(model) is None
 
 
-def test_training_with_the_chunked_loss_takes_the_same_steps(tiny_model_dir):
-    """End to end on the real (8-bit, CPU) path, where it is off by default: forced on, the same losses."""
+def test_training_with_the_chunked_loss_takes_the_same_steps(tiny_model_dir, monkeypatch):
+    """End to end on the real (8-bit, CPU) path, where it is off by default: forced on, the same training and
+    eval losses, and the evaluation too never asks the model for its logits."""
     import datasets
     import torch
 
     from qlora_magic.config import TrainConfig
     from qlora_magic.display.reporters import NullReporter
+    from qlora_magic.engine import speed
     from qlora_magic.engine.training import TrainingData, run_training
 
-    _, rows = _tokenized(tiny_model_dir, n=16)
-    losses = {}
+    _, rows = _tokenized(tiny_model_dir, n=20)
+    calls = {"chunked": 0}
+    chunked_loss = speed.causal_lm_loss
+
+    def counted(*args, **kwargs):
+        calls["chunked"] += 1
+        return chunked_loss(*args, **kwargs)
+
+    monkeypatch.setattr(speed, "causal_lm_loss", counted)
+    losses, eval_losses = {}, {}
     for chunked in (False, True):
         torch.manual_seed(0)  # the same LoRA initialization
         qlora_magic.load(tiny_model_dir, bits=8)
         session = qlora_magic.get_session()
-        config = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, lr=2e-3, display="none")
-        summary = run_training(session.model, session.tokenizer, config, TrainingData(datasets.Dataset.from_list(rows)),
+        config = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, lr=2e-3, eval_steps=3, display="none")
+        data = TrainingData(datasets.Dataset.from_list(rows[:16]), eval=datasets.Dataset.from_list(rows[16:]))
+        before = calls["chunked"]
+        summary = run_training(session.model, session.tokenizer, config, data,
                                NullReporter(), overrides={"chunked_loss": True} if chunked else None)
         assert summary.settings["chunked_loss"] is chunked  # off on the CPU unless forced
         losses[chunked] = [r["loss"] for r in summary.history if "loss" in r]
-    assert len(losses[True]) == 3
+        eval_losses[chunked] = [r["eval_loss"] for r in summary.history if r.get("eval_loss") is not None]
+        # 3 steps x 2 micro-batches, and 2 evaluations (before, after) x 2 eval batches of 2
+        assert calls["chunked"] - before == (6 + 4 if chunked else 0)
+    assert len(losses[True]) == 3 and len(eval_losses[True]) == 2
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert eval_losses[True] == pytest.approx(eval_losses[False], rel=1e-4)
 
 
 # --- a budget that cannot be met is said before training, with the smallest one that works ----------------
@@ -371,3 +410,126 @@ def test_bf16_stream_puts_the_frozen_fp32_weights_back_bit_for_bit():
             "2.weight": torch.float32, "2.bias": torch.bfloat16}
     for name, param in model.named_parameters():
         assert param.dtype == torch.float32 and torch.equal(param, before[name]), name
+
+
+# --- the load keeps bf16 weights in bf16 when bf16 is the compute dtype --------------------------------------
+
+@pytest.mark.parametrize("dtype_name, task, frozen_dtype", [
+    ("bfloat16", "causal-lm", "bfloat16"),  # bf16 GPUs: PEFT's fp32 cast would only double them
+    ("float16", "causal-lm", "float32"),  # fp16 GPUs (a T4): norms in fp32, as PEFT prepares them
+    ("bfloat16", "seq-cls", "float32"),  # a classifier's new head is trained: fp32 for the optimizer
+])
+def test_kbit_preparation_freezes_the_base_and_casts_only_where_it_helps(tiny_model_dir, dtype_name, task, frozen_dtype):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_magic.engine.loading import prepare_for_kbit_training
+
+    dtype = getattr(torch, dtype_name)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+    model = prepare_for_kbit_training(model, dtype, task)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert {str(p.dtype) for p in model.parameters()} == {f"torch.{frozen_dtype}"}
+
+
+def test_the_memory_plan_says_when_the_plan_is_over_the_budget_or_the_slowest_layout():
+    from qlora_magic.engine.speed import BatchLayout, BatchPlan, memory_plan_text
+
+    budget = int(10e9)
+    assert memory_plan_text(BatchPlan(BatchLayout(8, 2), True, int(8.3e9)), budget) == "8.30 GB of 10.00 GB"
+    over = memory_plan_text(BatchPlan(BatchLayout(1, 16), True, int(9.5e9)), budget)
+    assert over.startswith("9.50 GB of 10.00 GB (more than fits")
+    slowest = memory_plan_text(BatchPlan(BatchLayout(1, 16), True, int(8.3e9)), budget)
+    assert "the slowest layout: 16 micro-batches of one example" in slowest and "--bits 4" in slowest
+    assert "--bits 4" not in memory_plan_text(BatchPlan(BatchLayout(1, 16), True, int(8.3e9)), budget, four_bit=True)
+    assert "slowest" not in memory_plan_text(BatchPlan(BatchLayout(1, 1), True, int(8.3e9)), budget)  # nothing to split
+
+
+# --- the estimate against the peaks measured on five model shapes (benchmarks/memory_shapes.py, H200) --------
+
+SHAPES = {  # dims, and the LoRA (r=8 on q and v) parameters they train
+    "llama2-7b": ({"hidden": 4096, "intermediate": 11008, "layers": 32, "vocab": 32000}, 4096),
+    "llama3-8b": ({"hidden": 4096, "intermediate": 14336, "layers": 32, "vocab": 128256}, 1024),
+    "qwen2.5-7b": ({"hidden": 3584, "intermediate": 18944, "layers": 28, "vocab": 152064}, 512),
+    "qwen2.5-3b-tied": ({"hidden": 2048, "intermediate": 11008, "layers": 36, "vocab": 151936}, 256),
+    "qwen2.5-14b": ({"hidden": 5120, "intermediate": 13824, "layers": 48, "vocab": 152064}, 1024),
+}
+# (shape, model GB after loading, micro-batch x example length, checkpointing, measured peak GB): every example
+# at its length, so the worst micro-batch is the one that ran. docs/benchmarks.md, "Memory on five shapes".
+SHAPE_PEAKS = [
+    ("llama2-7b", 3.95, (16, 512), True, 8.23), ("llama2-7b", 7.09, (16, 512), True, 11.37),
+    ("llama2-7b", 7.09, (8, 512), True, 9.22),
+    ("llama3-8b", 5.72, (16, 512), True, 10.38), ("llama3-8b", 5.72, (8, 512), True, 8.06),
+    ("llama3-8b", 9.17, (16, 512), True, 13.77), ("llama3-8b", 9.17, (1, 512), True, 9.58),
+    ("llama3-8b", 5.79, (2, 8192), True, 15.34), ("llama3-8b", 5.79, (1, 8192), True, 10.08),
+    ("llama3-8b", 5.79, (1, 16384), True, 14.35),
+    ("qwen2.5-7b", 5.62, (16, 512), True, 10.07), ("qwen2.5-7b", 5.62, (8, 512), True, 7.82),
+    ("qwen2.5-7b", 8.79, (16, 512), True, 13.23), ("qwen2.5-7b", 8.79, (1, 512), True, 9.19),
+    ("qwen2.5-3b-tied", 2.06, (16, 512), True, 5.05), ("qwen2.5-3b-tied", 3.48, (16, 512), True, 6.39),
+    ("qwen2.5-3b-tied", 3.48, (8, 512), True, 4.90),
+    ("qwen2.5-14b", 10.03, (16, 512), True, 16.68), ("qwen2.5-14b", 10.03, (8, 512), True, 13.36),
+    ("qwen2.5-14b", 16.43, (8, 512), True, 19.80), ("qwen2.5-14b", 16.43, (1, 512), True, 17.03),
+]
+
+
+@pytest.mark.parametrize("shape, model_gb, batch, checkpointing, peak_gb", SHAPE_PEAKS)
+def test_the_estimate_is_at_or_above_the_peak_measured_on_every_shape(shape, model_gb, batch, checkpointing, peak_gb):
+    """GQA, 128k-152k vocabularies, a tied head, 3B to 14B, 4- and 8-bit: the plan's estimate never under the
+    measured peak (the whole process's, model included), and within 10% + 0.5 GB of it."""
+    dims, kv_width = SHAPES[shape]
+    micro, length = batch
+    trainable = dims["layers"] * 8 * (2 * dims["hidden"] + dims["hidden"] + kv_width)
+    plan = plan_batches(micro, [length] * micro, True, dims, 10**15, int(model_gb * 1e9), trainable,
+                        checkpointing=checkpointing, chunked_loss=True)
+    assert plan.layout == BatchLayout(micro, 1) and plan.checkpointing is checkpointing
+    assert peak_gb * 1e9 <= plan.estimate <= (1.1 * peak_gb + 0.5) * 1e9
+
+
+def test_offloading_the_checkpoints_is_the_last_resort_before_the_smallest_layout():
+    """8,192-token examples on a 4-bit 8B model: checkpointing alone fits one example per micro-batch in 24 GB
+    but not two of 16k tokens in 16 GB; the checkpoints in CPU memory do, when the CPU has the room."""
+    dims = SHAPES["llama3-8b"][0]
+    model = int(5.79e9)
+    fits = plan_batches(1, [8192], True, dims, int(24e9), model, chunked_loss=True, host_budget=10**12)
+    assert (fits.checkpointing, fits.offload) == (True, False)  # no need: not chosen
+    tight = plan_batches(1, [16384], True, dims, int(16e9), model, chunked_loss=True, host_budget=10**12)
+    assert (tight.checkpointing, tight.offload) == (True, True) and tight.estimate <= SAFETY * 16e9
+    from qlora_magic.engine.speed import checkpoint_bytes
+
+    kept = plan_batches(1, [16384], True, dims, int(16e9), model, chunked_loss=True, host_budget=0)
+    assert kept.offload is False and kept.estimate - tight.estimate == checkpoint_bytes(dims, 16384)
+    small_host = plan_batches(1, [16384], True, dims, int(16e9), model, chunked_loss=True,
+                              host_budget=checkpoint_bytes(dims, 16384) - 1)
+    assert small_host.offload is False  # the CPU memory it would need is not there
+    user_said_no = plan_batches(1, [16384], True, dims, int(16e9), model, checkpointing=False, chunked_loss=True,
+                                host_budget=10**12)
+    assert user_said_no.offload is False and user_said_no.checkpointing is False
+
+
+def test_checkpoints_in_cpu_memory_train_the_same_steps(tiny_model_dir, monkeypatch):
+    """The real run on the CPU with checkpointing forced, its checkpoints offloaded or not: the same losses,
+    and every checkpointed layer went through the offloading checkpoint."""
+    import datasets
+    import torch
+
+    from qlora_magic.config import TrainConfig
+    from qlora_magic.display.reporters import NullReporter
+    from qlora_magic.engine import speed
+    from qlora_magic.engine.training import TrainingData, run_training
+
+    _, rows = _tokenized(tiny_model_dir, n=16)
+    calls = []
+    offloaded = speed.offloaded_checkpoint
+    monkeypatch.setattr(speed, "offloaded_checkpoint", lambda *a, **k: calls.append(1) or offloaded(*a, **k))
+    losses = {}
+    for offload in (False, True):
+        torch.manual_seed(0)
+        qlora_magic.load(tiny_model_dir, bits=8)
+        session = qlora_magic.get_session()
+        config = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, lr=2e-3, display="none")
+        summary = run_training(session.model, session.tokenizer, config, TrainingData(datasets.Dataset.from_list(rows)),
+                               NullReporter(), overrides={"gradient_checkpointing": True, "offload_checkpoints": offload})
+        losses[offload] = [r["loss"] for r in summary.history if "loss" in r]
+    layers = qlora_magic.get_session().model.config.num_hidden_layers
+    assert len(calls) == 3 * 2 * layers  # 3 steps x 2 micro-batches, each layer once in the forward
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -402,7 +402,12 @@ def pad_id(tokenizer) -> int:
 
 class _RoundedPacking:
     """A packed batch padded at the end by one extra "example" of pad tokens: its position ids restart,
-    so nothing attends across into it, and its labels are -100, so the loss is unchanged."""
+    so nothing attends across into it, and its labels are -100, so the loss is unchanged.
+
+    A micro-batch of one example is padded as its continuation instead (position ids go on): being last, the
+    pad is attended by nothing before it, and the batch stays one causal sequence, for which attention needs
+    no mask (a packed batch's SDPA mask and its per-layer bias grow with the square of the length: 3 GB
+    at 32k tokens)."""
 
     def __init__(self, flatten, pad_id: int, multiple: int):
         self.flatten, self.pad_id, self.multiple = flatten, pad_id, multiple
@@ -411,20 +416,27 @@ class _RoundedPacking:
         import torch
 
         batch = self.flatten(features)
-        extra = -batch["input_ids"].shape[1] % self.multiple
+        length = batch["input_ids"].shape[1]
+        extra = -length % self.multiple
         if extra:
+            start = length if len(features) == 1 else 0
             fill = {"input_ids": torch.full((1, extra), self.pad_id), "labels": torch.full((1, extra), IGNORE_INDEX),
-                    "position_ids": torch.arange(extra).unsqueeze(0)}
+                    "position_ids": torch.arange(start, start + extra).unsqueeze(0)}
             batch = {k: torch.cat([v, fill[k].to(v.dtype)], dim=1) if k in fill else v for k, v in batch.items()}
         return batch
 
 
 def packed_real_tokens(batch, pad_id: int) -> int:
-    """Tokens of a packed batch without the pad segment _RoundedPacking may have ended it with."""
+    """Tokens of a packed batch without the pad segment _RoundedPacking may have ended it with (a segment of
+    its own, or a lone example's continuation: trailing pad tokens without labels; an example's own last
+    token has one, the end of sequence)."""
     ids, positions, labels = batch["input_ids"][0], batch["position_ids"][0], batch["labels"][0]
     last = int((positions == 0).nonzero()[-1])
     if last > 0 and bool((ids[last:] == pad_id).all()) and bool((labels[last:] == IGNORE_INDEX).all()):
         return last
+    if last == 0:
+        padding = (ids != pad_id) | (labels != IGNORE_INDEX)
+        return int(padding.nonzero()[-1]) + 1 if bool(padding.any()) else 0
     return ids.numel()
 
 

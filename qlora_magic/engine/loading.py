@@ -193,7 +193,6 @@ def load_quantized(config: LoadConfig):
     Returns (model, tokenizer, config with the 8-bit layers filled in for "auto", the AdaptiveReport or None)."""
     import torch
     import transformers
-    from peft import prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
     device = choose_device(config.device)
@@ -235,9 +234,23 @@ def load_quantized(config: LoadConfig):
     if config.task == "seq-cls":
         model.config.pad_token_id = tokenizer.pad_token_id  # decoders classify from the last non-pad token
     if config.bits in (4, 8, "auto"):
-        # Casts norms to fp32 for stable training. Gradient checkpointing is decided per training run.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_for_kbit_training(model, dtype, config.task)
     return model, tokenizer, config, adaptive_report
+
+
+def prepare_for_kbit_training(model, dtype, task: str):
+    """The base frozen for LoRA. Its unquantized weights (embeddings, output head, norms) stay in the bf16 they
+    were loaded in when bf16 is the compute dtype of a language model: PEFT's prepare_model_for_kbit_training
+    makes them fp32, a habit from fp16 (where norms overflow) that in bf16 only doubles them: +2.1 GB for a
+    128k-vocabulary 8B model, whose weights were bf16 (or rounded to it by the load) anyway. Elsewhere (fp16
+    GPUs; a classifier, whose new head is trained) PEFT's casts are kept. Checkpointing is decided per run."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    if dtype == torch.bfloat16 and task == "causal-lm":
+        model.requires_grad_(False)
+        return model
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def restore_adapter(model, config: LoadConfig, folder: AdapterFolder):

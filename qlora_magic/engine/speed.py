@@ -8,7 +8,8 @@ Measured on an H200 with a Llama-2-7B-shaped model (docs/benchmarks.md), what pa
   micro-batch forward and once per backward, so fewer micro-batches means fewer dequantizations),
 - no gradient checkpointing unless the memory estimate needs it (it recomputes the forward: ~1/3 more),
 - a bf16 residual stream: `prepare_model_for_kbit_training` casts norms and embeddings to fp32 (a habit
-  from fp16, where it avoids overflow); with bf16 every elementwise op then moves twice the bytes,
+  from fp16, where it avoids overflow); with bf16 every elementwise op then moves twice the bytes (the load
+  now keeps them bf16 on bf16 GPUs; `bf16_stream` casts a model that has them in fp32 for the run),
 - 8-bit weights dequantized to bf16 for a plain matmul during training, instead of LLM.int8's
   activation quantization and outlier split (the same stored weights, computed more exactly),
 - the loss computed from the final hidden states in chunks of tokens, so the fp32 logits (14 bytes per
@@ -42,9 +43,10 @@ ACT_HIDDEN, ACT_INTERMEDIATE = 25, 6
 # length: 5.37 MB/token at 4,138 tokens, 5.65 at 8,192).
 MASK_BYTES, MASK_BYTES_PER_LAYER = 1, 2
 # With checkpointing each layer keeps only its input (bf16, 2 x hidden) and one layer at a time is recomputed
-# with its backward's temporaries: measured 1.2-1.3 x a layer's activations (with its mask bias).
+# with its backward's temporaries: measured 1.2-1.3 x a layer's activations (with its mask bias) on the 7B shape,
+# up to 1.46 x on a 3B shape with a wide MLP (Qwen2.5-3B: intermediate 5.4 x hidden; benchmarks/memory_shapes.py).
 CKPT_HIDDEN = 2
-RECOMPUTE = 1.4
+RECOMPUTE = 1.5
 # The loss: the model's own keeps bf16 logits, their fp32 copy, log-softmax and its gradient at once (14 bytes
 # per token and vocabulary entry; 0.45 MB/token at a 32k vocabulary); the chunked loss keeps the hidden states
 # and their gradient (bf16) plus one chunk of logits at a time (CHUNK_BYTES, whatever the batch).
@@ -64,6 +66,11 @@ SAFETY = 0.9  # never plan to fill more than this share of the budget (the alloc
 # speed: so fewer, bigger micro-batches win, and checkpointing (x1.37 measured) beats a split in two.
 MICRO_BATCH_OVERHEAD_TOKENS = 8192
 CHECKPOINTING_COST = 4 / 3  # the forward runs twice (1.37x measured)
+# Checkpointing with the layers' saved inputs in (pinned) CPU memory: copied out in the forward and back in the
+# backward, 2 x hidden bytes per token and layer each way. 7B, 16x1 on an H200: 0.66 s/step against 0.50, peak
+# 5.2 GB against 6.3. Chosen only when nothing fits without it: the copies cost more where the host link is slower.
+OFFLOAD_COST = 1.32
+HOST_SHARE = 0.5  # offload into at most this share of the CPU memory available when the run starts
 
 
 @dataclass(frozen=True)
@@ -90,12 +97,13 @@ class BatchLayout:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """What plan_batches chose: the layout, whether to checkpoint, and the estimated peak (bytes; None
-    without a budget to plan against)."""
+    """What plan_batches chose: the layout, whether to checkpoint (and keep the checkpoints in CPU memory:
+    `offload`), and the estimated peak (bytes; None without a budget to plan against)."""
 
     layout: BatchLayout
     checkpointing: bool
     estimate: int | None = None
+    offload: bool = False
 
 
 def model_dims(model) -> dict:
@@ -117,11 +125,16 @@ def workspace_bytes(dims: dict) -> int:
     return 2 * 2 * dims["hidden"] * max(dims["intermediate"], dims["hidden"]) + CUBLAS_WORKSPACE
 
 
+def checkpoint_bytes(dims: dict, tokens: int) -> int:
+    """The layers' saved inputs under checkpointing (bf16): what offloading moves to CPU memory."""
+    return tokens * dims["layers"] * CKPT_HIDDEN * dims["hidden"]
+
+
 def activation_bytes(dims: dict, tokens: int, checkpointing: bool, chunked_loss: bool = False,
-                     mask_pairs: int | None = None) -> int:
+                     mask_pairs: int | None = None, offload: bool = False) -> int:
     """Estimated activation memory at the peak of one micro-batch of `tokens` tokens (forward + backward).
     `mask_pairs`: query-key pairs in its attention mask (tokens squared when packed into one sequence,
-    the default; micro-batch x longest squared when padded).
+    the default; micro-batch x longest squared when padded). `offload`: the checkpoints wait in CPU memory.
 
     Without checkpointing the peak is at the loss's backward, with every layer's activations kept. With
     checkpointing it is either there (the model's own loss: the logits dominate) or while one layer is
@@ -136,7 +149,7 @@ def activation_bytes(dims: dict, tokens: int, checkpointing: bool, chunked_loss:
     if not checkpointing:
         layers = tokens * per_layer + pairs * MASK_BYTES_PER_LAYER
         return dims["layers"] * layers + mask + tokens * loss_per_token + loss_fixed
-    inputs = tokens * dims["layers"] * CKPT_HIDDEN * dims["hidden"]
+    inputs = 0 if offload else checkpoint_bytes(dims, tokens)
     recompute = tokens * RECOMPUTE * per_layer + pairs * MASK_BYTES_PER_LAYER
     return int(inputs + mask + max(tokens * loss_per_token + loss_fixed, recompute))
 
@@ -159,17 +172,22 @@ def micro_batch_tokens(lengths: list[int], micro: int, packing: bool) -> tuple[i
 
 def mask_pairs(lengths: list[int], micro: int, packing: bool) -> int:
     """Query-key pairs in the worst micro-batch's attention mask: one sequence when packed, else one
-    square per padded row."""
+    square per padded row. A packed micro-batch of one example is one causal sequence: no mask at all
+    (data._RoundedPacking pads it as its continuation)."""
     worst, _ = micro_batch_tokens(lengths, micro, packing)
-    return worst * worst if packing else worst * (worst // micro if micro else 0)
+    if packing:
+        return 0 if micro == 1 else worst * worst
+    return worst * (worst // micro if micro else 0)
 
 
 def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict | None,
                  budget: int | None, in_use: int, trainable: int = 0, checkpointing: bool | None = None,
-                 chunked_loss: bool = False) -> BatchPlan:
+                 chunked_loss: bool = False, host_budget: int = 0) -> BatchPlan:
     """The fastest (micro-batch, accumulation, checkpointing) that keeps the effective batch and whose
     estimated peak fits `budget` bytes. `in_use`: bytes the model already holds; `checkpointing`: None to
-    choose, or fixed by the user. Without a budget (the CPU) the layout is one micro-batch per step.
+    choose, or fixed by the user. Checkpoints offloaded to CPU memory (at most `host_budget` bytes of it) are
+    the last resort: only when nothing fits without. Without a budget (the CPU) the layout is one
+    micro-batch per step.
 
     The estimate is for the worst micro-batch the data allows (its longest examples together), not a
     typical one: a plan that fits can never run out of memory later in the run.
@@ -179,23 +197,35 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
         return BatchPlan(BatchLayout(effective, 1), bool(checkpointing))
     optimizer = 16 * trainable  # fp32 gradient + two Adam moments (+ the fp32 master already in in_use)
     fixed = in_use + optimizer + workspace_bytes(dims)
+
+    def estimate(micro, recompute, offload=False):
+        worst, _ = micro_batch_tokens(lengths, micro, packing)
+        return fixed + activation_bytes(dims, worst, recompute, chunked_loss, mask_pairs(lengths, micro, packing), offload)
+
+    modes = [(False, False), (True, False)] if checkpointing is None else [(checkpointing, False)]
+    if checkpointing is not False:
+        modes.append((True, True))
     best = None
-    for recompute in (False, True) if checkpointing is None else (checkpointing,):
+    for recompute, offload in modes:
+        if offload and best is not None:
+            break  # offloading only when nothing fits in GPU memory alone
         for micro in divisors:
-            worst, typical = micro_batch_tokens(lengths, micro, packing)
-            estimate = fixed + activation_bytes(dims, worst, recompute, chunked_loss, mask_pairs(lengths, micro, packing))
-            if estimate > SAFETY * budget:
+            peak = estimate(micro, recompute, offload)
+            if peak > SAFETY * budget:
+                continue
+            if offload and checkpoint_bytes(dims, micro_batch_tokens(lengths, micro, packing)[0]) > host_budget:
                 continue
             accum = effective // micro
-            cost = accum * (MICRO_BATCH_OVERHEAD_TOKENS + typical) * (CHECKPOINTING_COST if recompute else 1)
+            _, typical = micro_batch_tokens(lengths, micro, packing)
+            cost = (accum * (MICRO_BATCH_OVERHEAD_TOKENS + typical) * (CHECKPOINTING_COST if recompute else 1)
+                    * (OFFLOAD_COST if offload else 1))
             if best is None or cost < best[0]:
-                best = (cost, BatchPlan(BatchLayout(micro, accum), recompute, estimate))
-            break  # smaller micro-batches at this checkpointing setting only cost more
+                best = (cost, BatchPlan(BatchLayout(micro, accum), recompute, peak, offload))
+            break  # smaller micro-batches at this setting only cost more
     if best is None:  # nothing fits by the estimate: the smallest layout, and let the allocator say
         recompute = True if checkpointing is None else checkpointing
-        worst, _ = micro_batch_tokens(lengths, 1, packing)
-        estimate = fixed + activation_bytes(dims, worst, recompute, chunked_loss, mask_pairs(lengths, 1, packing))
-        return BatchPlan(BatchLayout(1, effective), recompute, estimate)
+        offload = recompute and checkpoint_bytes(dims, micro_batch_tokens(lengths, 1, packing)[0]) <= host_budget
+        return BatchPlan(BatchLayout(1, effective), recompute, estimate(1, recompute, offload), offload)
     return best[1]
 
 
@@ -210,6 +240,8 @@ def smaller_layout(settings: dict) -> dict | None:
         return {"batch": BatchLayout(micro, effective // micro)}
     if not settings["gradient_checkpointing"]:
         return {"gradient_checkpointing": True}
+    if not settings.get("offload_checkpoints") and settings.get("device", "").startswith("cuda"):
+        return {"offload_checkpoints": True}
     return None
 
 
@@ -231,10 +263,26 @@ def check_budget(plan: BatchPlan, budget: int | None, in_use: int, lengths: list
         why = f"the model alone takes {gb(in_use)}"
     else:
         layout = f"micro-batch {plan.layout.micro}" + (" with gradient checkpointing" if plan.checkpointing else "")
+        layout += " in CPU memory" if plan.offload else ""
         why = f"the model takes {gb(in_use)} and training it at the smallest layout ({layout}) about {gb(plan.estimate)} in all"
     bits = "" if four_bit else ", or load the model with --bits 4"
     raise ConfigError(f"--max-memory {gb(budget)} is too small: {why}. Give --max-memory {gb(needed)} or more, "
                       f"or lower --max-length{longest}{bits}.")
+
+
+def memory_plan_text(plan: BatchPlan, budget: int | None, four_bit: bool = False) -> str:
+    """The settings row's memory_plan: the estimate against the budget, and what is wrong with the plan when
+    something is: over the budget (the card's: it runs, a step out of memory splits the micro-batch), or the
+    slowest layout (one example per micro-batch with checkpointing: on a 7-8B model slower than the course's
+    4x4 recipe, which the user should hear rather than find out)."""
+    text = f"{gb(plan.estimate)} of {gb(budget)}"
+    if not plan_fits(plan, budget):
+        return text + " (more than fits: a step out of memory makes the micro-batch smaller)"
+    if plan.layout.micro == 1 and plan.layout.accum > 1 and plan.checkpointing:
+        faster = "more memory" + ("" if four_bit else " or --bits 4")
+        return text + (f" (the slowest layout: {plan.layout.accum} micro-batches of one example a step, "
+                       f"with gradient checkpointing; {faster} trains faster)")
+    return text
 
 
 def gpu_budget(device: str, max_memory=None) -> int:
@@ -251,6 +299,36 @@ def gpu_budget(device: str, max_memory=None) -> int:
     budget = min(total * fraction, reachable)
     limit = parse_memory(max_memory)
     return int(min(budget, limit) if limit else budget)
+
+
+def host_budget() -> int:
+    """CPU memory the checkpoints may be offloaded into: a share of what is available now (the data, the
+    DataLoader and the notebook need the rest)."""
+    import psutil
+
+    return int(HOST_SHARE * psutil.virtual_memory().available)
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """torch's checkpoint (non-reentrant, as the Trainer's) whose saved inputs, the only activations a
+    checkpointed layer keeps, wait in CPU memory (pinned on CUDA, so the copies are fast) until the backward
+    recomputes the layer. Tensors saved inside the layer are the checkpoint's own (recomputed, not stored)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    kwargs.setdefault("use_reentrant", False)
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return checkpoint(function, *args, **kwargs)
+
+
+def offload_checkpoints(model) -> int:
+    """Make every checkpointed layer of `model` keep its saved input in CPU memory; returns how many. Called
+    once checkpointing is on (the Trainer turns it on when training starts, with torch's own checkpoint)."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+              and callable(getattr(m, "_gradient_checkpointing_func", None))]
+    for layer in layers:
+        layer._gradient_checkpointing_func = offloaded_checkpoint
+    return len(layers)
 
 
 ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
@@ -512,7 +590,8 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
     chunked_loss = on_gpu and model is not None and output_head(model) is not None
     if on_gpu:
         plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
-                            checkpointing=config.gradient_checkpointing, chunked_loss=chunked_loss)
+                            checkpointing=config.gradient_checkpointing, chunked_loss=chunked_loss,
+                            host_budget=host_budget())
         check_budget(plan, budget, in_use, list(lengths or []), given=config.max_memory is not None,
                      four_bit=bool(getattr(model, "is_loaded_in_4bit", False)))
     else:
@@ -528,12 +607,13 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
         "gradient_checkpointing": plan.checkpointing,
         "chunked_loss": chunked_loss,
     }
+    if plan.offload:
+        settings["offload_checkpoints"] = True
     if on_gpu:
         settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
         if packing:
             settings["pad_packed_to"] = PACKED_LENGTH_MULTIPLE
-        over = "" if plan_fits(plan, budget) else " (more than fits: a step out of memory makes the micro-batch smaller)"
-        settings["memory_plan"] = f"{gb(plan.estimate)} of {gb(budget)}{over}"
+        settings["memory_plan"] = memory_plan_text(plan, budget, four_bit=bool(getattr(model, "is_loaded_in_4bit", False)))
         settings["bf16_stream"] = precision == "bf16"
         settings["int8_dequant"] = precision == "bf16" and _has_int8_layers(model)
     return settings

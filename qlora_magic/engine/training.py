@@ -119,8 +119,8 @@ def default_run_dir() -> Path:
 
 def _trainer_class(chunked_loss: bool, rounded_pad_id: int | None = None):
     """transformers' Trainer, whose checkpoints go whole into the run folder (`CheckpointingTrainer`); one whose
-    training loss comes from `speed.causal_lm_loss` (same numbers, without the batch's logits; evaluation keeps
-    the model's own loss, it returns the logits), and which, when packed batches are rounded up (rounded_pad_id
+    training and evaluation loss come from `speed.causal_lm_loss` (same numbers, without the batch's logits; an
+    evaluation with metrics keeps the model's own loss, it returns the logits), and which, when packed batches are rounded up (rounded_pad_id
     given), counts tokens without the pad segment."""
     base = _chunked_loss_trainer() if chunked_loss else _checkpointing_trainer()
     if rounded_pad_id is None:
@@ -170,7 +170,11 @@ def _chunked_loss_trainer():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             module = self.accelerator.unwrap_model(model)
             head = output_head(module)
-            if return_outputs or not model.training or "labels" not in inputs or head is None:
+            # Evaluation asks for the outputs; with no metrics to compute from them (a language model's eval
+            # loss) the loss alone is returned, so the eval batch's logits (10 bytes per token and vocabulary
+            # entry: 10 GB for 8,192 tokens at a 128k vocabulary) are not made either.
+            loss_only = return_outputs and not model.training and self.compute_metrics is None
+            if (return_outputs and not loss_only) or "labels" not in inputs or head is None:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             labels = inputs["labels"]
             with hidden_states_as_logits(module, head):
@@ -182,7 +186,7 @@ def _chunked_loss_trainer():
                 loss = causal_lm_loss(hidden, head.weight, labels, divisor)
             if divisor is not None and getattr(self.args, "average_tokens_across_devices", False):
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss (1 on one GPU)
-            return loss
+            return (loss, {"loss": loss}) if return_outputs else loss
 
     return ChunkedLossTrainer
 
@@ -342,7 +346,23 @@ def build_trainer(model, tokenizer, args, settings: dict, data: TrainingData, ca
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the reporter shows them
+    if settings["gradient_checkpointing"] and settings.get("offload_checkpoints"):
+        trainer.add_callback(_offload_callback())
     return trainer
+
+
+def _offload_callback():
+    """Once the Trainer has turned checkpointing on (at the start of train()), move the checkpoints to CPU memory."""
+    from transformers import TrainerCallback
+
+    from .speed import offload_checkpoints
+
+    class OffloadCheckpoints(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None and not offload_checkpoints(model):
+                raise RuntimeError("offload_checkpoints: the model has no checkpointed layers")
+
+    return OffloadCheckpoints()
 
 
 def _train(make_trainer, model, settings: dict, reporter: Reporter, log: RunLog, stop: StopFlag, run_dir: Path,
@@ -454,6 +474,7 @@ def _train_backing_off(attempts: list, make_trainer, settings: dict, reporter: R
 
 def _layout_text(settings: dict) -> str:
     checkpointing = " + gradient checkpointing" if settings["gradient_checkpointing"] else ""
+    checkpointing += " in CPU memory" if checkpointing and settings.get("offload_checkpoints") else ""
     return f"micro-batch {settings['batch'].micro} x {settings['batch'].accum}{checkpointing}"
 
 
