@@ -102,13 +102,25 @@ def test_activation_estimate_is_calibrated_on_the_measured_peaks(checkpointing, 
     assert measured_gb <= estimate <= 1.2 * measured_gb
 
 
-@pytest.mark.parametrize("bits, budget_gb, layout", [(4, 10, (16, 1, True)), (4, 24, (16, 1, True)), (4, 80, (16, 1, False)),
-                                                     (8, 10, (8, 2, True)), (8, 24, (16, 1, True)), (8, 80, (16, 1, False))])
-def test_plans_are_the_layouts_measured_on_the_gpu(bits, budget_gb, layout):
-    """The rows of docs/benchmarks.md ran these layouts; a change of constants that moves them needs a new run."""
-    for lengths in (LENGTHS, [512] * 64):
-        plan = plan_batches(16, lengths, True, LLAMA_7B, budget_gb * GiB, IN_USE[bits], LORA_Q_V, chunked_loss=True)
-        assert (plan.layout.micro, plan.layout.accum, plan.checkpointing) == layout
+PLANS = [  # bits, budget GiB, data, (micro, accum, checkpointing, checkpointed layers, token cap)
+    (4, 10, "mixed", (16, 1, True, 28, 5120)), (4, 10, "512", (16, 1, True, None, None)),
+    (4, 24, "mixed", (16, 1, True, 10, 4608)), (4, 24, "512", (16, 1, True, 22, None)),
+    (4, 80, "mixed", (16, 1, False, None, None)), (4, 80, "512", (16, 1, False, None, None)),
+    (8, 10, "mixed", (16, 1, True, None, 4096)), (8, 10, "512", (16, 1, True, None, 4096)),
+    (8, 24, "mixed", (16, 1, True, 14, 4608)), (8, 24, "512", (16, 1, True, 24, None)),
+    (8, 80, "mixed", (16, 1, False, None, None)), (8, 80, "512", (16, 1, False, None, None)),
+]
+
+
+@pytest.mark.parametrize("bits, budget_gb, data, plan", PLANS)
+def test_plans_are_the_layouts_measured_on_the_gpu(bits, budget_gb, data, plan):
+    """The plans of benchmarks/memory_shapes.py's and peers.py's rows (docs/benchmarks.md); a change of constants
+    that moves them needs a new run."""
+    lengths = LENGTHS if data == "mixed" else [512] * 64
+    chosen = plan_batches(16, lengths, True, LLAMA_7B, budget_gb * GiB, IN_USE[bits], LORA_Q_V, chunked_loss=True)
+    assert (chosen.layout.micro, chosen.layout.accum, chosen.checkpointing, chosen.checkpointed_layers,
+            chosen.max_tokens) == plan
+    assert chosen.estimate <= SAFETY * budget_gb * GiB
 
 
 def test_packed_attention_mask_grows_with_the_square_of_the_micro_batch():
@@ -126,13 +138,13 @@ def test_chunked_loss_estimate_drops_the_logits():
     assert activation_bytes(LLAMA_7B, 4096, True, chunked_loss=True) < 0.8 * activation_bytes(LLAMA_7B, 4096, True)
 
 
-def test_8bit_on_a_10gb_budget_takes_a_bigger_micro_batch_with_checkpointing():
-    """The budget mode for 8-bit (docs/benchmarks.md): 4x4 before; 8x2 fits even the worst micro-batch.
-    The budget is the measured runs' (--max-memory 10GB, read as 10 GiB before units were decimal)."""
+def test_8bit_on_a_10gb_budget_takes_one_micro_batch_capped_by_tokens():
+    """The budget mode for 8-bit (docs/benchmarks.md): 4x4 at first, then 8x2 (which fit the worst micro-batch);
+    now 16 examples a forward, the rare micro-batch over 4,096 tokens trained in two."""
     plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GiB, IN_USE[8], LORA_Q_V, chunked_loss=True)
-    assert (plan.layout, plan.checkpointing) == (BatchLayout(8, 2), True)
+    assert (plan.layout, plan.checkpointing, plan.max_tokens) == (BatchLayout(16, 1), True, 4096)
     assert plan.estimate <= SAFETY * 10 * GiB
-    # 4-bit on the same budget: one micro-batch of 16, checkpointed
+    # 4-bit on the same budget: one micro-batch of 16, most layers checkpointed
     plan = plan_batches(16, LENGTHS, True, LLAMA_7B, 10 * GiB, IN_USE[4], LORA_Q_V, chunked_loss=True)
     assert (plan.layout.micro, plan.checkpointing) == (16, True)
 
@@ -533,3 +545,92 @@ def test_checkpoints_in_cpu_memory_train_the_same_steps(tiny_model_dir, monkeypa
     layers = qlora_magic.get_session().model.config.num_hidden_layers
     assert len(calls) == 3 * 2 * layers  # 3 steps x 2 micro-batches, each layer once in the forward
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+# --- partial checkpointing and the token cap: the worst micro-batch no longer dictates a slow plan --------------
+
+def test_partial_checkpointing_is_estimated_between_none_and_all():
+    none, all_ = (activation_bytes(LLAMA_7B, 4096, c, True) for c in (False, True))
+    half = activation_bytes(LLAMA_7B, 4096, True, True, checkpointed_layers=16)
+    assert all_ < half < none
+    assert activation_bytes(LLAMA_7B, 4096, True, True, checkpointed_layers=32) == all_
+    assert activation_bytes(LLAMA_7B, 4096, True, True, checkpointed_layers=0) == none
+
+
+def test_a_budget_between_checkpointing_all_and_none_checkpoints_only_some_layers():
+    """On the measured data of issue 12 (54-512 tokens) at Unsloth's 18.8 GiB: the plan checkpoints part of the
+    layers (faster than all) and fits the worst micro-batch."""
+    import random
+
+    draw = random.Random(1)
+    lengths = [draw.randint(54, 512) for _ in range(1000)]
+    plan = plan_batches(16, lengths, True, LLAMA_7B, int(18.8 * GiB), IN_USE[4], LORA_Q_V, chunked_loss=True)
+    assert plan.checkpointing and 0 < plan.checkpointed_layers < 32
+    assert plan.estimate <= SAFETY * 18.8 * GiB
+    everything = plan_batches(16, lengths, True, LLAMA_7B, int(18.8 * GiB), IN_USE[4], LORA_Q_V, checkpointing=True,
+                              chunked_loss=True)
+    assert everything.checkpointed_layers is None  # the user's --gradient-checkpointing means every layer
+
+
+def test_a_token_cap_lets_a_budget_take_the_typical_micro_batch_not_the_worst():
+    from qlora_magic.engine.speed import forwards_per_micro_batch, token_groups
+
+    assert token_groups([300, 300, 300, 700, 100], 1024) == [[0, 1, 2], [3, 4]]
+    assert token_groups([2000, 10], 1024) == [[0], [1]]  # one example is never split
+    assert token_groups([5, 5], None) == [[0, 1]]
+    # 15 short examples and one cut at max length: rarely over 4,096 tokens together, the worst case 8,192
+    lengths = [180] * 990 + [512] * 10
+    assert forwards_per_micro_batch(lengths, 16, 4096) == 1.0 and forwards_per_micro_batch(lengths, 16, 1024) >= 3
+    plan = plan_batches(16, lengths, True, LLAMA_7B, 40 * GiB, IN_USE[4], LORA_Q_V, chunked_loss=True)
+    assert (plan.layout.micro, plan.checkpointing) == (16, False) and plan.max_tokens is not None
+    assert plan.max_tokens >= 512 and plan.estimate <= SAFETY * 40 * GiB
+    uncapped = plan_batches(16, lengths, True, LLAMA_7B, 80 * GiB, IN_USE[4], LORA_Q_V, chunked_loss=True)
+    assert uncapped.max_tokens is None  # the worst case fits: nothing is ever split
+    padded = plan_batches(16, lengths, False, LLAMA_7B, 40 * GiB, IN_USE[4], LORA_Q_V, chunked_loss=True)
+    assert padded.max_tokens is None  # only packed micro-batches are split
+
+
+def test_arrange_checkpoints_keeps_checkpointing_on_the_first_layers_only(tiny_model_dir):
+    from qlora_magic.engine.speed import arrange_checkpoints, offloaded_checkpoint
+
+    qlora_magic.load(tiny_model_dir, bits=8)
+    model = qlora_magic.get_session().model
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert arrange_checkpoints(model, 1, offload=True) == 1
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    assert layers[0]._gradient_checkpointing_func is offloaded_checkpoint
+
+
+@pytest.mark.parametrize("chunked_loss", [False, True])
+def test_a_micro_batch_over_the_token_cap_trains_as_pieces_with_the_same_steps(tiny_model_dir, chunked_loss):
+    """The real run on the CPU (4-bit), packed and rounded as on the GPU, one of two layers checkpointed: with a
+    token cap that splits every micro-batch, the same losses and gradient norms, and more forwards."""
+    import datasets
+    import torch
+
+    from qlora_magic.config import TrainConfig
+    from qlora_magic.display.reporters import NullReporter
+    from qlora_magic.engine.training import TrainingData, run_training
+
+    _, rows = _tokenized(tiny_model_dir, n=16)
+    cap = max(len(r["input_ids"]) for r in rows) + 7 & ~7
+    runs = {}
+    for max_tokens in (None, cap):
+        torch.manual_seed(0)
+        qlora_magic.load(tiny_model_dir, bits=4, dropout=0.0)  # dropout draws differ per forward
+        session = qlora_magic.get_session()
+        forwards = []
+        session.model.register_forward_hook(lambda *a: forwards.append(1) if session.model.training else None)
+        config = TrainConfig(max_steps=3, batch_size=4, grad_accum=2, lr=2e-3, display="none")
+        overrides = {"packing": True, "pad_packed_to": 8, "chunked_loss": chunked_loss, "gradient_checkpointing": True,
+                     "checkpointed_layers": 1, "max_tokens": max_tokens}
+        summary = run_training(session.model, session.tokenizer, config, TrainingData(datasets.Dataset.from_list(rows)),
+                               NullReporter(), overrides=overrides)
+        assert summary.settings["max_tokens"] == max_tokens and summary.settings["checkpointed_layers"] == 1
+        history = [r for r in summary.history if "loss" in r]
+        runs[max_tokens] = ([r["loss"] for r in history], [r["grad_norm"] for r in history], len(forwards))
+    assert runs[None][2] == 3 * 2  # one forward per micro-batch
+    assert runs[cap][2] > runs[None][2]
+    assert runs[cap][0] == pytest.approx(runs[None][0], rel=1e-5)
+    assert runs[cap][1] == pytest.approx(runs[None][1], rel=1e-4)

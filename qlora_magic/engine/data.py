@@ -10,6 +10,7 @@ import string
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from .speed import token_groups
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -378,26 +379,32 @@ def prepare_datasets(rows, example_tokenizer: ExampleTokenizer, eval_split=None,
     return tokenized, eval_set, stats
 
 
-def make_collator(tokenizer, packing: bool = False, task: str = "causal-lm", pad_to_multiple_of: int | None = None):
+def make_collator(tokenizer, packing: bool = False, task: str = "causal-lm", pad_to_multiple_of: int | None = None,
+                  max_tokens: int | None = None):
     """Batches padded to the longest row in each batch, labels padded with -100; or, with packing,
     all rows of a batch in one sequence whose position ids restart per example, so attention stays
     inside each example and no pad token is computed. A classifier's labels are one id per row.
     pad_to_multiple_of (packing only): end the packed sequence with a pad segment of its own so that
-    its length is a multiple of this (fewer distinct shapes for the GPU's per-shape caches)."""
+    its length is a multiple of this (fewer distinct shapes for the GPU's per-shape caches).
+    max_tokens (packing only): a batch longer than this also carries its examples regrouped into pieces of
+    at most this many tokens (PIECES; speed.token_groups), which the Trainer trains one forward each."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, DataCollatorWithPadding
 
     if task == "seq-cls":
         return DataCollatorWithPadding(tokenizer, padding="longest")
     if packing:
         flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
-        if not pad_to_multiple_of or pad_to_multiple_of <= 1:
+        if (not pad_to_multiple_of or pad_to_multiple_of <= 1) and not max_tokens:
             return flatten
-        return _RoundedPacking(flatten, pad_id(tokenizer), pad_to_multiple_of)
+        return _RoundedPacking(flatten, pad_id(tokenizer), pad_to_multiple_of or 1, max_tokens)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest")
 
 
 def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+PIECES = "pieces"  # the key under which a packed batch over the token cap carries its pieces
 
 
 class _RoundedPacking:
@@ -409,10 +416,19 @@ class _RoundedPacking:
     no mask (a packed batch's SDPA mask and its per-layer bias grow with the square of the length: 3 GB
     at 32k tokens)."""
 
-    def __init__(self, flatten, pad_id: int, multiple: int):
-        self.flatten, self.pad_id, self.multiple = flatten, pad_id, multiple
+    def __init__(self, flatten, pad_id: int, multiple: int, max_tokens: int | None = None):
+        self.flatten, self.pad_id, self.multiple, self.max_tokens = flatten, pad_id, multiple, max_tokens
 
     def __call__(self, features):
+        batch = self._pack(features)
+        lengths = [len(f["input_ids"]) for f in features]
+        if self.max_tokens and sum(lengths) > self.max_tokens:
+            groups = token_groups(lengths, self.max_tokens)
+            if len(groups) > 1:
+                batch[PIECES] = [self._pack([features[i] for i in group]) for group in groups]
+        return batch
+
+    def _pack(self, features):
         import torch
 
         batch = self.flatten(features)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import re
 from dataclasses import dataclass
 
@@ -98,12 +99,17 @@ class BatchLayout:
 @dataclass(frozen=True)
 class BatchPlan:
     """What plan_batches chose: the layout, whether to checkpoint (and keep the checkpoints in CPU memory:
-    `offload`), and the estimated peak (bytes; None without a budget to plan against)."""
+    `offload`), and the estimated peak (bytes; None without a budget to plan against). `checkpointed_layers`:
+    how many layers (the first ones) are checkpointed when not all are (None: all, when checkpointing);
+    `max_tokens`: a packed micro-batch longer than this is trained as several forwards of at most this many
+    tokens each (None: never split)."""
 
     layout: BatchLayout
     checkpointing: bool
     estimate: int | None = None
     offload: bool = False
+    checkpointed_layers: int | None = None
+    max_tokens: int | None = None
 
 
 def model_dims(model) -> dict:
@@ -125,33 +131,32 @@ def workspace_bytes(dims: dict) -> int:
     return 2 * 2 * dims["hidden"] * max(dims["intermediate"], dims["hidden"]) + CUBLAS_WORKSPACE
 
 
-def checkpoint_bytes(dims: dict, tokens: int) -> int:
-    """The layers' saved inputs under checkpointing (bf16): what offloading moves to CPU memory."""
-    return tokens * dims["layers"] * CKPT_HIDDEN * dims["hidden"]
+def checkpoint_bytes(dims: dict, tokens: int, layers: int | None = None) -> int:
+    """The checkpointed layers' saved inputs (bf16; all layers unless `layers`): what offloading moves to CPU memory."""
+    return tokens * (dims["layers"] if layers is None else layers) * CKPT_HIDDEN * dims["hidden"]
 
 
 def activation_bytes(dims: dict, tokens: int, checkpointing: bool, chunked_loss: bool = False,
-                     mask_pairs: int | None = None, offload: bool = False) -> int:
+                     mask_pairs: int | None = None, offload: bool = False, checkpointed_layers: int | None = None) -> int:
     """Estimated activation memory at the peak of one micro-batch of `tokens` tokens (forward + backward).
     `mask_pairs`: query-key pairs in its attention mask (tokens squared when packed into one sequence,
     the default; micro-batch x longest squared when padded). `offload`: the checkpoints wait in CPU memory.
+    `checkpointed_layers`: with checkpointing, how many layers are (the first ones; None: all).
 
-    Without checkpointing the peak is at the loss's backward, with every layer's activations kept. With
-    checkpointing it is either there (the model's own loss: the logits dominate) or while one layer is
-    recomputed (the chunked loss)."""
+    The layers that are not checkpointed keep all their activations until the backward reaches them: the peak
+    is at the loss's backward with all of them held, or, with checkpointing, while one layer is recomputed (by
+    then the later, kept layers are freed)."""
     pairs = tokens * tokens if mask_pairs is None else mask_pairs
     per_layer = ACT_HIDDEN * dims["hidden"] + ACT_INTERMEDIATE * dims["intermediate"]
     if chunked_loss:
         loss_per_token, loss_fixed = CHUNKED_HIDDEN * dims["hidden"], CHUNK_BYTES
     else:
         loss_per_token, loss_fixed = LOGIT_BYTES * dims["vocab"], 0
-    mask = pairs * MASK_BYTES
-    if not checkpointing:
-        layers = tokens * per_layer + pairs * MASK_BYTES_PER_LAYER
-        return dims["layers"] * layers + mask + tokens * loss_per_token + loss_fixed
-    inputs = 0 if offload else checkpoint_bytes(dims, tokens)
-    recompute = tokens * RECOMPUTE * per_layer + pairs * MASK_BYTES_PER_LAYER
-    return int(inputs + mask + max(tokens * loss_per_token + loss_fixed, recompute))
+    checkpointed = 0 if not checkpointing else dims["layers"] if checkpointed_layers is None else checkpointed_layers
+    kept = (dims["layers"] - checkpointed) * (tokens * per_layer + pairs * MASK_BYTES_PER_LAYER)
+    inputs = 0 if offload else checkpoint_bytes(dims, tokens, checkpointed)
+    recompute = tokens * RECOMPUTE * per_layer + pairs * MASK_BYTES_PER_LAYER if checkpointed else 0
+    return int(inputs + pairs * MASK_BYTES + max(kept + tokens * loss_per_token + loss_fixed, recompute))
 
 
 def micro_batch_tokens(lengths: list[int], micro: int, packing: bool) -> tuple[int, float]:
@@ -180,66 +185,123 @@ def mask_pairs(lengths: list[int], micro: int, packing: bool) -> int:
     return worst * (worst // micro if micro else 0)
 
 
+def token_groups(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+    """The examples of a packed micro-batch (their lengths, in order) as groups of indices of at most
+    `max_tokens` tokens each, one forward each: filled in order; an example longer than the cap goes alone."""
+    groups, used = [[]], 0
+    for index, length in enumerate(lengths):
+        if groups[-1] and max_tokens and used + length > max_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(index)
+        used += length
+    return groups
+
+
+def forwards_per_micro_batch(lengths: list[int], micro: int, max_tokens: int | None, draws: int = 32) -> float:
+    """How many forwards a micro-batch of `micro` examples drawn from `lengths` takes on average under a token
+    cap (token_groups; 1 without a cap). Drawn with a fixed seed, so a plan is the same every time."""
+    if not max_tokens or not lengths:
+        return 1.0
+    rng = random.Random(0)
+    return sum(len(token_groups(rng.choices(lengths, k=micro), max_tokens)) for _ in range(draws)) / draws
+
+
 def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict | None,
                  budget: int | None, in_use: int, trainable: int = 0, checkpointing: bool | None = None,
                  chunked_loss: bool = False, host_budget: int = 0) -> BatchPlan:
     """The fastest (micro-batch, accumulation, checkpointing) that keeps the effective batch and whose
     estimated peak fits `budget` bytes. `in_use`: bytes the model already holds; `checkpointing`: None to
-    choose, or fixed by the user. Checkpoints offloaded to CPU memory (at most `host_budget` bytes of it) are
-    the last resort: only when nothing fits without. Without a budget (the CPU) the layout is one
-    micro-batch per step.
+    choose, or fixed by the user. Without a budget (the CPU) the layout is one micro-batch per step.
 
-    The estimate is for the worst micro-batch the data allows (its longest examples together), not a
-    typical one: a plan that fits can never run out of memory later in the run.
+    The estimate is for the worst micro-batch the data allows (its longest examples together), not a typical
+    one: a plan that fits can never run out of memory later in the run. Three ways keep that worst case from
+    dictating a slow plan: checkpointing only as many layers as the budget needs (the first ones; each costs a
+    share of a second forward), and, when packed, a token cap (`max_tokens`) under which the rare micro-batch
+    over it is trained as several forwards (each costs a micro-batch's overhead); offloading the checkpoints
+    to CPU memory (at most `host_budget` bytes of it) is the last resort, only when nothing fits without.
     """
     divisors = [m for m in range(effective, 0, -1) if effective % m == 0]
     if budget is None or not dims or not dims.get("layers"):
         return BatchPlan(BatchLayout(effective, 1), bool(checkpointing))
     optimizer = 16 * trainable  # fp32 gradient + two Adam moments (+ the fp32 master already in in_use)
     fixed = in_use + optimizer + workspace_bytes(dims)
+    layers = dims["layers"]
+    longest = max(lengths, default=0)
+    shortest_cap = longest + -longest % PACKED_LENGTH_MULTIPLE  # one example is never split
 
-    def estimate(micro, recompute, offload=False):
+    def estimate(micro, checkpointed, offload=False, max_tokens=None):
         worst, _ = micro_batch_tokens(lengths, micro, packing)
-        return fixed + activation_bytes(dims, worst, recompute, chunked_loss, mask_pairs(lengths, micro, packing), offload)
+        if max_tokens and max_tokens < worst:  # a capped packed micro-batch: one sequence of <= max_tokens
+            worst, pairs = max_tokens, max_tokens * max_tokens if micro > 1 else 0
+        else:
+            pairs = mask_pairs(lengths, micro, packing)
+        return fixed + activation_bytes(dims, worst, checkpointed > 0, chunked_loss, pairs, offload, checkpointed)
 
-    modes = [(False, False), (True, False)] if checkpointing is None else [(checkpointing, False)]
+    def largest_cap(micro, checkpointed, offload):
+        """The longest token cap (a multiple of PACKED_LENGTH_MULTIPLE) whose estimate fits, or None."""
+        low, high = shortest_cap // PACKED_LENGTH_MULTIPLE, micro_batch_tokens(lengths, micro, packing)[0] // PACKED_LENGTH_MULTIPLE - 1
+        if not packing or micro == 1 or low > high or estimate(micro, checkpointed, offload, low * PACKED_LENGTH_MULTIPLE) > limit:
+            return None
+        while low < high:
+            middle = (low + high + 1) // 2
+            if estimate(micro, checkpointed, offload, middle * PACKED_LENGTH_MULTIPLE) <= limit:
+                low = middle
+            else:
+                high = middle - 1
+        return low * PACKED_LENGTH_MULTIPLE
+
+    limit = SAFETY * budget
+    if checkpointing is None:
+        step = max(1, math.ceil(layers / 16))
+        modes = [(k, False) for k in sorted({*range(0, layers, step), layers})]
+    else:
+        modes = [(layers if checkpointing else 0, False)]
     if checkpointing is not False:
-        modes.append((True, True))
+        modes.append((layers, True))
     best = None
-    for recompute, offload in modes:
+    for checkpointed, offload in modes:
         if offload and best is not None:
             break  # offloading only when nothing fits in GPU memory alone
         for micro in divisors:
-            peak = estimate(micro, recompute, offload)
-            if peak > SAFETY * budget:
-                continue
-            if offload and checkpoint_bytes(dims, micro_batch_tokens(lengths, micro, packing)[0]) > host_budget:
+            max_tokens = None
+            peak = estimate(micro, checkpointed, offload)
+            if peak > limit:
+                max_tokens = largest_cap(micro, checkpointed, offload)
+                if max_tokens is None:
+                    continue
+                peak = estimate(micro, checkpointed, offload, max_tokens)
+            worst = min(micro_batch_tokens(lengths, micro, packing)[0], max_tokens or math.inf)
+            if offload and checkpoint_bytes(dims, worst, checkpointed) > host_budget:
                 continue
             accum = effective // micro
             _, typical = micro_batch_tokens(lengths, micro, packing)
-            cost = (accum * (MICRO_BATCH_OVERHEAD_TOKENS + typical) * (CHECKPOINTING_COST if recompute else 1)
-                    * (OFFLOAD_COST if offload else 1))
+            forwards = forwards_per_micro_batch(lengths, micro, max_tokens)
+            cost = (accum * (forwards * MICRO_BATCH_OVERHEAD_TOKENS + typical + (forwards - 1) * PACKED_LENGTH_MULTIPLE / 2)
+                    * (1 + (CHECKPOINTING_COST - 1) * checkpointed / layers) * (OFFLOAD_COST if offload else 1))
             if best is None or cost < best[0]:
-                best = (cost, BatchPlan(BatchLayout(micro, accum), recompute, peak, offload))
-            break  # smaller micro-batches at this setting only cost more
+                partial = checkpointed if 0 < checkpointed < layers else None
+                best = (cost, BatchPlan(BatchLayout(micro, accum), checkpointed > 0, peak, offload, partial, max_tokens))
     if best is None:  # nothing fits by the estimate: the smallest layout, and let the allocator say
         recompute = True if checkpointing is None else checkpointing
+        checkpointed = layers if recompute else 0
         offload = recompute and checkpoint_bytes(dims, micro_batch_tokens(lengths, 1, packing)[0]) <= host_budget
-        return BatchPlan(BatchLayout(1, effective), recompute, estimate(1, recompute, offload), offload)
+        return BatchPlan(BatchLayout(1, effective), recompute, estimate(1, checkpointed, offload), offload)
     return best[1]
 
 
 def smaller_layout(settings: dict) -> dict | None:
     """After a step ran out of memory: the changes to `settings` that use less, the effective batch kept.
     First smaller micro-batches (half, or the largest divisor of the effective batch below half: accumulation
-    rises), then gradient checkpointing; None when the smallest layout is already in use."""
+    rises), then gradient checkpointing (of every layer), then the checkpoints in CPU memory; None when the
+    smallest layout is already in use."""
     batch = settings["batch"]
     effective = batch.micro * batch.accum
     micro = next((m for m in range(batch.micro // 2, 0, -1) if effective % m == 0), None)
     if micro is not None:
         return {"batch": BatchLayout(micro, effective // micro)}
-    if not settings["gradient_checkpointing"]:
-        return {"gradient_checkpointing": True}
+    if not settings["gradient_checkpointing"] or settings.get("checkpointed_layers") is not None:
+        return {"gradient_checkpointing": True, "checkpointed_layers": None}
     if not settings.get("offload_checkpoints") and settings.get("device", "").startswith("cuda"):
         return {"offload_checkpoints": True}
     return None
@@ -321,14 +383,23 @@ def offloaded_checkpoint(function, *args, **kwargs):
         return checkpoint(function, *args, **kwargs)
 
 
-def offload_checkpoints(model) -> int:
-    """Make every checkpointed layer of `model` keep its saved input in CPU memory; returns how many. Called
-    once checkpointing is on (the Trainer turns it on when training starts, with torch's own checkpoint)."""
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
-              and callable(getattr(m, "_gradient_checkpointing_func", None))]
-    for layer in layers:
-        layer._gradient_checkpointing_func = offloaded_checkpoint
-    return len(layers)
+def arrange_checkpoints(model, layers: int | None = None, offload: bool = False) -> int:
+    """Once checkpointing is on (the Trainer turns it on when training starts, with torch's own checkpoint):
+    keep it on the first `layers` checkpointed layers only (None: all), the rest keeping their activations
+    (faster: no second forward), and with `offload` make the checkpointed ones keep their saved input in CPU
+    memory. Returns how many layers stay checkpointed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    # The layers, not the model that holds them (it carries the same flag).
+    checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+                    and getattr(m, "gradient_checkpointing", False) and callable(getattr(m, "_gradient_checkpointing_func", None))]
+    keep = len(checkpointed) if layers is None else layers
+    for layer in checkpointed[keep:]:
+        layer.gradient_checkpointing = False
+    if offload:
+        for layer in checkpointed[:keep]:
+            layer._gradient_checkpointing_func = offloaded_checkpoint
+    return min(keep, len(checkpointed))
 
 
 ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
@@ -607,8 +678,12 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
         "gradient_checkpointing": plan.checkpointing,
         "chunked_loss": chunked_loss,
     }
+    if plan.checkpointed_layers is not None:
+        settings["checkpointed_layers"] = plan.checkpointed_layers
     if plan.offload:
         settings["offload_checkpoints"] = True
+    if plan.max_tokens is not None:
+        settings["max_tokens"] = plan.max_tokens
     if on_gpu:
         settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
         if packing:

@@ -18,6 +18,7 @@ from ..config import TrainConfig
 from ..display.formatting import Readout, gb
 from ..display.reporters import Reporter
 from ..errors import ConfigError, DivergedError, OutOfMemory
+from .data import PIECES
 from .speed import BatchLayout, choose_settings
 from .stopping import StopFlag, stop_on_interrupt
 
@@ -118,20 +119,50 @@ def default_run_dir() -> Path:
 
 
 def _trainer_class(chunked_loss: bool, rounded_pad_id: int | None = None):
-    """transformers' Trainer, whose checkpoints go whole into the run folder (`CheckpointingTrainer`); one whose
-    training and evaluation loss come from `speed.causal_lm_loss` (same numbers, without the batch's logits; an
-    evaluation with metrics keeps the model's own loss, it returns the logits), and which, when packed batches are rounded up (rounded_pad_id
-    given), counts tokens without the pad segment."""
-    base = _chunked_loss_trainer() if chunked_loss else _checkpointing_trainer()
+    """transformers' Trainer, whose checkpoints go whole into the run folder (`CheckpointingTrainer`) and which
+    trains a micro-batch the collator split by tokens as its pieces (`PieceTrainer`); one whose training and
+    evaluation loss come from `speed.causal_lm_loss` (same numbers, without the batch's logits; an evaluation
+    with metrics keeps the model's own loss, it returns the logits), and which, when packed batches are rounded
+    up (rounded_pad_id given), counts tokens without the pad segment."""
+    base = _piece_trainer(_chunked_loss_trainer() if chunked_loss else _checkpointing_trainer())
     if rounded_pad_id is None:
         return base
     from .data import packed_real_tokens
 
     class RealTokensTrainer(base):
         def _track_num_input_tokens(self, inputs):  # transformers >= 5.2x; older ones count the pad too
+            inputs = {k: v for k, v in inputs.items() if k != PIECES}
             self.state.num_input_tokens_seen += packed_real_tokens(inputs, rounded_pad_id)
 
     return RealTokensTrainer
+
+
+def _piece_trainer(base):
+    class PieceTrainer(base):
+        """A packed micro-batch over the run's token cap comes with its examples regrouped into pieces
+        (data.PIECES, made by the collator): each piece is a forward and backward of its own, their gradients
+        add up to the whole micro-batch's, since each piece's loss is its sum over the step's label count
+        (num_items_in_batch). Without that count (a model whose loss takes no such argument) the micro-batch
+        is trained whole."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            pieces = inputs.pop(PIECES, None)
+            if not pieces or num_items_in_batch is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            loss = 0
+            for index, piece in enumerate(pieces):
+                last = index == len(pieces) - 1
+                # With several processes only the last backward of the micro-batch syncs the gradients.
+                sync = contextlib.nullcontext() if last or self.accelerator.num_processes == 1 else self.accelerator.no_sync(model)
+                with sync:
+                    loss = loss + super().training_step(model, piece, num_items_in_batch)
+            return loss
+
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            inputs.pop(PIECES, None)
+            return super().prediction_step(model, inputs, *args, **kwargs)
+
+    return PieceTrainer
 
 
 def _checkpointing_trainer():
@@ -341,28 +372,31 @@ def build_trainer(model, tokenizer, args, settings: dict, data: TrainingData, ca
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=make_collator(tokenizer, packing=settings["packing"], task=data.task,
-                                     pad_to_multiple_of=settings.get("pad_packed_to")),
+                                     pad_to_multiple_of=settings.get("pad_packed_to"),
+                                     max_tokens=settings.get("max_tokens") if settings["packing"] else None),
         compute_metrics=classification_metrics if data.task == "seq-cls" else None,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the reporter shows them
-    if settings["gradient_checkpointing"] and settings.get("offload_checkpoints"):
-        trainer.add_callback(_offload_callback())
+    layers, offload = settings.get("checkpointed_layers"), bool(settings.get("offload_checkpoints"))
+    if settings["gradient_checkpointing"] and (layers is not None or offload):
+        trainer.add_callback(_checkpoints_callback(layers, offload))
     return trainer
 
 
-def _offload_callback():
-    """Once the Trainer has turned checkpointing on (at the start of train()), move the checkpoints to CPU memory."""
+def _checkpoints_callback(layers: int | None, offload: bool):
+    """Once the Trainer has turned checkpointing on (at the start of train()): only the first `layers` layers
+    checkpointed, and their checkpoints in CPU memory with `offload` (speed.arrange_checkpoints)."""
     from transformers import TrainerCallback
 
-    from .speed import offload_checkpoints
+    from .speed import arrange_checkpoints
 
-    class OffloadCheckpoints(TrainerCallback):
+    class ArrangeCheckpoints(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is not None and not offload_checkpoints(model):
+            if model is not None and not arrange_checkpoints(model, layers, offload) and offload:
                 raise RuntimeError("offload_checkpoints: the model has no checkpointed layers")
 
-    return OffloadCheckpoints()
+    return ArrangeCheckpoints()
 
 
 def _train(make_trainer, model, settings: dict, reporter: Reporter, log: RunLog, stop: StopFlag, run_dir: Path,
@@ -474,6 +508,8 @@ def _train_backing_off(attempts: list, make_trainer, settings: dict, reporter: R
 
 def _layout_text(settings: dict) -> str:
     checkpointing = " + gradient checkpointing" if settings["gradient_checkpointing"] else ""
+    if checkpointing and settings.get("checkpointed_layers") is not None:
+        checkpointing += f" of {settings['checkpointed_layers']} layers"
     checkpointing += " in CPU memory" if checkpointing and settings.get("offload_checkpoints") else ""
     return f"micro-batch {settings['batch'].micro} x {settings['batch'].accum}{checkpointing}"
 
