@@ -349,7 +349,8 @@ def ours(rows, steps, warmup, tmp, label, overrides=None, max_memory=None, repor
     summary = run_training(session.model, session.tokenizer, config, TrainingData(as_dataset(rows)), reporter or NullReporter(),
                            overrides=overrides, callbacks=[timer])
     s_step, tok_s = timer.result(warmup)
-    keys = ("batch", "packing", "gradient_checkpointing", "chunked_loss", "bf16_stream", "int8_dequant", "memory_plan")
+    keys = ("batch", "packing", "gradient_checkpointing", "checkpointed_layers", "offload_checkpoints", "max_tokens", "chunked_loss",
+            "bf16_stream", "int8_dequant", "memory_plan")
     settings = ", ".join(f"{k}={summary.settings[k]}" for k in keys if k in summary.settings)
     return {"recipe": label, "s_step": s_step, "tok_s": tok_s, "peak": peak_bytes(), "settings": settings,
             "loss": summary.train_loss[1], "losses": logged_losses(summary.history)}

@@ -110,7 +110,7 @@ def train_once(rows, tmp, steps, max_memory=None, eval_rows=None, batch=(4, 4)):
     seconds = time.perf_counter() - started
     peak, reserved = peaks()
     settings = summary.settings
-    keys = ("batch", "gradient_checkpointing", "offload_checkpoints", "chunked_loss", "memory_plan")
+    keys = ("batch", "gradient_checkpointing", "checkpointed_layers", "offload_checkpoints", "max_tokens", "chunked_loss", "memory_plan")
     return {"settings": ", ".join(f"{k}={settings[k]}" for k in keys if k in settings),
             "estimate": parse_gb(settings.get("memory_plan"), r"([\d.]+) GB of"),
             "budget": parse_gb(settings.get("memory_plan"), r"of ([\d.]+) GB"),

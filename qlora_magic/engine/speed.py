@@ -50,7 +50,9 @@ CKPT_HIDDEN = 2
 RECOMPUTE = 1.5
 # The loss: the model's own keeps bf16 logits, their fp32 copy, log-softmax and its gradient at once (14 bytes
 # per token and vocabulary entry; 0.45 MB/token at a 32k vocabulary); the chunked loss keeps the hidden states
-# and their gradient (bf16) plus one chunk of logits at a time (CHUNK_BYTES, whatever the batch).
+# and their gradient (bf16) plus one chunk of logits at a time (rows of 12 bytes per vocabulary entry: the bf16
+# logits, their fp32 copy turned into probabilities in place, and those in bf16; _loss_chunk_rows keeps a chunk
+# under half of CHUNK_BYTES).
 LOGIT_BYTES = 14
 CHUNKED_HIDDEN = 4
 CHUNK_BYTES = 256 * MiB
@@ -61,7 +63,14 @@ CUBLAS_WORKSPACE = 64 * MiB
 # once all lengths had been seen. The pad costs nothing measurable (a micro-batch's time hardly depends on its
 # length there) and up to 511 tokens of activations, which the memory plan counts. docs/benchmarks.md.
 PACKED_LENGTH_MULTIPLE = 512
-SAFETY = 0.9  # never plan to fill more than this share of the budget (the allocator's fragmentation)
+# What the plan leaves free of the budget for the allocator's fragmentation (reserved above allocated): measured
+# 0.15-0.92 GB on five shapes, 9-18% of the activations (benchmarks/memory_shapes.py). The headroom is
+# HEADROOM_SHARE of the activations, at least HEADROOM_MIN, and never more than 1 - SAFETY of the budget (a
+# large budget's plans stay as they were measured).
+SAFETY = 0.9
+HEADROOM_SHARE = 0.2
+HEADROOM_MIN = 256 * MiB
+LOSS_ROW_BYTES = 12
 # On the 7B shape a micro-batch costs ~0.3 s whatever its size between 800 and 3,500 tokens (the GPU
 # waits on kernel launches and dequantization, not on arithmetic), about what 8,192 tokens cost at full
 # speed: so fewer, bigger micro-batches win, and checkpointing (x1.37 measured) beats a split in two.
@@ -110,6 +119,7 @@ class BatchPlan:
     offload: bool = False
     checkpointed_layers: int | None = None
     max_tokens: int | None = None
+    in_use: int = 0  # what the model held when planned (the headroom is a share of the rest)
 
 
 def model_dims(model) -> dict:
@@ -149,7 +159,8 @@ def activation_bytes(dims: dict, tokens: int, checkpointing: bool, chunked_loss:
     pairs = tokens * tokens if mask_pairs is None else mask_pairs
     per_layer = ACT_HIDDEN * dims["hidden"] + ACT_INTERMEDIATE * dims["intermediate"]
     if chunked_loss:
-        loss_per_token, loss_fixed = CHUNKED_HIDDEN * dims["hidden"], CHUNK_BYTES
+        rows = min(tokens, _loss_chunk_rows(dims["vocab"])) if dims.get("vocab") else 0
+        loss_per_token, loss_fixed = CHUNKED_HIDDEN * dims["hidden"], rows * LOSS_ROW_BYTES * dims.get("vocab", 0)
     else:
         loss_per_token, loss_fixed = LOGIT_BYTES * dims["vocab"], 0
     checkpointed = 0 if not checkpointing else dims["layers"] if checkpointed_layers is None else checkpointed_layers
@@ -218,8 +229,9 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
     one: a plan that fits can never run out of memory later in the run. Three ways keep that worst case from
     dictating a slow plan: checkpointing only as many layers as the budget needs (the first ones; each costs a
     share of a second forward), and, when packed, a token cap (`max_tokens`) under which the rare micro-batch
-    over it is trained as several forwards (each costs a micro-batch's overhead); offloading the checkpoints
-    to CPU memory (at most `host_budget` bytes of it) is the last resort, only when nothing fits without.
+    over it is trained as several forwards (each costs a micro-batch's overhead). The checkpoints may wait in CPU
+    memory (at most `host_budget` bytes of it; OFFLOAD_COST): on a small budget that beats many small forwards.
+    A plan fits when its estimate leaves the budget its headroom (fits()).
     """
     divisors = [m for m in range(effective, 0, -1) if effective % m == 0]
     if budget is None or not dims or not dims.get("layers"):
@@ -241,17 +253,17 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
     def largest_cap(micro, checkpointed, offload):
         """The longest token cap (a multiple of PACKED_LENGTH_MULTIPLE) whose estimate fits, or None."""
         low, high = shortest_cap // PACKED_LENGTH_MULTIPLE, micro_batch_tokens(lengths, micro, packing)[0] // PACKED_LENGTH_MULTIPLE - 1
-        if not packing or micro == 1 or low > high or estimate(micro, checkpointed, offload, low * PACKED_LENGTH_MULTIPLE) > limit:
+        if not packing or micro == 1 or low > high or not ok(estimate(micro, checkpointed, offload, low * PACKED_LENGTH_MULTIPLE)):
             return None
         while low < high:
             middle = (low + high + 1) // 2
-            if estimate(micro, checkpointed, offload, middle * PACKED_LENGTH_MULTIPLE) <= limit:
+            if ok(estimate(micro, checkpointed, offload, middle * PACKED_LENGTH_MULTIPLE)):
                 low = middle
             else:
                 high = middle - 1
         return low * PACKED_LENGTH_MULTIPLE
 
-    limit = SAFETY * budget
+    ok = lambda peak: fits(peak, in_use, budget)  # noqa: E731
     if checkpointing is None:
         step = max(1, math.ceil(layers / 16))
         modes = [(k, False) for k in sorted({*range(0, layers, step), layers})]
@@ -261,12 +273,10 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
         modes.append((layers, True))
     best = None
     for checkpointed, offload in modes:
-        if offload and best is not None:
-            break  # offloading only when nothing fits in GPU memory alone
         for micro in divisors:
             max_tokens = None
             peak = estimate(micro, checkpointed, offload)
-            if peak > limit:
+            if not ok(peak):
                 max_tokens = largest_cap(micro, checkpointed, offload)
                 if max_tokens is None:
                     continue
@@ -281,12 +291,12 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
                     * (1 + (CHECKPOINTING_COST - 1) * checkpointed / layers) * (OFFLOAD_COST if offload else 1))
             if best is None or cost < best[0]:
                 partial = checkpointed if 0 < checkpointed < layers else None
-                best = (cost, BatchPlan(BatchLayout(micro, accum), checkpointed > 0, peak, offload, partial, max_tokens))
+                best = (cost, BatchPlan(BatchLayout(micro, accum), checkpointed > 0, peak, offload, partial, max_tokens, in_use))
     if best is None:  # nothing fits by the estimate: the smallest layout, and let the allocator say
         recompute = True if checkpointing is None else checkpointing
         checkpointed = layers if recompute else 0
         offload = recompute and checkpoint_bytes(dims, micro_batch_tokens(lengths, 1, packing)[0]) <= host_budget
-        return BatchPlan(BatchLayout(1, effective), recompute, estimate(1, checkpointed, offload), offload)
+        return BatchPlan(BatchLayout(1, effective), recompute, estimate(1, checkpointed, offload), offload, in_use=in_use)
     return best[1]
 
 
@@ -307,9 +317,25 @@ def smaller_layout(settings: dict) -> dict | None:
     return None
 
 
+def headroom(estimate: int, in_use: int, budget: int) -> int:
+    """Bytes a plan of `estimate` leaves free of `budget` for fragmentation: HEADROOM_SHARE of what it adds to
+    the model's `in_use`, at least HEADROOM_MIN, at most 1 - SAFETY of the budget."""
+    return int(min((1 - SAFETY) * budget, max(HEADROOM_MIN, HEADROOM_SHARE * (estimate - in_use))))
+
+
+def fits(estimate: int, in_use: int, budget: int) -> bool:
+    return estimate + headroom(estimate, in_use, budget) <= budget
+
+
+def smallest_budget(estimate: int, in_use: int) -> int:
+    """The smallest budget a plan of `estimate` fits (fits()), rounded up to 0.1 GB."""
+    needed = min(estimate / SAFETY, estimate + max(HEADROOM_MIN, HEADROOM_SHARE * (estimate - in_use)))
+    return int(math.ceil(needed / 1e8) * 1e8)
+
+
 def plan_fits(plan: BatchPlan, budget: int | None) -> bool:
-    """Whether the plan's estimated peak is within the share of the budget plans may fill (SAFETY)."""
-    return budget is None or plan.estimate is None or plan.estimate <= SAFETY * budget
+    """Whether the plan's estimated peak leaves the budget its headroom."""
+    return budget is None or plan.estimate is None or fits(plan.estimate, plan.in_use, budget)
 
 
 def check_budget(plan: BatchPlan, budget: int | None, in_use: int, lengths: list[int], given: bool,
@@ -319,9 +345,9 @@ def check_budget(plan: BatchPlan, budget: int | None, in_use: int, lengths: list
     change. Without --max-memory (the card's memory) the run goes ahead and the settings say it is over."""
     if not given or plan_fits(plan, budget):
         return
-    needed = math.ceil(plan.estimate / SAFETY / 1e8) * 1e8  # rounded up to 0.1 GB
+    needed = smallest_budget(plan.estimate, in_use)
     longest = f" (the longest example is {max(lengths)} tokens)" if lengths else ""
-    if in_use >= SAFETY * budget:
+    if not fits(in_use, in_use, budget):
         why = f"the model alone takes {gb(in_use)}"
     else:
         layout = f"micro-batch {plan.layout.micro}" + (" with gradient checkpointing" if plan.checkpointing else "")
@@ -565,7 +591,7 @@ def hidden_states_as_logits(model, head):
 def _loss_chunk_rows(vocab: int) -> int:
     """Tokens per chunk so that one chunk's logits and their gradient (~12 bytes each) stay near CHUNK_BYTES."""
     rows = 128
-    while rows * 2 * 12 * vocab <= CHUNK_BYTES and rows < 4096:
+    while rows * 2 * LOSS_ROW_BYTES * vocab <= CHUNK_BYTES and rows < 4096:
         rows *= 2
     return rows
 
