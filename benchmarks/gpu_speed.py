@@ -333,9 +333,11 @@ def plain_trainer(rows, steps, warmup, tmp, label):
     return {"recipe": label, "s_step": s_step, "tok_s": tok_s, "peak": peak_bytes(), "settings": "4x4, dynamic padding"}
 
 
-def ours(rows, steps, warmup, tmp, label, overrides=None, max_memory=None, reporter=None, config_values=None):
+def ours(rows, steps, warmup, tmp, label, overrides=None, max_memory=None, reporter=None, config_values=None,
+         callbacks=()):
     """qlora_magic's training on the session's model, through run_training (what qlora_magic.train calls).
-    config_values: TrainConfig fields to change from the defaults ({"warmup": 0}, say)."""
+    config_values: TrainConfig fields to change from the defaults ({"warmup": 0}, say); callbacks: more
+    TrainerCallbacks (a profiler)."""
     import qlora_magic
     from qlora_magic.config import TrainConfig
     from qlora_magic.display.reporters import NullReporter
@@ -347,9 +349,9 @@ def ours(rows, steps, warmup, tmp, label, overrides=None, max_memory=None, repor
     timer = step_timer()
     reset_peak()
     summary = run_training(session.model, session.tokenizer, config, TrainingData(as_dataset(rows)), reporter or NullReporter(),
-                           overrides=overrides, callbacks=[timer])
+                           overrides=overrides, callbacks=[timer, *callbacks])
     s_step, tok_s = timer.result(warmup)
-    keys = ("batch", "packing", "gradient_checkpointing", "checkpointed_layers", "offload_checkpoints", "max_tokens", "chunked_loss",
+    keys = ("batch", "packing", "gradient_checkpointing", "checkpointed_layers", "offload_checkpoints", "max_tokens", "compile", "chunked_loss",
             "bf16_stream", "int8_dequant", "memory_plan")
     settings = ", ".join(f"{k}={summary.settings[k]}" for k in keys if k in summary.settings)
     return {"recipe": label, "s_step": s_step, "tok_s": tok_s, "peak": peak_bytes(), "settings": settings,

@@ -304,6 +304,7 @@ class TrainConfig(_Config):
     eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: about 5 times a run)"})
     packing: bool | None = field(default=None, metadata={"help": "pack a micro-batch's examples into one row (attention kept inside each); None: on"})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "trade compute for memory; None decides from the memory estimate"})
+    compile: bool | None = field(default=None, metadata={"help": "compile each decoder layer with torch.compile for the run (faster steps after a one-off compile); None: on a GPU, for runs long enough to win it back"})
     max_memory: str | int | float | None = field(default=None, metadata={"help": "GPU memory budget for the batch layout: '10GB' (10e9 bytes), '10GiB' (10 x 2**30), '512MB', or a number of GB; None: the card's memory"})
     output_dir: str | None = field(default=None, metadata={"help": "folder that holds the run folders (<time>-<name>: settings, history, checkpoints, TensorBoard); default runs/ (a Google Drive folder keeps them past a Colab disconnect)"})
     name: str | None = field(default=None, metadata={"help": "the run's name, after the time in its folder's name (default: the data file's name, or run)"})

@@ -648,3 +648,36 @@ def test_the_headroom_is_a_share_of_the_activations_not_of_the_budget():
     for estimate in (int(4.5e9), int(9e9), int(20e9)):
         needed = smallest_budget(estimate, model)
         assert fits(estimate, model, needed) and not fits(estimate, model, needed - int(2e8))
+
+
+def test_layers_are_compiled_on_a_gpu_for_long_runs_only_and_put_back_after(tiny_model_dir, monkeypatch):
+    from qlora_magic.engine import speed
+
+    monkeypatch.setattr(speed, "_can_compile", lambda: True)
+    assert speed.should_compile(None, speed.COMPILE_MIN_STEPS, offload=False) is True
+    assert speed.should_compile(None, 30, offload=False) is False  # the compile would not pay for itself
+    assert speed.should_compile(True, 30, offload=False) is True
+    assert speed.should_compile(False, 10_000, offload=False) is False
+    assert speed.should_compile(True, 10_000, offload=True) is False  # the offloading hooks are not compiled
+    monkeypatch.setattr(speed, "_can_compile", lambda: False)
+    assert speed.should_compile(True, 10_000, offload=False) is False  # no Triton: never
+    assert speed.smaller_layout({"batch": BatchLayout(1, 16), "gradient_checkpointing": True, "device": "cuda:0",
+                                 "compile": True}) == {"offload_checkpoints": True, "compile": False}
+
+    qlora_magic.load(tiny_model_dir, bits=8)
+    model = qlora_magic.get_session().model
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    with speed.compiled_layers(model, True):
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    with speed.compiled_layers(model, False):
+        assert all(layer._compiled_call_impl is None for layer in layers)
+
+
+def test_compile_is_a_train_option():
+    from qlora_magic.front.parsing import parse_train
+
+    body = "data: x.jsonl\nprompt: \"Q: {q}\"\nresponse: \"{a}\""
+    assert parse_train("--compile", body).compile is True
+    assert parse_train("--no-compile", body).compile is False
+    assert parse_train("", body).compile is None

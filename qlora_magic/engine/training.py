@@ -408,7 +408,7 @@ def _train(make_trainer, model, settings: dict, reporter: Reporter, log: RunLog,
     import torch
 
     from .bnb_cpu import trainable_4bit
-    from .speed import bf16_stream, dequantized_int8_training, no_kv_cache
+    from .speed import bf16_stream, compiled_layers, dequantized_int8_training, no_kv_cache
 
     history = log.history
     resume_from = checkpointing and checkpointing.resume_from
@@ -426,7 +426,8 @@ def _train(make_trainer, model, settings: dict, reporter: Reporter, log: RunLog,
     status, error = "completed", None
     try:
         with trainable_4bit(model), stop_on_interrupt(stop), no_kv_cache(model), bf16_stream(model, stream_dtype), \
-                dequantized_int8_training(settings.get("int8_dequant", False)):
+                dequantized_int8_training(settings.get("int8_dequant", False)), \
+                compiled_layers(model, settings.get("compile", False)):
             trainer = _train_backing_off(attempts, make_trainer, settings, reporter, resume_from)
             diverged = watcher.diverged or _weights_diverged(model, trainer.state.global_step)
             if not (stop or diverged) and evaluates and (not history or history[-1].get("eval_loss") is None):

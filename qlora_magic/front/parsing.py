@@ -94,6 +94,8 @@ def qlora_load(line=""):
 @argument("--no-packing", dest="packing", action="store_false", default=None, help="pad each batch to its longest example instead of packing")
 @argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations to save memory (default: when the memory estimate needs it)")
 @argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None, help="never recompute activations")
+@argument("--compile", action="store_true", default=None, help="compile each decoder layer with torch.compile (default: on a GPU, for runs long enough to win back the compile)")
+@argument("--no-compile", dest="compile", action="store_false", default=None, help="run the layers as they are, never compiled")
 @argument("--max-memory", default=None, help="GPU memory budget for choosing the batch layout: 10GB (10e9 bytes), 10GiB (10 x 2**30), 512MB, or a number of GB (default: the card's memory)")
 @argument("--output-dir", default=None, help="folder that holds the run folders: settings, history, checkpoints, TensorBoard (default runs/; a Google Drive folder survives a Colab disconnect)")
 @argument("--name", default=None, help="the run's name: its folder is <output-dir>/<time>-<name> (default: the data file's name)")
