@@ -22,6 +22,7 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
     trials keep none. `resume`: a ResumePoint (tasks.resuming) to carry on from, its model already loaded."""
     from ..display import choose_reporter
     from ..engine.data import load_rows, prepare_datasets
+    from ..engine.data_checks import check_examples, raise_if_fatal
     from ..engine.training import RunLog, TrainingData, run_training
 
     model = session.require_model("training")
@@ -35,6 +36,8 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
     # Everything that can fail on bad input runs before the model is touched.
     rows = resume.rows if resume is not None else load_rows(config.data, config.split)
     examples = task_examples(session, config, rows)
+    checked = check_examples(rows, examples, getattr(model, "generation_config", None))
+    raise_if_fatal(checked)  # nothing to learn, or nothing that teaches the model to stop: one line, no GPU time
     train_set, eval_set, _ = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
     reporter = reporter or choose_reporter(config.display)
     if task == "seq-cls":
@@ -68,8 +71,22 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
                 session.runs.append(run)
         else:  # it failed before its first step, or was put back: no trace (%qlora_save would record it)
             del session.history[first_row:]
+    summary.notes = [f"{f.topic}: {f.found}" for f in checked.warnings]  # the details: %%qlora_data
     session.last_train_summary = summary
     return summary
+
+
+def check_data(session, config: TrainConfig):
+    """The data check of `config`'s rows, tokenized for the session's model as `finetune` would tokenize them;
+    returns the DataReport. Reads only: the model, the session and the data are left as they were."""
+    from ..engine.data import load_rows
+    from ..engine.data_checks import check_examples
+
+    model = session.require_model("the data check (it tokenizes with the model's tokenizer)")
+    if config.data is None:
+        raise ConfigError("No data given: pass data= (a file, Hub id, list of dicts, DataFrame or Dataset).")
+    rows = load_rows(config.data, config.split)
+    return check_examples(rows, task_examples(session, config, rows), getattr(model, "generation_config", None))
 
 
 def task_examples(session, config, rows):
