@@ -217,9 +217,10 @@ def _local_config(model):
     from ..engine.offline import cached_model_folder
 
     if model is None or model == "default":
-        from ..engine.default_model import default_model_path
+        from ..engine.default_model import DEFAULT_MODEL_NAME, cache_dir
 
-        folder, name = default_model_path(), "the embedded SmolLM2-135M-Instruct"
+        # its converted folder, when the first load made it (the doctor converts nothing)
+        folder, name = cache_dir() / DEFAULT_MODEL_NAME, "the embedded SmolLM2-135M-Instruct"
     else:
         path = Path(str(model)).expanduser()
         folder, name = (path if path.is_dir() else cached_model_folder(str(model))), str(model)
