@@ -526,9 +526,15 @@ def doctor(model=None, *, bits=None):
     >>> qlora_magic.doctor()
     >>> qlora_magic.doctor("Qwen/Qwen2.5-7B-Instruct", bits=4)   # would it fit? (a config in the local cache)
     """
+    from pathlib import Path
+
     from .tasks.doctor import diagnose
 
-    return diagnose(get_session(), model=model, bits=bits)
+    if model is not None and not isinstance(model, (str, Path)):
+        raise ConfigError(f"model must be a Hub id or a folder, not {model!r} (of type {type(model).__name__}).")
+    if bits is not None and (isinstance(bits, bool) or bits not in (4, 8)):
+        raise ConfigError(f"bits must be 4 or 8 (or None: both), not {bits!r}.")
+    return diagnose(get_session(), model=None if model is None else str(model), bits=bits)
 
 
 __all__ += ["check_data", "doctor"]
