@@ -42,7 +42,7 @@ def test_doctor_on_this_machine_reads_only_and_takes_seconds(ip, capsys):
     text = repr(report)
     assert text.startswith("qlora_magic doctor: ") and all(topic in text for topic in TOPICS)
     page = report._repr_html_()
-    assert page.count("qlora-finding") == len(TOPICS)
+    assert page.count("<tr class='qlora-finding") == len(TOPICS)
     ip.run_line_magic("qlora_doctor", "")
     assert "qlora_magic doctor:" in capsys.readouterr().out
 
