@@ -120,7 +120,9 @@ def test_histogram_bins_cover_every_row():
 
     lengths = [3, 17, 17, 40, 129]
     bins = histogram(lengths)
-    assert sum(rows for _, _, rows in bins) == len(lengths) and bins[0][0] == 0 and bins[-1][1] >= 129
+    assert sum(rows for _, _, rows in bins) == len(lengths) and bins[0][0] <= 3 and bins[-1][1] >= 129
+    assert len(bins) <= 9 and all(high + 1 == low for (_, high, _), (low, _, _) in zip(bins, bins[1:]))
+    assert histogram([100, 101]) == [(100, 100, 1), (101, 101, 1)]
     lines = text_histogram("prompt tokens", lengths, 64)
     assert lines[0] == "prompt tokens (max_length 64; longest 129):" and lines[-1].endswith("> max_length")
 

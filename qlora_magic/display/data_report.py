@@ -66,17 +66,19 @@ class DataReport:
 
 
 def histogram(lengths, bins: int = HISTOGRAM_BINS) -> list[tuple[int, int, int]]:
-    """(low, high, rows) for equal-width bins over 0..max(lengths), the width a round number of tokens."""
-    top = max(lengths, default=0)
-    width = max(1, -(-(top + 1) // bins))
-    for nice in (1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100, 128, 200, 250, 256, 500, 512, 1000, 1024):
-        if nice >= width:
-            width = nice
-            break
-    counts = [0] * (top // width + 1)
+    """(low, high, rows) for at most about `bins` equal-width bins from the shortest to the longest of `lengths`,
+    the width a round number of tokens and the edges its multiples."""
+    if not lengths:
+        return []
+    bottom, top = min(lengths), max(lengths)
+    width = max(1, -(-(top - bottom + 1) // bins))
+    width = next((nice for nice in (1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100, 128, 200, 250, 256, 500, 512)
+                  if nice >= width), 1000 * -(-width // 1000))
+    first = bottom // width
+    counts = [0] * (top // width - first + 1)
     for n in lengths:
-        counts[n // width] += 1
-    return [(i * width, (i + 1) * width - 1, c) for i, c in enumerate(counts)]
+        counts[n // width - first] += 1
+    return [((first + i) * width, (first + i + 1) * width - 1, c) for i, c in enumerate(counts)]
 
 
 def text_histogram(title: str, lengths, max_length: int) -> list[str]:
@@ -102,7 +104,7 @@ def html_histogram(title: str, lengths, max_length: int) -> str:
     )
     return (f"<div class='qlora-histogram'><div>{html.escape(title)}</div>"
             f"<div style='height:62px;display:flex;align-items:flex-end'>{bars}</div>"
-            f"<div style='font-size:smaller;color:#555'>0 - {max(lengths, default=0)} tokens; "
+            f"<div style='font-size:smaller;color:#555'>{min(lengths, default=0)} - {max(lengths, default=0)} tokens; "
             f"red: reaches max_length {max_length}</div></div>")
 
 
