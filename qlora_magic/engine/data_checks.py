@@ -122,8 +122,8 @@ def _findings(checked, pairs, empty_responses, empty_fields, examples, stops, to
     classifier = isinstance(examples, ClassificationExamples)
     found = []
     if not classifier and empty_responses == n:
-        found.append(Finding("problem", "responses", f"every response is empty (response: {examples.response!r} gives no text)",
-                             "name the column that holds the answers in response:; the model would learn only to stop"))
+        found.append(Finding("problem", "responses", f"every response is empty (response: {examples.response!r} gives no text), "
+                             "so the model would learn only to stop", "make response: name the column that holds the answers"))
     elif not classifier and empty_responses:
         found.append(Finding("warning", "responses", f"{empty_responses} of {n} responses are empty (those rows teach only to stop)",
                              "drop them, e.g. rows = [r for r in rows if r['answer'].strip()]"))
