@@ -149,3 +149,24 @@ def test_qlora_data_and_train_on_the_default_model(ip, capsys):
     assert session.model is model and session.tokenizer is tokenizer and session.history == [] and session.runs == []
     summary = qm.train(ROWS * 2, prompt="Q: {question}\nA: ", response="{answer}", max_steps=1, display="none")
     assert dict(summary.rows())["data check"].startswith("duplicates: 3 rows repeat"), summary.rows()
+
+
+def test_seq2seq_and_classifier_rows_are_checked_too(tiny_t5_dir, tiny_model_dir):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from qlora_magic.engine.data import ClassificationExamples, Seq2SeqExamples
+    from qlora_magic.engine.data_checks import check_examples
+
+    rows = datasets.Dataset.from_list([{"text": "the sky is blue", "summary": "blue", "label": "pos"},
+                                       {"text": "the night is black " * 20, "summary": "", "label": "neg"}])
+    t5 = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    report = check_examples(rows, Seq2SeqExamples(t5, "{text}", "{summary}", max_length=16))
+    assert report.rows == 2 and report.columns == ["text", "summary"] and not report.problems
+    assert next(f for f in report.findings if f.topic == "max_length").found.startswith("1 of 2 rows")
+    assert next(f for f in report.findings if f.topic == "responses").found.startswith("1 of 2 responses are empty")
+    assert any(trained for _, trained in report.samples[0]) and not report.samples[0][0][1]
+    classes = check_examples(rows, ClassificationExamples(AutoTokenizer.from_pretrained(tiny_model_dir), "{text}", "label",
+                                                          ["neg", "pos"], max_length=16))
+    assert classes.columns == ["text", "label"] and not classes.problems and not any(classes.response_lengths)
+    assert "stop token" not in {f.topic for f in classes.findings}

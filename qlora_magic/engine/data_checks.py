@@ -76,12 +76,13 @@ def check_examples(rows, examples, generation_config=None) -> DataReport:
     stops = stop_tokens(tokenizer, generation_config)
     special = set(tokenizer.all_special_ids)
     used = template_fields(examples.prompt, "prompt")
-    used += [c for c in (template_fields(response_template, "response") if response_template else [examples.label]) if c not in used]
+    classifier = response_template is None
+    used += [c for c in ([examples.label] if classifier else template_fields(response_template, "response")) if c not in used]
     checked, pairs, empty_responses, empty_fields = [], Counter(), 0, Counter()
     for row in rows:
         example = whole(row)
         checked.append(_measure(example, examples, limit, special, tokenizer if len(checked) < SAMPLES else None))
-        response_text = render(response_template, row) if response_template else str(row[examples.label])
+        response_text = str(row[examples.label]) if classifier else render(response_template, row)
         pairs[(examples.prompt_text(row), response_text)] += 1
         empty_responses += not response_text.strip()
         for column in used:
@@ -147,7 +148,7 @@ def _findings(checked, pairs, empty_responses, empty_fields, examples, stops, to
         found.append(Finding("warning", "duplicates", f"{repeats} {'rows repeat' if repeats > 1 else 'row repeats'} an earlier row's prompt and response",
                              "drop them (Dataset.unique, DataFrame.drop_duplicates) unless the repetition is meant as weight"))
     for column, empty in empty_fields.items():
-        if empty and not (column in template_fields(examples.response or "", "response") and empty == empty_responses):
+        if empty and not (not classifier and column in template_fields(examples.response, "response") and empty == empty_responses):
             found.append(Finding("warning", f"column {column!r}", f"{empty} of {n} rows have it empty",
                                  "fill or drop those rows"))
     return found
