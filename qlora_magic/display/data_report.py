@@ -7,7 +7,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
-from .findings import Finding, count_levels, findings_html, findings_text
+from .findings import HasFindings, count_levels, findings_html, findings_text
 
 HISTOGRAM_BINS = 8
 BAR_WIDTH = 24  # characters of the longest text bar
@@ -15,7 +15,7 @@ TRAINED_COLOR, MASKED_COLOR = "#c8e6c9", "#eeeeee"
 
 
 @dataclass(repr=False)
-class DataReport:
+class DataReport(HasFindings):
     """What the data check found. `findings`: the verdicts (a problem stops %%qlora_train); `samples`: the first
     rows as [(token text, counts in the loss)]; the lengths are per row, in tokens, before max_length cuts."""
 
@@ -28,14 +28,6 @@ class DataReport:
     samples: list = field(default_factory=list)
 
     title = "Data check"
-
-    @property
-    def problems(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == "problem"]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == "warning"]
 
     def summary(self) -> str:
         return f"{self.rows} rows, columns used: {', '.join(self.columns) or '-'}; {count_levels(self.findings)}"

@@ -6,11 +6,11 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
-from .findings import COLORS, Finding, count_levels, findings_html, findings_text, worst
+from .findings import HasFindings, COLORS, Finding, count_levels, findings_html, findings_text, worst
 
 
 @dataclass(repr=False)
-class DoctorReport:
+class DoctorReport(HasFindings):
     findings: list = field(default_factory=list)
 
     title = "qlora_magic doctor"
@@ -21,14 +21,6 @@ class DoctorReport:
         if not found:
             raise KeyError(f"{topic!r}: the topics are {', '.join(f.topic for f in self.findings)}")
         return found[0]
-
-    @property
-    def problems(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == "problem"]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == "warning"]
 
     def summary(self) -> str:
         """One line: the worst finding and how many there are (the panel's Doctor line)."""

@@ -29,6 +29,20 @@ class Finding:
         return f"{self.found}: {self.fix}" if self.fix else self.found
 
 
+class HasFindings:
+    """A report made of `findings`: its problems and warnings."""
+
+    findings: list
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "problem"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+
 def worst(findings) -> str:
     """The worst level among `findings` (ok when there are none)."""
     return max((f.level for f in findings), key=LEVELS.index, default="ok")

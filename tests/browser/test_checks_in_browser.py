@@ -18,8 +18,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import notebook_in_browser as nib  # noqa: E402
-from test_background_attach import Notebook, write_notebook  # noqa: E402
-from test_notebooks_in_browser import CHROMIUM, _require_browser_tools  # noqa: E402
+from test_background_attach import lab_on, new_notebook  # noqa: E402
+from test_notebooks_in_browser import _require_browser_tools  # noqa: E402
 
 TIMEOUT = float(os.environ.get("QLORA_BROWSER_TIMEOUT", "600"))
 CELLS = [
@@ -52,57 +52,29 @@ JS_CHECKS = r"""() => {
 
 @pytest.mark.browser
 def test_the_token_view_and_the_doctor_render_in_jupyterlab(tmp_path):
-    from playwright.sync_api import sync_playwright
-
     _require_browser_tools()
-    base = os.environ.get("QLORA_BROWSER_OUT")
-    out = (Path(base).resolve() if base else tmp_path) / "checks"
-    out.mkdir(parents=True, exist_ok=True)
-    root = tmp_path / "notebook"
-    root.mkdir()
-    notebook = root / "checks.ipynb"
-    write_notebook(notebook, CELLS)
+    out, notebook = new_notebook(tmp_path, "checks", CELLS)
     deadline = nib.Deadline(TIMEOUT)
-    server = nib.JupyterServer("lab", notebook, out, out / "server.log", sys.executable, user_config=False)
-    page = None
-    try:
-        server.start(deadline)
-        with sync_playwright() as pw:
-            context = pw.chromium.launch_persistent_context(
-                str(out / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=nib.CHROMIUM_ARGS,
-                viewport={"width": 1280, "height": 1400}, timeout=60000)
-            context.set_default_timeout(30000)
-            page = context.pages[0] if context.pages else context.new_page()
-            lab = Notebook(page, server, deadline)
-            lab.open()
-            lab.run.run_all()
-            lab.run.wait_run_done(deadline)
-            lab.wait_for(3, lambda c: "qlora_magic doctor" in c["text"], "the doctor's table", 180)
-            shown = page.evaluate(JS_CHECKS)
-            page.screenshot(path=str(out / "checks.png"), full_page=True)
+    with lab_on(notebook, out, deadline) as lab:
+        page = lab.page
+        lab.run.run_all()
+        lab.run.wait_run_done(deadline)
+        lab.wait_for(3, lambda c: "qlora_magic doctor" in c["text"], "the doctor's table", 180)
+        shown = page.evaluate(JS_CHECKS)
+        page.screenshot(path=str(out / "checks.png"), full_page=True)
 
-            assert shown["report"] and shown["report"].startswith("Data check: 3 rows"), shown
-            assert "1 of 3 rows are longer than max_length=32" in shown["report"]
-            assert "".join(shown["trained"]).startswith("Paris.<|im_end|>"), shown["trained"]
-            assert shown["trainedColours"] == ["rgb(200, 230, 201)"] and shown["visible"]  # on green, on screen
-            assert shown["masked"] > 5 and shown["maskedColours"] == ["rgb(238, 238, 238)"]  # the prompt, on grey
-            assert shown["firstSample"].startswith("Q: What is the capital of France?")
-            assert shown["histograms"] == 2
-            topics = [row.split(" ", 1)[1] for row in shown["doctorRows"]]
-            assert topics[:3] == ["frontend", "ipywidgets", "live display"] and len(topics) == 9, shown["doctorRows"]
-            assert lab.cell(3)["text"].count("a Jupyter kernel") == 1  # the doctor knows it runs in a kernel
-            assert "HTML refreshed in place" in lab.cell(3)["text"]
+        assert shown["report"] and shown["report"].startswith("Data check: 3 rows"), shown
+        assert "1 of 3 rows are longer than max_length=32" in shown["report"]
+        assert "".join(shown["trained"]).startswith("Paris.<|im_end|>"), shown["trained"]
+        assert shown["trainedColours"] == ["rgb(200, 230, 201)"] and shown["visible"]  # on green, on screen
+        assert shown["masked"] > 5 and shown["maskedColours"] == ["rgb(238, 238, 238)"]  # the prompt, on grey
+        assert shown["firstSample"].startswith("Q: What is the capital of France?")
+        assert shown["histograms"] == 2
+        topics = [row.split(" ", 1)[1] for row in shown["doctorRows"]]
+        assert topics[:3] == ["frontend", "ipywidgets", "live display"] and len(topics) == 9, shown["doctorRows"]
+        assert lab.cell(3)["text"].count("a Jupyter kernel") == 1  # the doctor knows it runs in a kernel
+        assert "HTML refreshed in place" in lab.cell(3)["text"]
 
-            cells = page.evaluate(nib.JS_COLLECT)["cells"]
-            errors, widget_errors = nib.find_errors(cells)
-            assert errors == [] and widget_errors == [], (errors, widget_errors)
-            context.close()
-    except Exception:
-        if page is not None:
-            try:
-                page.screenshot(path=str(out / "failed.png"), full_page=True)
-            except Exception:  # noqa: BLE001 - the picture is a help, not the check
-                pass
-        raise
-    finally:
-        server.stop()
+        cells = page.evaluate(nib.JS_COLLECT)["cells"]
+        errors, widget_errors = nib.find_errors(cells)
+        assert errors == [] and widget_errors == [], (errors, widget_errors)
