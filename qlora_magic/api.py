@@ -505,7 +505,7 @@ def check_data(data=None, *, config: TrainConfig | None = None, **options):
     trained token, whether targets keep a stop token that generation stops at, duplicates, empty fields.
     Returns a DataReport (shown with the first rows as tokens, trained ones marked). Changes nothing.
 
-    >>> qlora_magic.check_data(rows, prompt="Q: {question}\nA: ", response="{answer}", max_length=256)
+    >>> qlora_magic.check_data(rows, prompt="Q: {question}\\nA: ", response="{answer}", max_length=256)
 
     `train` runs the same checks first: a problem (no trained token in any row, every response empty, no stop
     token kept) stops it in one line; the warnings go into its readout.

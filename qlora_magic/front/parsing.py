@@ -335,7 +335,7 @@ def qlora_data(line="", cell=""):
 
         %%qlora_data --max-length 256
         data: $rows
-        prompt: "Question: {question}\nAnswer: "
+        prompt: "Question: {question}\\nAnswer: "
         response: "{answer}"
 
     Shows rows and columns used, a token length histogram of prompts and responses, the rows max_length cuts and
