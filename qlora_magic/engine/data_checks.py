@@ -98,12 +98,11 @@ def _measure(example, examples, limit, special, tokenizer) -> _Row:
     ids, labels = example["input_ids"], example["labels"]
     if isinstance(examples, ClassificationExamples):
         row = _Row(len(ids), 0, 1, len(ids) > limit, None)
-        shown = [(t, False) for t, _ in show_masking(tokenizer, {"input_ids": ids[:limit], "labels": ids[:limit]})] if tokenizer else None
+        shown = _masked(tokenizer, ids[:limit]) if tokenizer else None
     elif isinstance(examples, Seq2SeqExamples):
         kept = labels[:limit]
         row = _Row(len(ids), len(labels), len(kept), len(ids) > limit or len(labels) > limit, _last_special(kept, special))
-        shown = (show_masking(tokenizer, {"input_ids": ids[:limit], "labels": [IGNORE_INDEX] * len(ids[:limit])})
-                 + show_masking(tokenizer, {"input_ids": kept, "labels": kept})) if tokenizer else None
+        shown = _masked(tokenizer, ids[:limit]) + show_masking(tokenizer, {"input_ids": kept, "labels": kept}) if tokenizer else None
     else:
         prompt = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
         kept = [label for label in labels[:limit] if label != IGNORE_INDEX]
@@ -111,6 +110,11 @@ def _measure(example, examples, limit, special, tokenizer) -> _Row:
         shown = show_masking(tokenizer, {"input_ids": ids[:limit], "labels": labels[:limit]}) if tokenizer else None
     row.sample = shown
     return row
+
+
+def _masked(tokenizer, ids):
+    """Tokens that are read, never trained on (an encoder's input, a classifier's text)."""
+    return show_masking(tokenizer, {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)})
 
 
 def _last_special(ids, special):
