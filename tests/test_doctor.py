@@ -66,6 +66,16 @@ def test_widget_manager_of_another_major_version_is_a_problem(monkeypatch):
     assert {f.topic: f for f in doctor.widget_findings("jupyter")}["ipywidgets"].level == "warning"
 
 
+def test_the_live_display_in_a_kernel_says_its_fallback(monkeypatch):
+    import qlora_magic.display as display
+
+    monkeypatch.setattr(display, "in_notebook", lambda: True)
+    assert doctor.display_finding("jupyter").found.endswith("; --display widget for widgets")
+    versions(monkeypatch, ipywidgets=None)
+    found = doctor.display_finding("jupyter")
+    assert found.found.startswith("HTML refreshed in place") and found.found.endswith("need ipywidgets")
+
+
 def test_colab_and_vscode_are_recognised(monkeypatch):
     for name in doctor.VSCODE_VARS:
         monkeypatch.delenv(name, raising=False)

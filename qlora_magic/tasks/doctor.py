@@ -120,13 +120,15 @@ def widget_findings(where: str) -> list[Finding]:
 
 
 def display_finding(where: str) -> Finding:
-    """Which form %%qlora_train's live display takes here (--display auto)."""
+    """Which form %%qlora_train's live display takes here (--display auto), and whether widgets are a choice."""
     from ..display import in_notebook
 
-    if in_notebook():
-        return Finding("ok", "live display", "HTML refreshed in place (kept in the saved notebook; also in VS Code and Colab); "
-                       "--display widget for widgets")
-    return Finding("ok", "live display", "text: a progress bar and a line per log (no notebook kernel here)")
+    if not in_notebook():
+        return Finding("ok", "live display", "text: a progress bar and a line per log (no notebook kernel here)")
+    shown = "HTML refreshed in place (kept in the saved notebook; also in VS Code and Colab)"
+    if package_version("ipywidgets") is None:
+        return Finding("ok", "live display", f"{shown}; widgets (the panel, --display widget) need ipywidgets")
+    return Finding("ok", "live display", f"{shown}; --display widget for widgets")
 
 
 # --- torch, CUDA, bitsandbytes ------------------------------------------------------------------------------
