@@ -144,3 +144,27 @@ def test_bad_arguments_are_one_line(ip):
         qm.doctor(bits=16)
     with pytest.raises(UsageError):
         ip.run_line_magic("qlora_doctor", "--bits 16")
+
+
+def test_torch_rows_for_a_gpu_and_for_a_cuda_build_that_sees_none(monkeypatch):
+    """The GPU branches, simulated on this CPU: a visible GPU is named with its driver; a CUDA build of torch that
+    sees no GPU is a problem; GPU memory is what the model is sized against on a GPU."""
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(doctor, "driver_version", lambda: "580.159.04")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    found, device = doctor.torch_check()
+    assert device == "cpu" and found.level == "problem" and "built for CUDA 13.0 but sees no GPU" in found.found
+    assert "driver (580.159.04)" in found.found and "nvidia-smi" in found.fix
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(name="NVIDIA H200"))
+    found, device = doctor.torch_check()
+    assert device == "cuda" and found.level == "ok" and found.found.endswith("CUDA 13.0, NVIDIA H200 x2, driver 580.159.04")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(1e9), int(141e9)))
+    weights = {"name": "an 8B model", "linear": 7_000_000_000, "other": 1_000_000_000, "loaded": False}
+    memory = doctor.memory_check(qm.get_session(), "cuda", weights)
+    assert memory.level == "problem" and "GPU memory: 1.00 GB free of 141.00 GB" in memory.found
