@@ -6,7 +6,8 @@
     %qlora_generate ...
 
 or from Python: qlora_magic.load(), .train(), .generate(), .classify(), .save(), .memory(), .unload(), .get_session();
-.runs(), .attach(), .stop() for runs trained in the background (train(..., background=True)).
+.runs(), .attach(), .stop() for runs trained in the background (train(..., background=True));
+.doctor() and .check_data() to catch mistakes before training.
 Importing this package (and %load_ext) does not import torch; the verbs import it when first used.
 """
 
@@ -16,6 +17,7 @@ from .api import classify, generate, load, memory, save, train, unload  # noqa: 
 from .api import attach, runs, stop  # noqa: E402  (background runs)
 from .api import (add_adapter, combine_adapters, compare, delete_adapter, evaluate, list_adapters,  # noqa: E402
                   load_adapter, merge, switch_adapter, tune)
+from .api import check_data, doctor  # noqa: E402  (checks before the GPU time)
 from .errors import QloraError  # noqa: E402
 from . import examples  # noqa: E402
 from .session import get_session, reset_session  # noqa: E402
@@ -41,4 +43,5 @@ def unload_ipython_extension(ipython):
 
 __all__ = ["load", "train", "generate", "save", "memory", "unload", "get_session", "reset_session", "panel",
            "QloraError", "evaluate", "compare", "list_adapters", "add_adapter", "load_adapter", "switch_adapter",
-           "delete_adapter", "combine_adapters", "merge", "tune", "classify", "runs", "attach", "stop"]
+           "delete_adapter", "combine_adapters", "merge", "tune", "classify", "runs", "attach", "stop",
+           "check_data", "doctor"]

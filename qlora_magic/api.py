@@ -494,3 +494,47 @@ def tune(data=None, *, search=None, config=None, on_trial=None, **options):
 
 
 __all__ += ["tune"]
+
+
+# --- checks before the GPU time -------------------------------------------------------------------------
+
+@_verb("Checking the data", "The data check was interrupted: nothing changed; run it again.")
+def check_data(data=None, *, config: TrainConfig | None = None, **options):
+    """Check training data before training: the rows tokenized with the loaded tokenizer exactly as `train` would
+    (the same options), then counted: prompt/response token lengths, rows max_length cuts, rows left with no
+    trained token, whether targets keep a stop token that generation stops at, duplicates, empty fields.
+    Returns a DataReport (shown with the first rows as tokens, trained ones marked). Changes nothing.
+
+    >>> qlora_magic.check_data(rows, prompt="Q: {question}\\nA: ", response="{answer}", max_length=256)
+
+    `train` runs the same checks first: a problem (no trained token in any row, every response empty, no stop
+    token kept) stops it in one line; the warnings go into its readout.
+    """
+    from .tasks.finetune import check_data as check
+
+    if data is not None:
+        options["data"] = data
+    return check(get_session(), _config(TrainConfig, config, options))
+
+
+def doctor(model=None, *, bits=None):
+    """Check the environment before spending GPU time: frontend and widget support, the live display's form,
+    torch/CUDA/driver, bitsandbytes for this device, GPU memory against the loaded (or named) model in 4 and
+    8 bits, RAM and disk for a merge, Hub access and cache, tracker logins. Returns a DoctorReport: one row per
+    check, OK / warning / problem, each with a one-line fix. Reads only, makes no network call, takes seconds.
+
+    >>> qlora_magic.doctor()
+    >>> qlora_magic.doctor("Qwen/Qwen2.5-7B-Instruct", bits=4)   # would it fit? (a config in the local cache)
+    """
+    from pathlib import Path
+
+    from .tasks.doctor import diagnose
+
+    if model is not None and not isinstance(model, (str, Path)):
+        raise ConfigError(f"model must be a Hub id or a folder, not {model!r} (of type {type(model).__name__}).")
+    if bits is not None and (isinstance(bits, bool) or bits not in (4, 8)):
+        raise ConfigError(f"bits must be 4 or 8 (or None: both), not {bits!r}.")
+    return diagnose(get_session(), model=None if model is None else str(model), bits=bits)
+
+
+__all__ += ["check_data", "doctor"]

@@ -525,6 +525,28 @@ row("api-merge-verify='no'", lambda e: qm.merge(e.p("merged"), verify="no"))
 row("api-tune-keep='yes'", lambda e: qm.tune(e.rows, search={"r": [4]}, keep="yes", **TUNE_ROWS))
 row("api-tune-prune=5", lambda e: qm.tune(e.rows, search={"r": [4]}, prune=5, **TUNE_ROWS))
 
+# --- %%qlora_data / qm.check_data and %qlora_doctor / qm.doctor ------------------------------------------------
+
+row("data-unknown-option", f"%%qlora_data --bogus\n{TRAIN}")
+row("data-unclosed-quote", f'%%qlora_data --max-length "2\n{TRAIN}')
+row("data--max-length=0", f"%%qlora_data --max-length 0\n{TRAIN}")
+row("data-body-unknown-key", f"%%qlora_data\n{TRAIN}bogus: 1\n")
+row("data-missing-file", f"%%qlora_data\n{train_body(data='@/data/missing.jsonl')}", DATA)
+row("data-no-data", f"%%qlora_data\n{train_body(data=None)}", OPTION + DATA)
+row("data-$undefined", f"%%qlora_data\n{train_body(data='$undefined_rows')}", OPTION + DATA)
+row("data-template-missing-column", f"%%qlora_data\n{train_body(prompt='{nope}')}", DATA)
+row("data-no-response", f"%%qlora_data\n{train_body(response=None)}", OPTION)
+row("no-model-data", f"%%qlora_data\n{TRAIN}", NO_MODEL + (ConfigError,), session="none")
+row("api-check_data-max_length=nan", lambda e: qm.check_data(e.rows, **{**GOOD_ROWS, "max_length": NAN}))
+row("api-check_data-config-and-options", lambda e: qm.check_data(config=TrainConfig(data=e.rows, prompt="{question}", response="{answer}"), lr=1e-3))
+row("api-check_data-a-number", lambda e: qm.check_data(5, **GOOD_ROWS), DATA)
+row("train-every-response-empty", f"%%qlora_train\n{train_body(response=repr(''))}", DATA)
+row("doctor-unknown-option", "%qlora_doctor --bogus")
+row("doctor--bits=16", "%qlora_doctor --bits 16")
+row("doctor-two-models", "%qlora_doctor a b")
+row("api-doctor-bits=3", lambda e: qm.doctor(bits=3))
+row("api-doctor-model-a-number", lambda e: qm.doctor(5))
+
 assert len({r.id for r in ROWS}) == len(ROWS), "row ids must be unique"
 
 # Rows that still break the promise, as "<who fixes it>: <the cause>". They run as strict expected failures:

@@ -203,7 +203,9 @@ def magic_cell(declaration, option, value):
             "qlora_compare": f"%qlora_compare {option} {value} Hello",
             "qlora_adapters": f"%qlora_adapters add extra {option} {value}",
             "qlora_merge": f"%qlora_merge merged/x {option} {value}",
-            "qlora_tune": f"%%qlora_tune {option} {value}\n{TUNE_BODY}"}[name]
+            "qlora_tune": f"%%qlora_tune {option} {value}\n{TUNE_BODY}",
+            "qlora_data": f"%%qlora_data {option} {value}\n{BODY}",
+            "qlora_doctor": f"%qlora_doctor {option} {value}"}[name]
 
 
 def numeric_options():
@@ -229,7 +231,8 @@ def test_nan_and_inf_in_every_numeric_option_of_every_magic(shell, capsys, tmp_p
 
 def test_every_magic_with_numbers_is_in_the_table():
     assert {d.__name__ for d, _, _ in NUMERIC_OPTIONS} >= {"qlora_load", "qlora_train", "qlora_generate", "qlora_eval",
-                                                          "qlora_compare", "qlora_adapters", "qlora_merge", "qlora_tune"}
+                                                          "qlora_compare", "qlora_adapters", "qlora_merge", "qlora_tune",
+                                                          "qlora_data", "qlora_doctor"}
 
 
 BODY_NUMBERS = [("qlora_train", name) for name in ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "warmup",

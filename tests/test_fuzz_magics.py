@@ -112,6 +112,9 @@ MAGICS = {
     "qlora_merge": Magic(parsing.qlora_merge, lambda line, body: parsing.parse_merge(line)),
     "qlora_tune": Magic(parsing.qlora_tune, lambda line, body: parsing.parse_tune(line, body, NAMESPACE),
                         TUNE_BODY, frozenset(parsing.TUNE_BODY.keys - {"search"})),
+    "qlora_data": Magic(parsing.qlora_data, lambda line, body: parsing.parse_data(line, body, NAMESPACE),
+                        TRAIN_BODY, frozenset(parsing.DATA_BODY.keys)),
+    "qlora_doctor": Magic(parsing.qlora_doctor, lambda line, body: parsing.parse_doctor(line)),
 }
 
 
@@ -194,7 +197,7 @@ def grid_cases(name):
     if name == "qlora_adapters":
         cases += [(f"{action} {value}", None) for action in parsing.ADAPTER_ACTIONS + ("use", "remove") for value in LINE_VALUES]
     if name in ("qlora_load", "qlora_save", "qlora_merge", "qlora_memory", "qlora_panel", "qlora_unload", "qlora_runs",
-                "qlora_attach", "qlora_stop"):
+                "qlora_attach", "qlora_stop", "qlora_doctor"):
         cases += [(value, None) for value in LINE_VALUES]  # the positional (model, path) or a stray word
     for key in sorted(keys):
         cases += [("", f"{base_body}{key}: {value}\n") for value in YAML_VALUES]
@@ -318,6 +321,8 @@ FUZZES = {
     "qlora_merge": _fuzz("qlora_merge", line=st.tuples(st.sampled_from(["merged/out", "'a b'", '"x', "", "/proc/m"]),
                                                        line_of(parsing.qlora_merge)).map(" ".join)),
     "qlora_tune": _fuzz("qlora_tune", body_of(parsing.TUNE_BODY.keys - {"search"}, search=True)),
+    "qlora_data": _fuzz("qlora_data", body_of(parsing.DATA_BODY.keys)),
+    "qlora_doctor": _fuzz("qlora_doctor", line=line_of(parsing.qlora_doctor)),
 }
 
 

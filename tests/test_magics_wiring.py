@@ -23,9 +23,9 @@ def test_load_ext_does_not_import_torch():
 def test_magics_are_registered(ip):
     magics = ip.magics_manager.lsmagic()
     for name in ("qlora_load", "qlora_generate", "qlora_save", "qlora_memory", "qlora_unload", "qlora_train",
-                 "qlora_runs", "qlora_attach", "qlora_stop"):
+                 "qlora_runs", "qlora_attach", "qlora_stop", "qlora_doctor"):
         assert name in magics["line"]
-    for name in ("qlora_train", "qlora_generate"):
+    for name in ("qlora_train", "qlora_generate", "qlora_data"):
         assert name in magics["cell"]
 
 
@@ -148,3 +148,26 @@ def test_a_config_and_keyword_options_together_is_one_config_error(verb, options
     assert isinstance(info.value, TypeError)  # what it raised before, for code that catches that
     assert str(info.value) == (f"Give either config= or keyword options, not both: change a ready config with "
                                f"config=config.replace({next(iter(options))}=...).")
+
+
+def test_data_magic_passes_the_config_train_would_get(ip):
+    ip.user_ns["my_rows"] = [{"q": "a", "a": "b"}]
+    body = "data: $my_rows\nprompt: '{q}'\nresponse: '{a}'\n"
+    with mock.patch.object(api, "check_data", return_value="report") as check_data:
+        ip.run_cell_magic("qlora_data", "--max-length 64", body)
+    config = check_data.call_args.kwargs["config"]
+    assert config == parsing_train("--max-length 64", body, ip.user_ns) and config.max_length == 64
+    assert "--max-length" in ip.find_cell_magic("qlora_data").__doc__
+
+
+def test_doctor_magic_passes_its_options(ip):
+    with mock.patch.object(api, "doctor", return_value="report") as doctor:
+        ip.run_line_magic("qlora_doctor", "")
+        ip.run_line_magic("qlora_doctor", "my/model --bits 4")
+    assert [c.kwargs for c in doctor.call_args_list] == [{"model": None, "bits": None}, {"model": "my/model", "bits": 4}]
+
+
+def parsing_train(line, body, namespace):
+    from qlora_magic.front.parsing import parse_train
+
+    return parse_train(line, body, namespace)

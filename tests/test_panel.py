@@ -264,3 +264,24 @@ def test_the_panel_uses_only_public_names_of_other_modules():
                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules]
     assert modules == {"api", "examples"}
     assert not [name for name in imported + reached if name.startswith("_") and name != "__future__"]
+
+
+def test_the_check_button_shows_the_data_check_and_trains_nothing(tiny_loaded, rows):
+    p = qlora_magic.panel(data=rows + rows[:2], prompt="Q: {question}\nA: ", response="{answer}")
+    click(p, p.check_button)
+    assert p.last_error is None, p.status_text
+    assert p.status_text.startswith(f"Data check: {len(rows) + 2} rows, columns used: question, answer;")
+    assert "qlora-data-report" in p.check_info.value and "qlora-token qlora-trained" in p.check_info.value
+    assert tiny_loaded.history == [] and tiny_loaded.runs == []
+    p.response.value = "{nope}"
+    click(p, p.check_button)
+    assert p.status_text.startswith("DataError: The response template uses {nope}")
+
+
+def test_the_doctor_line_under_the_memory_bars():
+    p = qlora_magic.panel()
+    assert p.doctor_line.value and "not run yet" in p.doctor_line.value
+    click(p, p.doctor_button)
+    assert p.last_error is None, p.status_text
+    assert p.doctor_line.value.count("Doctor: ") == 1 and "qlora-doctor" in p.doctor_info.value
+    assert p.status_text.startswith("Doctor: ")

@@ -134,3 +134,33 @@ try:
     qm.train(rows, prompt="Instruction: {instructions}\n\nResponse: ", response="{response}", max_steps=1)
 except QloraError as error:
     print(f"{type(error).__name__}: {error}")
+
+# %% [markdown]
+# ### Check the data before training: `%%qlora_data`
+#
+# `%%qlora_data` takes `%%qlora_train`'s options and body and trains nothing: it tokenizes every row with the
+# loaded tokenizer exactly as training would, then counts what goes wrong silently otherwise: rows that
+# `max_length` cuts, rows left with no trained token, targets that lose (or never had) the stop token
+# generation stops at, duplicates, empty fields. The first rows are shown token by token, as above.
+# Here `--max-length 32` is too short on purpose:
+
+# %%
+# %%qlora_data --max-length 32
+data: $rows
+prompt: "Instruction: {instruction}\n\nInput: {context}\n\nResponse: "
+response: "{response}"
+
+# %% [markdown]
+# The rows it cuts lose the end of their answer and its `<|im_end|>`: the model would learn answers that do
+# not stop. The fix is in the line under each warning. `%%qlora_train` runs the same checks before it touches
+# the model: a data set that would teach nothing (here, every response empty) stops it in one line, and the
+# warnings go into its readout.
+
+# %%
+empty = rows.assign(response="")
+
+# %% tags=["raises-exception"]
+# %%qlora_train --max-steps 1
+data: $empty
+prompt: "Instruction: {instruction}\n\nInput: {context}\n\nResponse: "
+response: "{response}"

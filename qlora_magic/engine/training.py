@@ -591,6 +591,7 @@ class TrainSummary(Readout):
     run_dir: str
     settings: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # the data check's warnings, one short line each
 
     title = "Training"
 
@@ -638,6 +639,7 @@ class TrainSummary(Readout):
         if peak:
             rows.append(("peak memory", gb(peak)))
         rows.append(("settings", ", ".join(f"{k}={v}" for k, v in self.settings.items())))
+        rows += [("data check", note) for note in self.notes]
         rows.append(("run folder", self.run_dir))
         rows.append(("TensorBoard", f"{self.run_dir}/tensorboard"))
         if self.status == "interrupted":

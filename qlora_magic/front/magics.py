@@ -134,3 +134,14 @@ class QloraMagics(Magics):
         handle = display(display_id=True)  # the table of trials, redrawn after each one (None outside IPython)
         report = api.tune(config=config, on_trial=handle.update if handle else None)
         handle.update(report) if handle else display(report)
+
+    @cell_magic
+    @_doc_from(parsing.qlora_data)
+    def qlora_data(self, line="", cell=""):
+        display(api.check_data(config=parsing.parse_data(line, cell, namespace=self.shell.user_ns)))
+
+    @line_magic
+    @no_var_expand
+    @_doc_from(parsing.qlora_doctor)
+    def qlora_doctor(self, line=""):
+        display(api.doctor(**parsing.parse_doctor(line)))

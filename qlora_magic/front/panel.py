@@ -40,7 +40,8 @@ from .parsing import config_default, lookup_variable
 GIVEN_ROWS = "(the rows given to panel())"  # shown in the data field when panel(data=rows) got objects
 # What each action is called while it holds the session lock, and how it is stopped (a refused cell says so).
 ACTIVITIES = {"load": ("Loading a model", None), "train": ("Training", "the panel's Stop button"),
-              "generate": ("Generating", None), "save": ("Saving", None)}
+              "generate": ("Generating", None), "save": ("Saving", None), "check": ("Checking the data", None),
+              "doctor": ("Checking the environment", None)}
 
 
 def _enable_colab_widgets():
@@ -131,12 +132,15 @@ class Panel:
         self.train_button = w.Button(description="Train", button_style="primary", icon="play")
         self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True,
                                     tooltip="end training after the step in flight; the adapter keeps what it learned")
+        self.check_button = w.Button(description="Check", icon="check",
+                                     tooltip="check the data as training would tokenize it (%%qlora_data); trains nothing")
+        self.check_info = w.HTML()
         self.reporter = WidgetReporter()
         train_tab = w.VBox([
             self.data, self.prompt, self.response, self.label,
             w.HBox([self.epochs, self.max_steps]), w.HBox([self.lr, self.eval_split]),
             w.HBox([self.batch_size, self.grad_accum]), self.chat,
-            w.HBox([self.train_button, self.stop_button]), self.reporter.widget,
+            w.HBox([self.check_button, self.train_button, self.stop_button]), self.check_info, self.reporter.widget,
         ])
 
         # --- Generate
@@ -172,7 +176,13 @@ class Panel:
         self.memory_rows = {name: w.HBox([self.memory_bars[name], self.memory_labels[name]]) for name in self.memory_bars}
         self.memory_title = w.HTML("<b>Memory</b>")
         self.memory_refresh = w.Button(description="Refresh", icon="refresh", layout=w.Layout(width="100px"))
-        self.memory_box = w.VBox([w.HBox([self.memory_title, self.memory_refresh]), *self.memory_rows.values()])
+        # The doctor's line under the bars (%qlora_doctor): its summary, the table once it has run.
+        self.doctor_line = w.HTML(_span("Doctor: not run yet; it checks widgets, torch/CUDA, bitsandbytes, memory, disk, Hub.", "#555"))
+        self.doctor_button = w.Button(description="Doctor", icon="stethoscope", layout=w.Layout(width="100px"),
+                                      tooltip="check the environment (%qlora_doctor): seconds, changes nothing")
+        self.doctor_info = w.HTML()
+        self.memory_box = w.VBox([w.HBox([self.memory_title, self.memory_refresh]), *self.memory_rows.values(),
+                                  w.HBox([self.doctor_button, self.doctor_line]), self.doctor_info])
         self.status = w.HTML()
 
         self.tabs = w.Tab(children=[load_tab, train_tab, generate_tab, save_tab])
@@ -180,11 +190,14 @@ class Panel:
             self.tabs.set_title(i, title)
         self.widget = w.VBox([w.HTML("<b>qlora_magic</b>"), self.tabs, self.status, self.memory_box])
 
-        self._action_buttons = [self.load_button, self.train_button, self.generate_button, self.save_button]
+        self._action_buttons = [self.load_button, self.train_button, self.generate_button, self.save_button,
+                                self.check_button, self.doctor_button]
         self.load_button.on_click(lambda _: self._start("load", self._load))
         self.train_button.on_click(lambda _: self._start("train", self._train))
         self.generate_button.on_click(lambda _: self._start("generate", self._generate))
         self.save_button.on_click(lambda _: self._start("save", self._save))
+        self.check_button.on_click(lambda _: self._start("check", self._check))
+        self.doctor_button.on_click(lambda _: self._start("doctor", self._doctor))
         self.stop_button.on_click(lambda _: self.stop())
         self.memory_refresh.on_click(lambda _: self._guarded(self.refresh_memory))
         self._say("Load a model to start." if api.get_session().model is None else "A model is loaded.")
@@ -263,6 +276,21 @@ class Panel:
         first, last = summary.train_loss
         loss = f"; loss {first:.3f} → {last:.3f}" if first is not None else ""
         self._say(f"Training {summary.status}: {summary.steps_done}/{summary.steps_planned} steps{loss}.")
+
+    def _check(self):
+        config = self.train_config()
+        self._say("Checking the data…")
+        report = api.check_data(config=config)
+        self.check_info.value = report._repr_html_()
+        self._say(f"Data check: {report.summary()}.", error=bool(report.problems))
+
+    def _doctor(self):
+        self._say("Checking the environment…")
+        report = api.doctor()
+        color = {"ok": "#2e7d32", "warning": "#b35900", "problem": "#c62828"}[report.level]
+        self.doctor_line.value = _span(f"Doctor: {report.summary()}", color)
+        self.doctor_info.value = report._repr_html_()
+        self._say(f"Doctor: {report.summary()}")
 
     def _generate(self):
         config = self.generate_config()

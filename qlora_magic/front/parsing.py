@@ -309,13 +309,73 @@ TUNE_BODY = CellBody("%%qlora_tune", TrainConfig, extra={"search": dict, "trials
 BODY_KEYS = TRAIN_BODY.keys
 
 
-def parse_train(line: str, cell: str, namespace: dict | None = None) -> TrainConfig:
-    """`%%qlora_train` flags + YAML body -> TrainConfig. `$name` data is looked up in `namespace`."""
-    flags = _options(parse_line(qlora_train, line))
+def parse_train(line: str, cell: str, namespace: dict | None = None, declaration=None, body=TRAIN_BODY) -> TrainConfig:
+    """`%%qlora_train` flags + YAML body -> TrainConfig. `$name` data is looked up in `namespace`.
+    `declaration`, `body`: another magic's, with the same options and body (%%qlora_data)."""
+    flags = _options(parse_line(declaration or qlora_train, line))
     for name, value in flags.items():  # IPython fills in $name from the notebook; one left as written names nothing
         if isinstance(value, str) and value.startswith("$"):
             raise ConfigError(f"--{name.replace('_', '-')} {value}: no notebook variable {value[1:]!r}; define it first, or write the value itself.")
-    return TrainConfig(**TRAIN_BODY.read(cell, flags, namespace))
+    return TrainConfig(**body.read(cell, flags, namespace))
+
+
+def _options_of(declaration):
+    """Give a magic the declared options of `declaration` (put under @magic_arguments(), which builds the parser)."""
+
+    def decorate(func):
+        func.has_arguments, func.decorators = True, list(declaration.decorators)
+        return func
+
+    return decorate
+
+
+@magic_arguments()
+@_options_of(qlora_train)
+def qlora_data(line="", cell=""):
+    """Check training data before training: the body and options are %%qlora_train's, the rows are tokenized with
+    the loaded tokenizer exactly as training would, and nothing is trained or changed::
+
+        %%qlora_data --max-length 256
+        data: $rows
+        prompt: "Question: {question}\\nAnswer: "
+        response: "{answer}"
+
+    Shows rows and columns used, a token length histogram of prompts and responses, the rows max_length cuts and
+    those left with no trained token, whether targets keep a stop token that generation stops at (the
+    tokenizer's eos, the chat template's end of turn, generation_config.eos_token_id), duplicates, empty fields,
+    and the first rows as tokens marked by whether they count in the loss. %%qlora_train runs the same checks
+    first: a problem stops it in one line, warnings go into its readout.
+    """
+
+
+def parse_data(line: str, cell: str, namespace: dict | None = None) -> TrainConfig:
+    """`%%qlora_data` flags + YAML body -> the TrainConfig %%qlora_train would make of them."""
+    return parse_train(line, cell, namespace, declaration=qlora_data, body=DATA_BODY)
+
+
+DATA_BODY = CellBody("%%qlora_data", TrainConfig, keys_text=_TRAIN_KEYS)
+
+
+@magic_arguments()
+@argument("model", nargs="?", default=None, help="a Hub id (in the local cache) or folder to size against free memory (default: the loaded model, else the embedded default)")
+@argument("--bits", type=int, choices=[4, 8], default=None, help="size the model for this quantization only (default: 4 and 8)")
+def qlora_doctor(line=""):
+    """Check the environment before spending GPU time: one row per check, OK / warning / problem, each with a
+    one-line fix. Frontend and widget support (ipywidgets and the widget manager's versions, Colab, VS Code), the
+    live display's form, torch/CUDA/driver, bitsandbytes on this device, free GPU memory against the model in 4
+    and 8 bits, RAM and disk for a merge, Hub access and cache, tracker logins. Reads only; no network call.
+
+    Examples::
+
+        %qlora_doctor
+        %qlora_doctor Qwen/Qwen2.5-7B-Instruct --bits 4
+    """
+
+
+def parse_doctor(line: str) -> dict:
+    """`%qlora_doctor` line -> the keywords of api.doctor."""
+    args = parse_line(qlora_doctor, line)
+    return {"model": args.model, "bits": args.bits}
 
 
 def lookup_variable(name, namespace):
@@ -708,4 +768,4 @@ def _search_values(name, spec):
     return spec
 
 
-MAGIC_DECLARATIONS += [qlora_tune]
+MAGIC_DECLARATIONS += [qlora_tune, qlora_data, qlora_doctor]

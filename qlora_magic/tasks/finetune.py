@@ -21,20 +21,19 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
     `run_folder`: keep a run folder (run.json, history.jsonl, checkpoints) under config.output_dir; tuning's
     trials keep none. `resume`: a ResumePoint (tasks.resuming) to carry on from, its model already loaded."""
     from ..display import choose_reporter
-    from ..engine.data import load_rows, prepare_datasets
+    from ..engine.data import prepare_datasets
+    from ..engine.data_checks import raise_if_fatal
     from ..engine.training import RunLog, TrainingData, run_training
 
     model = session.require_model("training")
-    if config.data is None:
-        raise ConfigError("No data given: pass data= (a file, Hub id, list of dicts, DataFrame or Dataset).")
     task = session.task
     if task != "causal-lm":
         if config.packing:
             raise ConfigError(f"--packing is for causal-lm models; a {task} model trains on padded batches: drop --packing.")
         config = config.replace(packing=False)
     # Everything that can fail on bad input runs before the model is touched.
-    rows = resume.rows if resume is not None else load_rows(config.data, config.split)
-    examples = task_examples(session, config, rows)
+    rows, examples, checked = _checked_rows(session, config, resume.rows if resume is not None else None)
+    raise_if_fatal(checked)  # nothing to learn, or nothing that teaches the model to stop: one line, no GPU time
     train_set, eval_set, _ = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
     reporter = reporter or choose_reporter(config.display)
     if task == "seq-cls":
@@ -68,8 +67,30 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
                 session.runs.append(run)
         else:  # it failed before its first step, or was put back: no trace (%qlora_save would record it)
             del session.history[first_row:]
+    summary.notes = [f"{f.topic}: {f.found}" for f in checked.warnings]  # the details: %%qlora_data
     session.last_train_summary = summary
     return summary
+
+
+def check_data(session, config: TrainConfig):
+    """The data check of `config`'s rows, tokenized for the session's model as `finetune` would tokenize them;
+    returns the DataReport. Reads only: the model, the session and the data are left as they were."""
+    session.require_model("the data check (it tokenizes with the model's tokenizer)")
+    return _checked_rows(session, config)[2]
+
+
+def _checked_rows(session, config, rows=None):
+    """(rows, their row tokenizer for the loaded task, the data check of them); the rows are read from
+    config.data unless given (a resumed run's)."""
+    from ..engine.data import load_rows
+    from ..engine.data_checks import check_examples
+
+    if rows is None:
+        if config.data is None:
+            raise ConfigError("No data given: pass data= (a file, Hub id, list of dicts, DataFrame or Dataset).")
+        rows = load_rows(config.data, config.split)
+    examples = task_examples(session, config, rows)
+    return rows, examples, check_examples(rows, examples, getattr(session.model, "generation_config", None))
 
 
 def task_examples(session, config, rows):

@@ -12,6 +12,7 @@ QLORA_BROWSER_OUT=/dir keeps the screenshots)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,6 +39,18 @@ def notebook_cells(data: str) -> list[str]:
         f"data: {data}\nprompt: \"{PROMPT}\"\nresponse: \"{{response}}\"\n"
         "batch_size: 1\ngrad_accum: 1\nmax_length: 64\n",
     ]
+
+
+def new_notebook(tmp_path: Path, name: str, cells: list[str]) -> tuple[Path, Path]:
+    """(the folder for screenshots and logs: $QLORA_BROWSER_OUT/name, kept, or one in tmp_path; a notebook of
+    `cells` in a folder of its own, where what it writes lands)."""
+    base = os.environ.get("QLORA_BROWSER_OUT")
+    out = (Path(base).resolve() if base else tmp_path) / name
+    out.mkdir(parents=True, exist_ok=True)
+    notebook = tmp_path / "notebook" / f"{name}.ipynb"
+    notebook.parent.mkdir()
+    write_notebook(notebook, cells)
+    return out, notebook
 
 
 def write_notebook(path: Path, cells: list[str]):
@@ -115,31 +128,12 @@ class Notebook:
         return nib.poll(passing, self.deadline.left(timeout), 0.5, what)
 
 
-def history_steps(root: Path) -> int:
-    files = list(root.glob("runs/*-browser/history.jsonl"))
-    return len(files[0].read_text().splitlines()) if files else 0
-
-
-def shown_step(cell: dict) -> int | None:
-    found = STEP.search(cell["text"] if cell else "")
-    return int(found[1]) if found else None
-
-
-@pytest.mark.browser
-def test_a_background_run_reattached_after_a_reload_keeps_growing_and_stops(tmp_path):
+@contextlib.contextmanager
+def lab_on(notebook: Path, out: Path, deadline):
+    """JupyterLab on `notebook` in headless Chromium, opened and its kernel ready: yields the Notebook. A failure
+    inside leaves a screenshot (failed.png) in `out`; the server is stopped however it ends."""
     from playwright.sync_api import sync_playwright
 
-    from qlora_magic import examples
-
-    _require_browser_tools()
-    base = os.environ.get("QLORA_BROWSER_OUT")
-    out = (Path(base).resolve() if base else tmp_path) / "background_attach"
-    out.mkdir(parents=True, exist_ok=True)
-    root = tmp_path / "notebook"
-    root.mkdir()
-    notebook = root / "background.ipynb"
-    write_notebook(notebook, notebook_cells(examples.path("word_forms")))
-    deadline = nib.Deadline(TIMEOUT)
     server = nib.JupyterServer("lab", notebook, out, out / "server.log", sys.executable, user_config=False)
     page = None
     try:
@@ -152,41 +146,7 @@ def test_a_background_run_reattached_after_a_reload_keeps_growing_and_stops(tmp_
             page = context.pages[0] if context.pages else context.new_page()
             lab = Notebook(page, server, deadline)
             lab.open()
-            lab.run.run_all()
-            lab.run.wait_run_done(deadline)  # the load, then the background cell returns at once
-            trained = lab.wait_for(1, lambda c: c["widgets"] and (shown_step(c) or 0) >= 3, "the run's own view at step 3")
-            assert "-browser" in trained["text"] and "Traceback" not in trained["text"]
-
-            # A reload loses the cell's view (the notebook is not saved); the kernel trains on.
-            before = history_steps(root)
-            assert before >= 3, "the run writes its history as it goes"
-            page.reload()
-            lab.open()
-            assert lab.cell(1)["widgets"] == 0
-
-            attach = lab.add_and_run("%qlora_attach")
-            first = lab.wait_for(attach, lambda c: shown_step(c) is not None and c["image"] and c["image"]["width"],
-                                 "the attached view with its chart")
-            assert shown_step(first) >= before, first["text"]  # every step logged before the reload is there
-            assert f"/{STEPS}" in first["text"] and "-browser" in first["text"] and "%qlora_stop" in first["text"]
-            later = lab.wait_for(attach, lambda c: (shown_step(c) or 0) >= shown_step(first) + 3
-                                 and c["image"]["src"] != first["image"]["src"], "the attached view to grow", 90)
-            assert later["image"]["width"] > 0 and later["bar"] == "training"
-
-            stop = lab.add_and_run("%qlora_stop")
-            said = lab.wait_for(stop, lambda c: "Stopped" in c["text"], "%qlora_stop's line")["text"]
-            assert re.search(r"Stopped \S+-browser at step \d+/\d+ \(interrupted\)", said), said
-            ended = lab.wait_for(attach, lambda c: c["bar"] == "interrupted", "the attached view to end", 120)
-            assert ended["text"].lstrip().splitlines()[0].endswith("-browser")  # the header: no stop hint any more
-            assert "interrupted · " in ended["text"] and shown_step(ended) >= shown_step(later)
-            assert shown_step(ended) < STEPS
-            record = json.loads(next(root.glob("runs/*-browser/run.json")).read_text())
-            assert record["status"] == "interrupted" and record["steps_done"] == shown_step(ended)
-
-            cells = page.evaluate(nib.JS_COLLECT)["cells"]
-            errors, widget_errors = nib.find_errors(cells)
-            assert errors == [] and widget_errors == [], (errors, widget_errors)
-            page.screenshot(path=str(out / "attached.png"), full_page=True)
+            yield lab
             context.close()
     except Exception:
         if page is not None:
@@ -197,3 +157,60 @@ def test_a_background_run_reattached_after_a_reload_keeps_growing_and_stops(tmp_
         raise
     finally:
         server.stop()
+
+
+def history_steps(root: Path) -> int:
+    files = list(root.glob("runs/*-browser/history.jsonl"))
+    return len(files[0].read_text().splitlines()) if files else 0
+
+
+def shown_step(cell: dict) -> int | None:
+    found = STEP.search(cell["text"] if cell else "")
+    return int(found[1]) if found else None
+
+
+@pytest.mark.browser
+def test_a_background_run_reattached_after_a_reload_keeps_growing_and_stops(tmp_path):
+    from qlora_magic import examples
+
+    _require_browser_tools()
+    out, notebook = new_notebook(tmp_path, "background_attach", notebook_cells(examples.path("word_forms")))
+    root = notebook.parent
+    deadline = nib.Deadline(TIMEOUT)
+    with lab_on(notebook, out, deadline) as lab:
+        page = lab.page
+        lab.run.run_all()
+        lab.run.wait_run_done(deadline)  # the load, then the background cell returns at once
+        trained = lab.wait_for(1, lambda c: c["widgets"] and (shown_step(c) or 0) >= 3, "the run's own view at step 3")
+        assert "-browser" in trained["text"] and "Traceback" not in trained["text"]
+
+        # A reload loses the cell's view (the notebook is not saved); the kernel trains on.
+        before = history_steps(root)
+        assert before >= 3, "the run writes its history as it goes"
+        page.reload()
+        lab.open()
+        assert lab.cell(1)["widgets"] == 0
+
+        attach = lab.add_and_run("%qlora_attach")
+        first = lab.wait_for(attach, lambda c: shown_step(c) is not None and c["image"] and c["image"]["width"],
+                             "the attached view with its chart")
+        assert shown_step(first) >= before, first["text"]  # every step logged before the reload is there
+        assert f"/{STEPS}" in first["text"] and "-browser" in first["text"] and "%qlora_stop" in first["text"]
+        later = lab.wait_for(attach, lambda c: (shown_step(c) or 0) >= shown_step(first) + 3
+                             and c["image"]["src"] != first["image"]["src"], "the attached view to grow", 90)
+        assert later["image"]["width"] > 0 and later["bar"] == "training"
+
+        stop = lab.add_and_run("%qlora_stop")
+        said = lab.wait_for(stop, lambda c: "Stopped" in c["text"], "%qlora_stop's line")["text"]
+        assert re.search(r"Stopped \S+-browser at step \d+/\d+ \(interrupted\)", said), said
+        ended = lab.wait_for(attach, lambda c: c["bar"] == "interrupted", "the attached view to end", 120)
+        assert ended["text"].lstrip().splitlines()[0].endswith("-browser")  # the header: no stop hint any more
+        assert "interrupted · " in ended["text"] and shown_step(ended) >= shown_step(later)
+        assert shown_step(ended) < STEPS
+        record = json.loads(next(root.glob("runs/*-browser/run.json")).read_text())
+        assert record["status"] == "interrupted" and record["steps_done"] == shown_step(ended)
+
+        cells = page.evaluate(nib.JS_COLLECT)["cells"]
+        errors, widget_errors = nib.find_errors(cells)
+        assert errors == [] and widget_errors == [], (errors, widget_errors)
+        page.screenshot(path=str(out / "attached.png"), full_page=True)
