@@ -83,12 +83,11 @@ OFFLOAD_COST = 1.32
 HOST_SHARE = 0.5  # offload into at most this share of the CPU memory available when the run starts
 # Each decoder layer compiled (regional compilation: one graph for all the layers, their weights its inputs)
 # fuses the norms, rotary embedding, activations and casts that were 40% of the GPU's busy time on the 7B shape
-# in 4,935 kernel launches a step: 0.32 s/step against 0.41 (H200, benchmarks/profile_step.py). The compile
-# is a one-off (COMPILE_SECONDS, measured cold; a second run in the kernel reuses it), so it is on by default
-# only for runs whose steps win it back.
-COMPILE_SECONDS = 60
-COMPILE_SAVING = 0.2  # share of a step's time saved
-COMPILE_MIN_STEPS = 500  # ~0.4 s/step on a 7B model: 40 s saved over 500 steps
+# in 4,935 kernel launches a step (benchmarks/profile_step.py). H200, a fresh process each
+# (benchmarks/compile_lever.py): 0.292 s/step against 0.365 (1.25x), 20.9 GB peak against 25.9; the cold
+# compile adds ~23 s once (a second run in the kernel reuses it), won back after ~300 steps of a 7B model
+# (later on a smaller one, whose steps save less), so by default only for long runs.
+COMPILE_MIN_STEPS = 500
 
 
 @dataclass(frozen=True)
