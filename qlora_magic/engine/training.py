@@ -18,6 +18,7 @@ from ..config import TrainConfig
 from ..display.formatting import Readout, gb
 from ..display.reporters import Reporter
 from ..errors import ConfigError, DivergedError, OutOfMemory
+from .distributed import per_rank_layout, world
 from .speed import BatchLayout, choose_settings
 from .stopping import StopFlag, stop_on_interrupt
 
@@ -258,10 +259,15 @@ def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, repo
         model.gradient_checkpointing_disable()  # left on by an earlier run that needed it
     with contextlib.closing(SummaryWriter(log_dir=str(run_dir / "tensorboard"))) as writer:
         watcher = _make_callback(reporter, log, stop, device, checkpointing and checkpointing.folder)
-        extra = [TensorBoardCallback(tb_writer=writer), watcher] + list(callbacks or [])
+        extra = [TensorBoardCallback(tb_writer=writer), watcher]
         if checkpointing is not None:
             every = checkpointing.every_minutes
             extra.append(_checkpoint_callback(every * 60 if every else None))
+        extra += list(callbacks or [])
+        if settings.get("ranks", 1) > 1:  # last: the ranks agree on what the callbacks before asked for
+            from .distributed import STOP_FILE, stop_callback
+
+            extra.append(stop_callback(stop, checkpointing and checkpointing.folder.path / STOP_FILE))
 
         def make_trainer(settings: dict, resuming: bool):
             args = training_arguments(config, settings, run_dir, device, evaluate=data.eval is not None, resuming=resuming)
@@ -280,6 +286,11 @@ def run_settings(config: TrainConfig, device: str, model, train_set, overrides: 
     settings = choose_settings(config, device, len(train_set), model=model, lengths=lengths)
     settings.update(overrides or {})
     settings["batch"] = BatchLayout.of(settings["batch"])
+    workers = world()
+    if workers.distributed:  # the effective batch is kept: each rank takes its share of the accumulation
+        settings["batch"] = per_rank_layout(settings["batch"], workers.size)
+        settings["ranks"] = workers.size
+        settings["strategy"] = config.strategy or "ddp"
     return settings
 
 
@@ -323,7 +334,25 @@ def training_arguments(config: TrainConfig, settings: dict, run_dir: Path, devic
         log_level="warning",
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (so the run ends), not hidden by the average
         optim=settings.get("optimizer", "adamw_torch"),
+        **distributed_arguments(settings),
     )
+
+
+def distributed_arguments(settings: dict) -> dict:
+    """TrainingArguments for worker processes: DDP registers only the LoRA weights (the frozen base has no
+    gradient to wait for); FSDP2 shards the model (its 4-bit weights stored in the compute dtype,
+    bnb_4bit_quant_storage, so FSDP can flatten them with the rest)."""
+    if settings.get("ranks", 1) <= 1:
+        return {}
+    arguments = {"ddp_find_unused_parameters": False}
+    if settings["device"] == "cpu":
+        arguments["ddp_backend"] = "gloo"
+    if settings.get("strategy") == "fsdp":
+        arguments.update(fsdp="full_shard auto_wrap", fsdp_config={
+            "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
+        })
+    return arguments
 
 
 def build_trainer(model, tokenizer, args, settings: dict, data: TrainingData, callbacks: list):
