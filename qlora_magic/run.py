@@ -60,7 +60,8 @@ def train_run_folder(path) -> int:
     data_note = record.get("data") or {}
     data = str(folder.path / data_note["saved"]) if data_note.get("saved") else saved.data
     config = saved.replace(data=data, split="train" if data_note.get("saved") else saved.split, display="none",
-                           output_dir=str(folder.path.parent), strategy=launch.get("strategy"))
+                           output_dir=str(folder.path.parent), strategy=launch.get("strategy"),
+                           **({"processes": me.size} if launch.get("device") == "cpu" else {"gpus": me.size}))
     resume_from = launch.get("resume_from")
     start = folder.path / resume_from if resume_from else folder.path / START_ADAPTER
     api.load(adapter=str(start), device=device)

@@ -40,8 +40,9 @@ _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 ELSEWHERE_SILENT_SECONDS = 600  # a run on another machine that logged nothing for this long has stopped
 TRAINER_STATE = "trainer_state.json"  # transformers' name; a checkpoint is complete only with it
 
-#: Statuses a run folder can show. "running" in run.json while the process that wrote it is gone is "crashed".
-STATUSES = ("running", "completed", "interrupted", "failed", "crashed")
+#: Statuses a run folder can show. "running" in run.json while the process that wrote it is gone is "crashed";
+#: "launched": written for worker processes (tasks/multi_process.py) that have not begun training yet.
+STATUSES = ("running", "completed", "interrupted", "failed", "crashed", "launched")
 
 
 def run_name(data, name: str | None = None) -> str:

@@ -74,10 +74,22 @@ def plan_launch(config: TrainConfig) -> Launch:
     return Launch("cuda", wanted, strategy, visible)
 
 
-def train_in_workers(session, config: TrainConfig, reporter=None, stop=None):
-    """A new run (config.gpus or config.processes) trained by worker processes; returns the TrainSummary, the
-    trained adapter put into the session's active adapter and the run recorded as an in-kernel run would be."""
-    from ..display import choose_reporter
+@dataclass
+class WorkersRun:
+    """A run folder written for workers (`write_workers_run`): the folder, the launch, and the run as the
+    session will record it (its TrainRun and index)."""
+
+    folder: RunFolder
+    launch: Launch
+    run: object  # adapter_folder.TrainRun
+    index: int
+
+
+def write_workers_run(session, config: TrainConfig) -> WorkersRun:
+    """Everything checked (the workers this machine has, the batch split, the data and templates), then the run
+    folder written: run.json with a launch entry, data.jsonl for in-memory rows, and start/, the session's
+    adapter now. Nothing is started: `python -m qlora_magic.run FOLDER` under torchrun trains it (on a cluster
+    too: write it to a shared disk and submit the workers)."""
     from ..engine.adapter_folder import TrainRun, save_adapter
     from ..engine.data import load_rows
     from .finetune import task_examples
@@ -89,14 +101,33 @@ def train_in_workers(session, config: TrainConfig, reporter=None, stop=None):
     if session.task != "causal-lm":
         raise ConfigError(f"--gpus / --processes train causal-lm models for now; this one is {session.task}: drop the option.")
     launch = plan_launch(config)
+    check_split(config, launch.workers)
     rows = load_rows(config.data, config.split)
     task_examples(session, config, rows)  # a bad template fails here, in one line, before anything starts
     run, index = TrainRun.of(config), len(session.runs)
     folder = start_run_folder(session, config, rows, run, index).folder
     save_adapter(session, folder.path / START_ADAPTER)
-    folder.update(launch=launch.to_json())
+    folder.update(launch=launch.to_json(), status="launched")  # "running" once rank 0 trains
+    return WorkersRun(folder, launch, run, index)
+
+
+def check_split(config: TrainConfig, workers: int):
+    """The effective batch (batch_size x grad_accum) must split evenly over the workers (one line otherwise)."""
+    effective = config.batch_size * config.grad_accum
+    if workers > 1 and effective % workers:
+        raise ConfigError(f"The effective batch ({config.batch_size} x {config.grad_accum} = {effective}) does not split "
+                          f"over {workers} workers: make batch_size x grad_accum a multiple of {workers}.")
+
+
+def train_in_workers(session, config: TrainConfig, reporter=None, stop=None):
+    """A new run (config.gpus or config.processes) trained by worker processes; returns the TrainSummary, the
+    trained adapter put into the session's active adapter and the run recorded as an in-kernel run would be."""
+    from ..display import choose_reporter
+
+    written = write_workers_run(session, config)
+    folder, run, index = written.folder, written.run, written.index
     reporter = reporter or choose_reporter(config.display)
-    summary = follow_workers(folder, launch, reporter, stop, history=list(session.history))
+    summary = follow_workers(folder, written.launch, reporter, stop, history=list(session.history))
     _take_adapter(session, folder, summary)
     session.runs.append(run)
     session.history.extend(row for row in folder.history() if row.get("run") == index)
@@ -190,7 +221,7 @@ def follow_workers(folder: RunFolder, launch: Launch, reporter, stop=None, histo
     if info.get("started"):
         reporter.end(summary)
     if process.returncode != 0 or status not in ("completed", "interrupted"):
-        if status in ("running", "crashed"):
+        if status in ("launched", "running", "crashed"):
             folder.update(status="failed", error=f"a worker exited with status {process.returncode}")
         raise WorkerError(_failure_line(folder, record, process.returncode, log_path))
     return summary
@@ -264,13 +295,14 @@ def _failure_line(folder: RunFolder, record: dict, code, log_path: Path) -> str:
 
 
 def _last_error_line(log_path: Path) -> str | None:
-    """The last line of a Python error in the workers' log (ValueError: ...), shortened."""
+    """The first worker's error line in the log (qlora_magic.errors.ConfigError: ...), shortened; torchrun's
+    own report of the failure (ChildFailedError) is not the cause."""
     with contextlib.suppress(OSError):
-        lines = log_path.read_text(errors="replace").splitlines()
-        for line in reversed(lines):
+        for line in log_path.read_text(errors="replace").splitlines():
             text = line.split("]:", 1)[-1].strip() if line.startswith("[rank") else line.strip()
             head = text.split(":", 1)[0]
-            if head and (head.endswith("Error") or head.endswith("Exception") or head in ("KeyboardInterrupt",)) and " " not in head:
+            if (head and " " not in head and head.endswith(("Error", "Exception", "KeyboardInterrupt"))
+                    and not head.startswith("torch.distributed.elastic")):
                 return text[:200]
     return None
 
