@@ -374,6 +374,9 @@ class TrainConfig(_Config):
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy must be {' or '.join(STRATEGIES)}, got {self.strategy!r}.")
         workers = self.gpus is not None or self.processes is not None
+        if self.strategy == "fsdp" and self.processes is not None:
+            raise ConfigError("--strategy fsdp shards the model over GPUs; CPU worker processes (--processes) train with "
+                              "ddp: drop --strategy fsdp, or use --gpus N.")
         if self.strategy is not None and not workers:
             raise ConfigError("--strategy is for worker processes: add --gpus N (or --processes N on the CPU), or drop --strategy.")
         if workers and self.background:

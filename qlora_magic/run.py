@@ -64,7 +64,10 @@ def train_run_folder(path) -> int:
                            **({"processes": me.size} if launch.get("device") == "cpu" else {"gpus": me.size}))
     resume_from = launch.get("resume_from")
     start = folder.path / resume_from if resume_from else folder.path / START_ADAPTER
-    api.load(adapter=str(start), device=device)
+    from .engine.loading import stored_for_sharding
+
+    with stored_for_sharding(launch.get("strategy") == "fsdp"):
+        api.load(adapter=str(start), device=device)
     session = get_session()
     reporter = choose_reporter("none")
     if resume_from:

@@ -159,6 +159,7 @@ row("train--output-dir=$undefined", f"%%qlora_train --output-dir $undefined_dir\
 row("train-unknown-option", f"%%qlora_train --learning-rate 1e-3\n{TRAIN}")
 row("train--gpus-and--processes", f"%%qlora_train --gpus 2 --processes 2\n{TRAIN}")
 row("train--strategy-without-workers", f"%%qlora_train --strategy fsdp\n{TRAIN}")
+row("train--strategy-fsdp-on-cpu-processes", f"%%qlora_train --processes 2 --strategy fsdp\n{TRAIN}")
 row("train--gpus-with--background", f"%%qlora_train --gpus 2 --background\n{TRAIN}")
 row("train--processes-with--background", f"%%qlora_train --processes 2 --background\n{TRAIN}")
 row("train--processes-3-uneven-batch", f"%%qlora_train --processes 3 --batch-size 4 --grad-accum 4\n{TRAIN}")

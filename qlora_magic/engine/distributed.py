@@ -77,6 +77,13 @@ def stop_callback(stop, stop_file: Path | None):
     from transformers import TrainerCallback
 
     class AgreeOnStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero:  # the workers' log says how the model is spread
+                import torch.distributed as dist
+
+                backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+                print(f"rank 0: training {type(model).__name__} on {args.world_size} ranks ({backend})", flush=True)
+
         def on_step_end(self, args, state, control, **kwargs):
             import torch
             import torch.distributed as dist

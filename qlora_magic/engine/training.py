@@ -149,17 +149,50 @@ def _checkpointing_trainer():
         def _save_checkpoint(self, model, trial):
             if self.run_folder is None:
                 return
-            self.store_flos()
+            self.store_flos()  # a collective under torch.distributed: every rank comes here at the same step
+            if self.args.world_size > 1:
+                self._save_checkpoint_of_ranks()
+                return
             self.run_folder.write_checkpoint(self.state.global_step, self._checkpoint_files)
 
+        def _save_checkpoint_of_ranks(self):
+            """Every rank writes its part (its RNG state; under FSDP the gathered weights and optimizer state are
+            collectives too) into one staging folder of the run folder; rank 0 then moves it into the checkpoint,
+            whole (write_checkpoint). On machines that do not share the run folder, the other ranks' parts stay
+            in their own copy and are removed."""
+            import shutil
+
+            import torch.distributed as dist
+
+            from .run_folder import CHECKPOINTS
+
+            staging = self.run_folder.path / CHECKPOINTS / f".step-{self.state.global_step:06d}.ranks"
+            if self.is_world_process_zero():
+                shutil.rmtree(staging, ignore_errors=True)
+            dist.barrier()
+            staging.mkdir(parents=True, exist_ok=True)
+            self._checkpoint_files(staging)
+            dist.barrier()
+
+            def move_parts(folder):
+                for part in staging.iterdir():
+                    shutil.move(str(part), str(folder / part.name))
+
+            self.run_folder.write_checkpoint(self.state.global_step, move_parts)  # rank 0 only writes
+            if self.is_world_process_zero():
+                shutil.rmtree(staging, ignore_errors=True)
+            dist.barrier()
+            shutil.rmtree(staging, ignore_errors=True)  # another machine's own copy (a shared one is gone already)
+
         def _checkpoint_files(self, folder):
-            self.save_model(str(folder), _internal_call=True)
+            self.save_model(str(folder), _internal_call=True)  # writes on rank 0 (under FSDP every rank gathers)
             self._save_optimizer_and_scheduler(str(folder))
             self._save_scaler(str(folder))
-            self._save_rng_state(str(folder))
-            self.state.save_to_json(str(folder / "trainer_state.json"))
-            if self.checkpoint_extras is not None:
-                self.checkpoint_extras(folder)
+            self._save_rng_state(str(folder))  # under torch.distributed: one file per rank
+            if self.is_world_process_zero():
+                self.state.save_to_json(str(folder / "trainer_state.json"))
+                if self.checkpoint_extras is not None:
+                    self.checkpoint_extras(folder)
 
     return CheckpointingTrainer
 
@@ -348,7 +381,7 @@ def distributed_arguments(settings: dict) -> dict:
     if settings["device"] == "cpu":
         arguments["ddp_backend"] = "gloo"
     if settings.get("strategy") == "fsdp":
-        arguments.update(fsdp="full_shard auto_wrap", fsdp_config={
+        arguments.update(fsdp=True, fsdp_config={
             "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
             "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
         })
