@@ -212,9 +212,9 @@ def fsdp(args, tmp, out, gpus_there):
     import qlora_magic as qm
 
     n = min(max(args.gpus_list), gpus_there)
-    if args.quick:
-        shape, layers = {**TINY, "num_hidden_layers": 2}, 2
-        full = checkpoint(tmp / "tiny", TINY, "cpu")
+    if args.quick:  # the same steps on a 4-layer tiny model, with ddp: accelerate does not shard on the CPU
+        shape, layers = {**TINY, "num_hidden_layers": 2}, 4
+        full = checkpoint(tmp / "tiny-deep", {**TINY, "num_hidden_layers": layers}, "cpu")
     else:
         folder = Path(args.fsdp_dir or tmp / "llama-70b-width")
         layers = disk_layers(folder, LLAMA_70B_WIDTH, args.fsdp_layers)
@@ -230,9 +230,10 @@ def fsdp(args, tmp, out, gpus_there):
     qm.load(adapter=str(start))
     options = dict(prompt=PROMPT, response=RESPONSE, max_length=args.max_length, max_steps=args.steps,
                    batch_size=args.batch_size, grad_accum=EFFECTIVE_BATCH // args.batch_size, seed=0, display="none",
-                   checkpoint_minutes=0, output_dir=str(tmp / "runs"), warmup=0.0, strategy="fsdp",
-                   **({"processes": n} if args.quick else {"gpus": n}))
-    result = {"workers": n, "strategy": "fsdp", "layers": layers, "hidden": shape["hidden_size"]}
+                   checkpoint_minutes=0, output_dir=str(tmp / "runs"), warmup=0.0,
+                   **({"processes": n} if args.quick else {"gpus": n, "strategy": "fsdp"}))
+    result = {"workers": n, "strategy": "ddp (--quick: CPU)" if args.quick else "fsdp", "layers": layers,
+              "hidden": shape["hidden_size"]}
     try:
         from qlora_magic.tasks import multi_process
 
