@@ -163,6 +163,12 @@ def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=N
 
     >>> run = qlora_magic.train(rows, prompt="Q: {question}\\nA: ", response="{answer}", background=True)
     >>> run.wait().status                                 # or qlora_magic.stop()
+
+    With `gpus=2` (or "all"; `processes=2` on the CPU) the run trains in worker processes started through
+    torch.distributed (DDP; `strategy="fsdp"` shards the model), shown as an in-kernel run is; the trained
+    adapter is the session's afterwards. A failed worker raises a one-line WorkerError naming its log.
+
+    >>> qlora_magic.train(rows, prompt="Q: {question}\\nA: ", response="{answer}", gpus=2)
     """
     if data is not None:
         options["data"] = data

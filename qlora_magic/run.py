@@ -18,8 +18,6 @@ import os
 import sys
 from pathlib import Path
 
-START_ADAPTER = "start"  # the run folder's adapter the workers start from (the session's when launched)
-LOG_FILE = "workers.log"  # what the workers print (the launcher sends their output there)
 
 
 def worker_device(record: dict, local_rank: int) -> str:
@@ -45,6 +43,7 @@ def train_run_folder(path) -> int:
     from .engine.run_folder import RunFolder
     from .session import get_session
     from .tasks.finetune import finetune
+    from .tasks.multi_process import START_ADAPTER
     from .tasks.resuming import ResumePoint
 
     folder = RunFolder(path)

@@ -26,16 +26,12 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..engine.run_folder import HISTORY_FILE, RunFolder
-from ..errors import ConfigError, QloraError
+from ..errors import ConfigError, WorkerError
 
-START_ADAPTER = "start"  # as qlora_magic.run reads it
-LOG_FILE = "workers.log"
+START_ADAPTER = "start"  # the run folder's adapter the workers start from (the session's when launched)
+LOG_FILE = "workers.log"  # what the workers print
 POLL_SECONDS = 0.2
 STOP_GRACE_SECONDS = 120  # after Stop, how long the workers may take to finish their step before they are ended
-
-
-class WorkerError(QloraError, RuntimeError):
-    """A worker process of a --gpus / --processes run failed; the message names its log."""
 
 
 @dataclass
@@ -144,8 +140,7 @@ def resume_in_workers(point, reporter=None, stop=None, config: TrainConfig | Non
     folder = point.folder
     before = folder.record["launch"]
     launch = plan_launch(TrainConfig(processes=before["workers"]) if before.get("device") == "cpu"
-                         else TrainConfig(gpus=before["workers"]))
-    launch.strategy = before.get("strategy", "ddp")
+                         else TrainConfig(gpus=before["workers"], strategy=before.get("strategy")))
     kept = [row for row in folder.history() if row.get("step", 0) <= point.step]
     folder.open_history(keep=kept)
     folder.close()
