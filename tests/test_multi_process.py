@@ -68,20 +68,23 @@ def test_two_workers_train_what_one_process_trains(ip, tiny_no_dropout, rows):
     assert losses(single.history) == pytest.approx(workers, rel=1e-4, abs=1e-5)
 
 
-class StopAt(NullReporter):
-    """Sets the run's StopFlag once a row of `step` is logged (as the panel's Stop or Ctrl-C would)."""
+class InterruptAt(NullReporter):
+    """A Ctrl-C (KeyboardInterrupt in the cell's thread) once a row of `step` is logged; the launcher turns it into
+    the run's StopFlag (the panel's Stop sets that flag directly)."""
 
-    def __init__(self, stop, step):
-        self.stop, self.at = stop, step
+    def __init__(self, step):
+        self.at, self.done = step, False
 
     def log(self, row, progress, history):
-        if row.get("step", 0) >= self.at:
-            self.stop.set()
+        if not self.done and row.get("step", 0) >= self.at:
+            self.done = True
+            raise KeyboardInterrupt
 
 
 def test_stop_ends_both_ranks(tiny_no_dropout, rows):
     stop = StopFlag()
-    summary = qm.train(rows, **{**TRAIN, "max_steps": 40}, processes=2, stop=stop, reporter=StopAt(stop, 1))
+    summary = qm.train(rows, **{**TRAIN, "max_steps": 40}, processes=2, stop=stop, reporter=InterruptAt(1))
+    assert stop
     assert summary.status == "interrupted" and 1 <= summary.steps_done < 40
     folder = RunFolder(summary.run_dir)
     assert folder.status() == "interrupted"

@@ -258,8 +258,9 @@ def _follow_once(folder, follower, reporter, history, info, started, launcher_pi
         info = {"started": True, "total_steps": record["total_steps"]}
         reporter.start({"total_steps": record["total_steps"], "settings": record["settings"],
                         "run_dir": str(folder.path), "history": history})
-    for row in follower.new_rows():
-        history.append(row)
+    rows = follower.new_rows()
+    history.extend(rows)  # first, so a Ctrl-C while they are shown loses none
+    for row in rows:
         elapsed = time.perf_counter() - started
         step, total = row.get("step", 0), info["total_steps"]
         progress = {"step": step, "total_steps": total, "elapsed": elapsed,
