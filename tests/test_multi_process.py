@@ -171,3 +171,13 @@ def test_worker_command_and_environment():
     assert multi_process.worker_environment(launch)["CUDA_VISIBLE_DEVICES"] == ""
     assert "CUDA_VISIBLE_DEVICES" not in multi_process.worker_environment(multi_process.Launch("cuda", 2)) or \
         os.environ.get("CUDA_VISIBLE_DEVICES") is not None
+
+
+def test_refusals_come_before_anything_is_written(tiny_no_dropout, rows, tmp_path):
+    qm.add_adapter("second")
+    with pytest.raises(ConfigError, match="one adapter"):
+        qm.train(rows, **TRAIN, processes=2)
+    qm.delete_adapter("second")
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        qm.train(rows, **TRAIN, processes=3)
+    assert not (tmp_path / "runs").exists()

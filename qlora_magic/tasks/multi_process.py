@@ -87,6 +87,7 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
     adapter now. Nothing is started: `python -m qlora_magic.run FOLDER` under torchrun trains it (on a cluster
     too: write it to a shared disk and submit the workers)."""
     from ..engine.adapter_folder import TrainRun, save_adapter
+    from ..engine.adapters import adapter_names
     from ..engine.data import load_rows
     from .finetune import task_examples
     from .resuming import start_run_folder
@@ -96,14 +97,22 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
         raise ConfigError("No data given: pass data= (a file, Hub id, list of dicts, DataFrame or Dataset).")
     if session.task != "causal-lm":
         raise ConfigError(f"--gpus / --processes train causal-lm models for now; this one is {session.task}: drop the option.")
+    names = adapter_names(session.model)
+    if len(names) > 1:
+        raise ConfigError(f"Worker runs train a model with one adapter; this one has {len(names)} ({', '.join(names)}): "
+                          "save the one to train (%qlora_save PATH), load it alone (%qlora_load --adapter PATH), then train.")
     launch = plan_launch(config)
     check_split(config, launch.workers)
     rows = load_rows(config.data, config.split)
     task_examples(session, config, rows)  # a bad template fails here, in one line, before anything starts
     run, index = TrainRun.of(config), len(session.runs)
     folder = start_run_folder(session, config, rows, run, index).folder
-    save_adapter(session, folder.path / START_ADAPTER)
-    folder.update(launch=launch.to_json(), status="launched")  # "running" once rank 0 trains
+    try:
+        save_adapter(session, folder.path / START_ADAPTER)
+        folder.update(launch=launch.to_json(), status="launched")  # "running" once rank 0 trains
+    except BaseException:
+        folder.update(status="failed")
+        raise
     return WorkersRun(folder, launch, run, index)
 
 
@@ -179,9 +188,13 @@ def follow_workers(folder: RunFolder, launch: Launch, reporter, stop=None, histo
     first_row = len(history)
     (folder.path / STOP_FILE).unlink(missing_ok=True)
     log_path = folder.path / LOG_FILE
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(worker_command(folder, launch), env=worker_environment(launch), stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(worker_command(folder, launch), env=worker_environment(launch), stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as error:
+        folder.update(status="failed", error=str(error))
+        raise WorkerError(f"Could not start the workers ({error.strerror or error}): see {log_path}") from None
     follower = _HistoryFollower(folder.path / HISTORY_FILE, skip_existing=resumed)
     started, stopping_since, info = time.perf_counter(), None, {}
     try:
