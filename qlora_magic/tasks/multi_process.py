@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TrainConfig
-from ..engine.run_folder import HISTORY_FILE, RunFolder
+from ..engine.run_folder import HISTORY_FILE, RunFolder, checkpoint_step
 from ..errors import ConfigError, WorkerError
 
 START_ADAPTER = "start"  # the run folder's adapter the workers start from (the session's when launched)
@@ -165,7 +165,11 @@ def worker_command(folder: RunFolder, launch: Launch) -> list[str]:
 
 
 def worker_environment(launch: Launch) -> dict:
+    """This process's environment for the workers: the same qlora_magic first on their path (the one this kernel
+    imported, installed or not), and the devices they may use."""
     env = dict(os.environ)
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     if launch.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers must not open a CUDA context on the kernel's GPU
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.workers)))
@@ -201,7 +205,7 @@ def follow_workers(folder: RunFolder, launch: Launch, reporter, stop=None, histo
         while True:
             try:
                 ended = process.poll() is not None
-                info = _follow_once(folder, follower, reporter, history, info, started, process.pid)
+                info = _follow_once(folder, follower, reporter, history, info, started)
                 if ended:
                     break
                 if stop and stopping_since is None:
@@ -231,7 +235,7 @@ def follow_workers(folder: RunFolder, launch: Launch, reporter, stop=None, histo
     if process.returncode != 0 or status not in ("completed", "interrupted"):
         if status in ("launched", "running", "crashed"):
             folder.update(status="failed", error=f"a worker exited with status {process.returncode}")
-        raise WorkerError(_failure_line(folder, record, process.returncode, log_path))
+        raise WorkerError(_failure_line(folder, process.returncode, log_path))
     return summary
 
 
@@ -261,8 +265,9 @@ class _HistoryFollower:
         return rows
 
 
-def _follow_once(folder, follower, reporter, history, info, started, launcher_pid):
-    """One look at the run folder: the start event once rank 0 said the run began, then each new row."""
+def _follow_once(folder, follower, reporter, history, info, started):
+    """One look at the run folder: the start event once rank 0 said the run began (run.json names another
+    process than this one, with the settings it chose), then each new row."""
     if not info.get("started"):
         record = folder.record
         process = record.get("process") or {}
@@ -293,11 +298,11 @@ def _end_workers(process):
             return
 
 
-def _failure_line(folder: RunFolder, record: dict, code, log_path: Path) -> str:
+def _failure_line(folder: RunFolder, code, log_path: Path) -> str:
     """One line: what failed, the worker's last error line, what was kept, where the log is."""
     cause = _last_error_line(log_path)
     checkpoint = folder.latest_checkpoint()
-    kept = (f"; step {checkpoint.name.split('-')[-1].lstrip('0') or '0'} is kept (%qlora_train --resume {folder.path} carries it on)"
+    kept = (f"; step {checkpoint_step(checkpoint)} is kept (%qlora_train --resume {folder.path} carries it on)"
             if checkpoint is not None else "")
     return (f"A worker process failed (exit status {code}{': ' + cause if cause else ''}){kept}: "
             f"see {log_path}")
