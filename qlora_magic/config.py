@@ -362,7 +362,7 @@ class TrainConfig(_Config):
         if isinstance(self.gpus, str):
             if self.gpus.strip().lower() == "all":
                 self.gpus = "all"
-            elif self.gpus.strip().isdigit():
+            elif self.gpus.strip().isdecimal():  # int() reads every decimal digit (not "²", which isdigit takes)
                 self.gpus = int(self.gpus)
             else:
                 raise ConfigError(f"--gpus takes a number of GPUs or all, got {self.gpus!r}.")
