@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -169,8 +170,10 @@ def test_worker_command_and_environment():
     assert command[1:4] == ["-m", "torch.distributed.run", "--standalone"] and command[-3:] == ["-m", "qlora_magic.run", "runs/x"]
     assert "--nproc-per-node=2" in command
     assert multi_process.worker_environment(launch)["CUDA_VISIBLE_DEVICES"] == ""
-    assert "CUDA_VISIBLE_DEVICES" not in multi_process.worker_environment(multi_process.Launch("cuda", 2)) or \
-        os.environ.get("CUDA_VISIBLE_DEVICES") is not None
+    gpu_env = multi_process.worker_environment(multi_process.Launch("cuda", 2))
+    assert gpu_env.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")  # all the kernel sees
+    assert multi_process.worker_environment(multi_process.Launch("cuda", 2, visible="0,1"))["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert gpu_env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(qm.__file__).resolve().parents[1])
 
 
 def test_refusals_come_before_anything_is_written(tiny_no_dropout, rows, tmp_path):
