@@ -163,6 +163,12 @@ def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=N
 
     >>> run = qlora_magic.train(rows, prompt="Q: {question}\\nA: ", response="{answer}", background=True)
     >>> run.wait().status                                 # or qlora_magic.stop()
+
+    With `gpus=2` (or "all"; `processes=2` on the CPU) the run trains in worker processes started through
+    torch.distributed (DDP; `strategy="fsdp"` shards the model), shown as an in-kernel run is; the trained
+    adapter is the session's afterwards. A failed worker raises a one-line WorkerError naming its log.
+
+    >>> qlora_magic.train(rows, prompt="Q: {question}\\nA: ", response="{answer}", gpus=2)
     """
     if data is not None:
         options["data"] = data
@@ -178,6 +184,10 @@ def _train(config: TrainConfig, reporter=None, stop=None):
 
     if config.resume is not None:
         return _resume(config, reporter, stop)
+    if config.in_workers:  # --gpus / --processes: worker processes through torch.distributed
+        from .tasks.multi_process import train_in_workers
+
+        return train_in_workers(get_session(), config, reporter=reporter, stop=stop)
     return finetune(get_session(), config, reporter=reporter, stop=stop)
 
 
@@ -188,6 +198,13 @@ def _resume(config, reporter, stop):
     from .tasks.resuming import plan_resume
 
     point = plan_resume(config)
+    if point.folder.record.get("launch"):  # its workers trained it: they carry it on, then the session takes it
+        from .tasks.multi_process import resume_in_workers
+
+        summary = resume_in_workers(point, reporter, stop, config)
+        load(adapter=str(point.folder.latest_checkpoint()))
+        get_session().last_train_summary = summary
+        return summary
     load(adapter=str(point.checkpoint))
     return finetune(get_session(), point.config, reporter=reporter, stop=stop, resume=point)
 

@@ -118,6 +118,8 @@ MAX_EPOCHS, MAX_STEPS, MAX_RANK, MAX_NEW_TOKENS, MAX_TRIALS, MAX_LABELS = 1000, 
 # Adam moves each weight by about lr per step: above 1 every step wrecks the adapter, and from ~1e30 the loss
 # can stay finite (stuck at ln(vocab)) so no divergence check sees it.
 MAX_LR = 1.0
+STRATEGIES = ("ddp", "fsdp")
+MAX_WORKERS = 1024  # worker processes on one machine (--gpus, --processes): more is a typo
 MAX_CHECKPOINT_MINUTES = 7 * 24 * 60  # a week: longer is a typo (0 is the way to say "not by time")
 
 
@@ -311,6 +313,9 @@ class TrainConfig(_Config):
     checkpoint_minutes: float = field(default=10, metadata={"help": "write a checkpoint every N minutes (also after each evaluation and at the end); 0: only those"})
     resume: Any = field(default=None, metadata={"help": "carry on a run from its latest checkpoint: true (the newest run in --output-dir) or a run folder"})
     background: bool = field(default=False, metadata={"help": "start the run and return at once; %qlora_attach shows it, %qlora_stop stops it"})
+    gpus: int | str | None = field(default=None, metadata={"help": "train in worker processes, one per GPU, through torch.distributed: a number of GPUs or 'all'; None: in this process"})
+    processes: int | None = field(default=None, metadata={"help": "train in this many worker processes on the CPU (torch.distributed's gloo backend: tests, the course); None: in this process"})
+    strategy: str | None = field(default=None, metadata={"help": "with gpus/processes: ddp (each rank holds the model, LoRA gradients all-reduced) or fsdp (FSDP2: the 4-bit weights sharded over the ranks); None: ddp"})
     display: str = field(default="auto", metadata={"help": "auto, html, widget, text or none"})
 
     def __post_init__(self):
@@ -351,11 +356,44 @@ class TrainConfig(_Config):
             raise ConfigError("--name is empty: give the run a name, or leave --name out.")
         if self.resume is not None and self.resume is not True and not isinstance(self.resume, (str, os.PathLike)):
             raise ConfigError(f"--resume takes a run folder, or nothing (the newest run), got {self.resume!r}.")
+        self._check_workers()
+
+    def _check_workers(self):
+        """--gpus / --processes / --strategy: a number of workers, one kind, not in the background."""
+        if isinstance(self.gpus, str):
+            if self.gpus.strip().lower() == "all":
+                self.gpus = "all"
+            elif self.gpus.strip().isdecimal():  # int() reads every decimal digit (not "²", which isdigit takes)
+                self.gpus = int(self.gpus)
+            else:
+                raise ConfigError(f"--gpus takes a number of GPUs or all, got {self.gpus!r}.")
+        if self.gpus != "all":
+            _positive("--gpus", self.gpus, most=MAX_WORKERS)
+        _positive("--processes", self.processes, most=MAX_WORKERS)
+        if self.gpus is not None and self.processes is not None:
+            raise ConfigError("Give --gpus (worker processes on GPUs) or --processes (worker processes on the CPU), not both.")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy must be {' or '.join(STRATEGIES)}, got {self.strategy!r}.")
+        workers = self.gpus is not None or self.processes is not None
+        if self.strategy == "fsdp" and self.processes is not None:
+            raise ConfigError("--strategy fsdp shards the model over GPUs; CPU worker processes (--processes) train with "
+                              "ddp: drop --strategy fsdp, or use --gpus N.")
+        if self.strategy is not None and not workers:
+            raise ConfigError("--strategy is for worker processes: add --gpus N (or --processes N on the CPU), or drop --strategy.")
+        if workers and self.background:
+            raise ConfigError("--background is not for worker runs yet: drop --background (the cell shows the workers' "
+                              "progress; %qlora_attach RUN in another notebook follows the run folder).")
+
+    @property
+    def in_workers(self) -> bool:
+        """Whether the run trains in worker processes (--gpus / --processes) rather than in this one."""
+        return self.gpus is not None or self.processes is not None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
         # A saved run's record: its output_dir says where that run wrote, which need not be writable here.
-        config = super().from_dict({**values, "output_dir": None, "resume": None, "background": False})
+        config = super().from_dict({**values, "output_dir": None, "resume": None, "background": False,
+                                    "gpus": None, "processes": None, "strategy": None})
         config.output_dir = values.get("output_dir")
         return config
 

@@ -57,3 +57,8 @@ class DivergedError(QloraError, ArithmeticError):
 
 class OutOfMemory(QloraError, MemoryError):
     """A training step ran out of GPU memory at the smallest batch layout; the message says what would fit."""
+
+
+class WorkerError(QloraError, RuntimeError):
+    """A worker process of a --gpus / --processes run failed; the message says how far the run got and names
+    the workers' log."""

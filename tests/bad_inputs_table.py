@@ -146,6 +146,9 @@ for option, values in {
     "--seed": ["-1", str(2**40), str(2**70), "abc", "nan"],
     "--max-memory": ["nan", "inf", "-1GB", "abc"],
     "--display": ["bogus"],
+    "--gpus": ["0", "-1", "abc", "1.5", "nan", "2000"],
+    "--processes": ["0", "-1", "abc", "1.5"],
+    "--strategy": ["bogus", "zero3"],
 }.items():
     for value in values:
         row(f"train{option}={value}", f"%%qlora_train {option} {value}\n{TRAIN}")
@@ -154,6 +157,16 @@ for name, path in [("a-file", "@/a_file.txt"), ("under-a-file", "@/a_file.txt/ru
     row(f"train--output-dir={name}", f"%%qlora_train --output-dir {path}\n{TRAIN}")
 row("train--output-dir=$undefined", f"%%qlora_train --output-dir $undefined_dir\n{TRAIN}")
 row("train-unknown-option", f"%%qlora_train --learning-rate 1e-3\n{TRAIN}")
+row("train--gpus-and--processes", f"%%qlora_train --gpus 2 --processes 2\n{TRAIN}")
+row("train--strategy-without-workers", f"%%qlora_train --strategy fsdp\n{TRAIN}")
+row("train--strategy-fsdp-on-cpu-processes", f"%%qlora_train --processes 2 --strategy fsdp\n{TRAIN}")
+row("train--gpus-with--background", f"%%qlora_train --gpus 2 --background\n{TRAIN}")
+row("train--processes-with--background", f"%%qlora_train --processes 2 --background\n{TRAIN}")
+row("train--processes-3-uneven-batch", f"%%qlora_train --processes 3 --batch-size 4 --grad-accum 4\n{TRAIN}")
+row("train--gpus=3-without-gpu", f"%%qlora_train --gpus 3\n{TRAIN}", needs_no_cuda=True)
+row("train--gpus=all-without-gpu", f"%%qlora_train --gpus all\n{TRAIN}", needs_no_cuda=True)
+row("train-body-gpus=lots", f"%%qlora_train\n{TRAIN}gpus: lots\n")
+row("api-train-processes=2.5", lambda e: qm.train(e.rows, processes=2.5, **GOOD_ROWS))
 row("train--packing=yes", f"%%qlora_train --packing=yes\n{TRAIN}")
 for key, value in [("batch_size", ".nan"), ("max_steps", ".inf"), ("warmup", "abc"), ("epochs", ".nan"), ("lr", ".inf"),
                    ("lr", "abc"), ("lr", "[1]"), ("eval_split", "1.5"), ("eval_split", "-0.1"), ("eval_split", ".nan"),

@@ -19,7 +19,7 @@ def module_name(path: Path) -> str:
 
 def layer(module: str) -> str:
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] == "_moved":
+    if len(parts) == 1 or parts[1] in ("_moved", "run"):
         return "package"
     if parts[1] in ("front", "tasks", "engine", "display"):
         return parts[1]

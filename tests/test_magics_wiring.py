@@ -72,6 +72,20 @@ def test_save_magic(ip, tmp_path):
     save.assert_called_once_with("runs/a")
 
 
+def test_train_magic_passes_the_worker_options(ip):
+    with mock.patch.object(api, "train", return_value="summary") as train:
+        ip.run_cell_magic("qlora_train", "--gpus all --strategy fsdp", "data: x.jsonl\nprompt: '{q}'\nresponse: '{a}'\n")
+    config = train.call_args.kwargs["config"]
+    assert config.gpus == "all" and config.strategy == "fsdp" and config.processes is None and config.in_workers
+    with mock.patch.object(api, "train", return_value="summary") as train:
+        ip.run_cell_magic("qlora_train", "--processes 2", "data: x.jsonl\nprompt: '{q}'\nresponse: '{a}'\ngpus: null\n")
+    config = train.call_args.kwargs["config"]
+    assert config.processes == 2 and config.gpus is None and config.strategy is None
+    with mock.patch.object(api, "train", return_value="summary") as train:
+        ip.run_cell_magic("qlora_train", "--gpus 2", "data: x.jsonl\nprompt: '{q}'\nresponse: '{a}'\n")
+    assert train.call_args.kwargs["config"].gpus == 2
+
+
 def test_background_run_magics(ip, capsys):
     with mock.patch.object(api, "train", return_value="handle") as train:
         ip.run_cell_magic("qlora_train", "--background --name wf", "data: x.jsonl\nprompt: '{q}'\nresponse: '{a}'\n")

@@ -51,6 +51,22 @@ def resolve_model(name) -> str:
     return hub_model(str(name))
 
 
+#: Set while a worker of an FSDP run loads (`stored_for_sharding`): 4-bit weights are then stored in the compute
+#: dtype (bnb_4bit_quant_storage), so FSDP can flatten and shard them with the model's other parameters.
+_SHARDED_STORAGE = {"on": False}
+
+
+@contextlib.contextmanager
+def stored_for_sharding(on: bool = True):
+    """4-bit loads inside this block store their packed weights in the compute dtype (for FSDP)."""
+    before = _SHARDED_STORAGE["on"]
+    _SHARDED_STORAGE["on"] = on
+    try:
+        yield
+    finally:
+        _SHARDED_STORAGE["on"] = before
+
+
 def quantization_config(bits: int, device: str, skip_modules=None):
     """bitsandbytes settings for --bits; `skip_modules` (for auto) are left unquantized by the 4-bit load."""
     from transformers import BitsAndBytesConfig
@@ -58,12 +74,14 @@ def quantization_config(bits: int, device: str, skip_modules=None):
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     if bits == 4:
+        storage = {"bnb_4bit_quant_storage": compute_dtype(device)} if _SHARDED_STORAGE["on"] else {}
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(device),
             llm_int8_skip_modules=skip_modules,
+            **storage,
         )
     return None
 

@@ -10,6 +10,8 @@ a dead kernel, a dropped Colab runtime or a closed tab loses at most the minutes
       tensorboard/
 
 A checkpoint is written whole or not at all (folder_writing), and the one before stays until it is.
+Under torch.distributed (worker processes, tasks/multi_process.py) only global rank 0 writes the folder: the
+other ranks' writes are skipped here, so the training code is the same for every rank.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 ELSEWHERE_SILENT_SECONDS = 600  # a run on another machine that logged nothing for this long has stopped
 TRAINER_STATE = "trainer_state.json"  # transformers' name; a checkpoint is complete only with it
 
-#: Statuses a run folder can show. "running" in run.json while the process that wrote it is gone is "crashed".
-STATUSES = ("running", "completed", "interrupted", "failed", "crashed")
+#: Statuses a run folder can show. "running" in run.json while the process that wrote it is gone is "crashed";
+#: "launched": written for worker processes (tasks/multi_process.py) that have not begun training yet.
+STATUSES = ("running", "completed", "interrupted", "failed", "crashed", "launched")
 
 
 def run_name(data, name: str | None = None) -> str:
@@ -102,6 +105,8 @@ class RunFolder:
 
     def write_record(self, record: dict):
         """Replace run.json in one rename (a kill leaves the old one or the new one)."""
+        if not _writes():
+            return
         staging = self.path / f".{RECORD_FILE}.{os.getpid()}"
         with open(staging, "w") as file:
             json.dump(record, file, indent=2, default=str)
@@ -121,6 +126,8 @@ class RunFolder:
 
     def open_history(self, keep: list | None = None):
         """Start appending rows; `keep` (a resume): the rows to keep, the file rewritten to hold just them."""
+        if not _writes():
+            return
         if keep is not None:
             staging = self.path / f".{HISTORY_FILE}.{os.getpid()}"
             staging.write_text("".join(json.dumps(row, default=str) + "\n" for row in keep))
@@ -129,6 +136,8 @@ class RunFolder:
 
     def append(self, row: dict):
         """Add one history row; flushed at once, so a killed process loses none it logged."""
+        if not _writes():
+            return
         if self._history is None:
             self.open_history()
         self._history.write(json.dumps(row, default=_json_number) + "\n")
@@ -170,6 +179,8 @@ class RunFolder:
         from .folder_writing import folder_written
 
         target = self.path / CHECKPOINTS / f"step-{step:06d}"
+        if not _writes():
+            return target
         older = [path for path in self.checkpoints() if path != target]
         with folder_written(target, "the checkpoint") as staging:
             write_files(staging)
@@ -286,6 +297,13 @@ def find_checkpoint(where, output_dir=DEFAULT_OUTPUT_DIR) -> tuple[RunFolder, Pa
 def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a checkpoint folder (checkpoints/step-000120) holds."""
     return int(_CHECKPOINT.fullmatch(checkpoint.name)[1])
+
+
+def _writes() -> bool:
+    """Whether this process writes run folders: always, but for the ranks other than 0 of distributed workers."""
+    from .distributed import world
+
+    return world().is_writer
 
 
 def _now() -> str:

@@ -19,6 +19,7 @@ from ..display.formatting import Readout, gb
 from ..display.reporters import Reporter
 from ..errors import ConfigError, DivergedError, OutOfMemory
 from .data import PIECES
+from .distributed import per_rank_layout, world
 from .speed import BatchLayout, choose_settings
 from .stopping import StopFlag, stop_on_interrupt
 
@@ -179,17 +180,50 @@ def _checkpointing_trainer():
         def _save_checkpoint(self, model, trial):
             if self.run_folder is None:
                 return
-            self.store_flos()
+            self.store_flos()  # a collective under torch.distributed: every rank comes here at the same step
+            if self.args.world_size > 1:
+                self._save_checkpoint_of_ranks()
+                return
             self.run_folder.write_checkpoint(self.state.global_step, self._checkpoint_files)
 
+        def _save_checkpoint_of_ranks(self):
+            """Every rank writes its part (its RNG state; under FSDP the gathered weights and optimizer state are
+            collectives too) into one staging folder of the run folder; rank 0 then moves it into the checkpoint,
+            whole (write_checkpoint). On machines that do not share the run folder, the other ranks' parts stay
+            in their own copy and are removed."""
+            import shutil
+
+            import torch.distributed as dist
+
+            from .run_folder import CHECKPOINTS
+
+            staging = self.run_folder.path / CHECKPOINTS / f".step-{self.state.global_step:06d}.ranks"
+            if self.is_world_process_zero():
+                shutil.rmtree(staging, ignore_errors=True)
+            dist.barrier()
+            staging.mkdir(parents=True, exist_ok=True)
+            self._checkpoint_files(staging)
+            dist.barrier()
+
+            def move_parts(folder):
+                for part in staging.iterdir():
+                    shutil.move(str(part), str(folder / part.name))
+
+            self.run_folder.write_checkpoint(self.state.global_step, move_parts)  # rank 0 only writes
+            if self.is_world_process_zero():
+                shutil.rmtree(staging, ignore_errors=True)
+            dist.barrier()
+            shutil.rmtree(staging, ignore_errors=True)  # another machine's own copy (a shared one is gone already)
+
         def _checkpoint_files(self, folder):
-            self.save_model(str(folder), _internal_call=True)
+            self.save_model(str(folder), _internal_call=True)  # writes on rank 0 (under FSDP every rank gathers)
             self._save_optimizer_and_scheduler(str(folder))
             self._save_scaler(str(folder))
-            self._save_rng_state(str(folder))
-            self.state.save_to_json(str(folder / "trainer_state.json"))
-            if self.checkpoint_extras is not None:
-                self.checkpoint_extras(folder)
+            self._save_rng_state(str(folder))  # under torch.distributed: one file per rank
+            if self.is_world_process_zero():
+                self.state.save_to_json(str(folder / "trainer_state.json"))
+                if self.checkpoint_extras is not None:
+                    self.checkpoint_extras(folder)
 
     return CheckpointingTrainer
 
@@ -289,10 +323,15 @@ def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, repo
         model.gradient_checkpointing_disable()  # left on by an earlier run that needed it
     with contextlib.closing(SummaryWriter(log_dir=str(run_dir / "tensorboard"))) as writer:
         watcher = _make_callback(reporter, log, stop, device, checkpointing and checkpointing.folder)
-        extra = [TensorBoardCallback(tb_writer=writer), watcher] + list(callbacks or [])
+        extra = [TensorBoardCallback(tb_writer=writer), watcher]
         if checkpointing is not None:
             every = checkpointing.every_minutes
             extra.append(_checkpoint_callback(every * 60 if every else None))
+        extra += list(callbacks or [])
+        if settings.get("ranks", 1) > 1:  # last: the ranks agree on what the callbacks before asked for
+            from .distributed import STOP_FILE, stop_callback
+
+            extra.append(stop_callback(stop, checkpointing and checkpointing.folder.path / STOP_FILE))
 
         def make_trainer(settings: dict, resuming: bool):
             args = training_arguments(config, settings, run_dir, device, evaluate=data.eval is not None, resuming=resuming)
@@ -311,6 +350,11 @@ def run_settings(config: TrainConfig, device: str, model, train_set, overrides: 
     settings = choose_settings(config, device, len(train_set), model=model, lengths=lengths)
     settings.update(overrides or {})
     settings["batch"] = BatchLayout.of(settings["batch"])
+    workers = world()
+    if workers.distributed:  # the effective batch is kept: each rank takes its share of the accumulation
+        settings["batch"] = per_rank_layout(settings["batch"], workers.size)
+        settings["ranks"] = workers.size
+        settings["strategy"] = config.strategy or "ddp"
     return settings
 
 
@@ -354,7 +398,25 @@ def training_arguments(config: TrainConfig, settings: dict, run_dir: Path, devic
         log_level="warning",
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (so the run ends), not hidden by the average
         optim=settings.get("optimizer", "adamw_torch"),
+        **distributed_arguments(settings),
     )
+
+
+def distributed_arguments(settings: dict) -> dict:
+    """TrainingArguments for worker processes: DDP registers only the LoRA weights (the frozen base has no
+    gradient to wait for); FSDP2 shards the model (its 4-bit weights stored in the compute dtype,
+    bnb_4bit_quant_storage, so FSDP can flatten them with the rest)."""
+    if settings.get("ranks", 1) <= 1:
+        return {}
+    arguments = {"ddp_find_unused_parameters": False}
+    if settings["device"] == "cpu":
+        arguments["ddp_backend"] = "gloo"
+    if settings.get("strategy") == "fsdp":
+        arguments.update(fsdp=True, fsdp_config={
+            "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
+        })
+    return arguments
 
 
 def build_trainer(model, tokenizer, args, settings: dict, data: TrainingData, callbacks: list):

@@ -102,6 +102,9 @@ def qlora_load(line=""):
 @argument("--checkpoint-minutes", type=float, default=None, help=f"write a checkpoint every N minutes, also after each evaluation and at the end; 0: only those {_default(TrainConfig, 'checkpoint_minutes')}")
 @argument("--resume", nargs="?", const=True, default=None, help="carry on the newest run in --output-dir from its latest checkpoint, or the run folder given (a new kernel loads its model)")
 @argument("--background", action="store_true", default=None, help="start the run and return the cell at once; %%qlora_attach shows it, %%qlora_stop stops it")
+@argument("--gpus", default=None, help="train in worker processes, one per GPU (torch.distributed): a number, or all (default: in this kernel)")
+@argument("--processes", type=int, default=None, help="train in N worker processes on the CPU (torch.distributed's gloo backend: tests, the course)")
+@argument("--strategy", default=None, choices=["ddp", "fsdp"], help="with --gpus: ddp (each GPU holds the model; the default) or fsdp (FSDP2: the 4-bit weights sharded over the GPUs)")
 @argument("--display", default=None, choices=["auto", "html", "widget", "text", "none"], help=f"how to show progress {_default(TrainConfig, 'display')}")
 def qlora_train(line="", cell=""):
     """Fine-tune the loaded model's adapters. The cell body is YAML::
@@ -116,6 +119,9 @@ def qlora_train(line="", cell=""):
 
     With --task seq-cls, give label: <column> instead of response: (prompt: is the text to classify);
     with --task seq2seq, prompt: is the source and response: the target.
+    With --gpus 2 (or all) the run trains in worker processes launched through torch.distributed, one per
+    GPU, each loading the base model itself; the cell shows the same progress, and the trained adapter comes
+    back into the session. The run folder also runs on a cluster: python -m qlora_magic.run RUN_FOLDER under torchrun.
     Any option above may also be written in the body (epochs: 2); flags win over the body.
     """
 

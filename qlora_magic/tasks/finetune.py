@@ -18,8 +18,8 @@ ROW_INDEX = "qlora_row"  # carried through tokenization, so tokenized rows can b
 def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=None, run_folder=True, resume=None):
     """Train the session's active adapter as `config` says; returns the TrainSummary.
     `callbacks`: extra transformers TrainerCallbacks (tuning prunes trials through one).
-    `run_folder`: keep a run folder (run.json, history.jsonl, checkpoints) under config.output_dir; tuning's
-    trials keep none. `resume`: a ResumePoint (tasks.resuming) to carry on from, its model already loaded."""
+    `run_folder`: keep a run folder (run.json, history.jsonl, checkpoints) under config.output_dir (True), keep none
+    (False: tuning's trials), or train in one made already (a RunFolder: a worker process of tasks.multi_process). `resume`: a ResumePoint (tasks.resuming) to carry on from, its model already loaded."""
     from ..display import choose_reporter
     from ..engine.data import prepare_datasets
     from ..engine.data_checks import raise_if_fatal
@@ -49,10 +49,14 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
     checkpointing = None
     if resume is not None:
         checkpointing = resume.checkpointing(session, config)
-    elif run_folder:
+    elif run_folder is True:
         from .resuming import start_run_folder
 
         checkpointing = start_run_folder(session, config, rows, run, index)
+    elif run_folder:  # a folder made already (a worker process trains the run its launcher wrote)
+        from .resuming import continue_run_folder
+
+        checkpointing = continue_run_folder(session, config, run_folder, run, index)
     try:
         summary = run_training(model, session.tokenizer, config, TrainingData(train_set, eval_set, task), reporter,
                                log, stop=stop, callbacks=callbacks, checkpointing=checkpointing)

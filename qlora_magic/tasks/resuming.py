@@ -47,6 +47,13 @@ def start_run_folder(session, config: TrainConfig, rows, run, index: int) -> Che
     return Checkpointing(folder, config.checkpoint_minutes or None, _checkpoint_extras(session, run, index))
 
 
+def continue_run_folder(session, config: TrainConfig, folder: RunFolder, run, index: int) -> Checkpointing:
+    """How a run keeps the folder another process made for it (a worker of tasks.multi_process): its run.json
+    is the launcher's; the history starts empty."""
+    folder.open_history(keep=[])
+    return Checkpointing(folder, config.checkpoint_minutes or None, _checkpoint_extras(session, run, index))
+
+
 def _save_rows(rows, folder: RunFolder) -> str | None:
     """Copy in-memory rows to data.jsonl (None when they are too large, or hold values JSON cannot)."""
     from ..engine.quiet import no_progress_bars

@@ -1,0 +1,103 @@
+"""Training under torch.distributed (worker processes started by torchrun, one per GPU or, with gloo, per CPU
+process): who this process is, how the effective batch is split over the ranks, and a stop every rank takes
+at the same step.
+
+The Trainer does the distributed work itself (DDP, or FSDP through accelerate) when the process was started by
+torchrun (RANK, LOCAL_RANK, WORLD_SIZE in the environment); this module holds only what qlora_magic adds."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from .speed import BatchLayout
+
+STOP_FILE = "STOP"  # in the run folder: the launcher's Stop (every rank ends after the step in flight)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process among the workers: its global rank, its rank on this machine, how many there are."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_writer(self) -> bool:
+        """Only global rank 0 writes the run folder (run.json, history, checkpoints)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    """This process's place, from the variables torchrun sets (none: a single process)."""
+    def number(name, default):
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            return default
+
+    return World(number("RANK", 0), number("LOCAL_RANK", 0), max(1, number("WORLD_SIZE", 1)))
+
+
+def per_rank_layout(layout: BatchLayout, ranks: int) -> BatchLayout:
+    """The micro-batch and accumulation of each rank that keep the effective batch: micro x accum x ranks =
+    layout.micro x layout.accum. The accumulation is divided first (the micro-batch fits memory as planned);
+    then the micro-batch; a layout that cannot be split evenly is a one-line error.
+
+    >>> per_rank_layout(BatchLayout(4, 4), 2)
+    BatchLayout(micro=4, accum=2)
+    """
+    if ranks <= 1:
+        return layout
+    effective = layout.micro * layout.accum
+    if effective % ranks:
+        raise ConfigError(f"The effective batch ({layout.micro} x {layout.accum} = {effective}) does not split over "
+                          f"{ranks} workers: make batch_size x grad_accum a multiple of {ranks}.")
+    share = math.gcd(layout.accum, ranks)
+    accum, rest = layout.accum // share, ranks // share
+    if layout.micro % rest:
+        raise ConfigError(f"The effective batch ({layout.micro} x {layout.accum}) does not split over {ranks} workers: "
+                          f"make batch_size x grad_accum a multiple of {ranks}.")
+    return BatchLayout(layout.micro // rest, accum)
+
+
+def stop_callback(stop, stop_file: Path | None):
+    """A TrainerCallback, added after the others, that at each step's end agrees across the ranks (one
+    all-reduce of two numbers) on whether to stop (the StopFlag set, or the launcher's STOP file there) and
+    whether to write a checkpoint now (a rank's clock asked for one). Every rank then takes the same decision,
+    so none waits alone in a collective (the checkpoint's store_flos is one)."""
+    from transformers import TrainerCallback
+
+    class AgreeOnStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero:  # the workers' log says how the model is spread
+                import torch.distributed as dist
+
+                backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+                print(f"rank 0: training {type(model).__name__} on {args.world_size} ranks ({backend})", flush=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import torch
+            import torch.distributed as dist
+
+            asked = bool(stop) or (stop_file is not None and stop_file.exists())
+            votes = torch.tensor([float(asked), float(bool(control.should_save))])
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                if dist.get_backend() == "nccl":
+                    votes = votes.to(f"cuda:{torch.cuda.current_device()}")
+                dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+            asked, save = bool(votes[0].item()), bool(votes[1].item())
+            if asked:
+                stop.set()
+                control.should_training_stop = True
+            control.should_save = save
+
+    return AgreeOnStep()

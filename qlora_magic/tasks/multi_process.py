@@ -1,0 +1,334 @@
+"""`%%qlora_train --gpus N` (and `--processes N` on the CPU): the run trains in worker processes, one per GPU,
+started through torch.distributed's own launcher (torchrun), while the cell shows the same progress.
+
+The run folder is written first, as for any run, plus the adapter the session has now (start/, so the workers
+start from exactly it) and a "launch" entry in run.json (how many workers, on what, which strategy). Then
+
+    python -m torch.distributed.run --standalone --nproc-per-node N -m qlora_magic.run RUN_FOLDER
+
+runs as a child process (the kernel cannot fork its CUDA context, so each worker loads the base model itself),
+its output in RUN_FOLDER/workers.log. The cell follows history.jsonl, which rank 0 appends to, and feeds the
+rows to the reporter the in-kernel run would have had; Stop (a StopFlag, Ctrl-C) writes the STOP file every
+rank checks after each step. A worker that fails ends the cell in one line naming workers.log, never a hang;
+a run that ends well leaves its adapter in the session, as if it had trained here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import TrainConfig
+from ..engine.run_folder import HISTORY_FILE, RunFolder, checkpoint_step
+from ..errors import ConfigError, WorkerError
+
+START_ADAPTER = "start"  # the run folder's adapter the workers start from (the session's when launched)
+LOG_FILE = "workers.log"  # what the workers print
+POLL_SECONDS = 0.2
+STOP_GRACE_SECONDS = 120  # after Stop, how long the workers may take to finish their step before they are ended
+
+
+@dataclass
+class Launch:
+    """How many workers, on what: the device kind ("cuda" or "cpu"), the number, the strategy, the GPUs."""
+
+    device: str
+    workers: int
+    strategy: str = "ddp"
+    visible: str | None = None  # CUDA_VISIBLE_DEVICES for the workers (None: as this process has it)
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "workers": self.workers, "strategy": self.strategy}
+
+
+def plan_launch(config: TrainConfig) -> Launch:
+    """The workers `--gpus` / `--processes` asks for, checked against this machine (one line otherwise)."""
+    strategy = config.strategy or "ddp"
+    if config.processes is not None:
+        return Launch("cpu", config.processes, strategy)
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--gpus {config.gpus}: torch sees no CUDA GPU here: drop --gpus to train in this process "
+                          "(or --processes N for worker processes on the CPU).")
+    wanted = count if config.gpus == "all" else config.gpus
+    if wanted > count:
+        raise ConfigError(f"--gpus {config.gpus}: this machine has {count} GPU{'s' if count > 1 else ''}: "
+                          f"give --gpus {count} (or --gpus all).")
+    visible = None
+    if wanted < count:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = shown.split(",") if shown else [str(i) for i in range(count)]
+        visible = ",".join(ids[:wanted])
+    return Launch("cuda", wanted, strategy, visible)
+
+
+@dataclass
+class WorkersRun:
+    """A run folder written for workers (`write_workers_run`): the folder, the launch, and the run as the
+    session will record it (its TrainRun and index)."""
+
+    folder: RunFolder
+    launch: Launch
+    run: object  # adapter_folder.TrainRun
+    index: int
+
+
+def write_workers_run(session, config: TrainConfig) -> WorkersRun:
+    """Everything checked (the workers this machine has, the batch split, the data and templates), then the run
+    folder written: run.json with a launch entry, data.jsonl for in-memory rows, and start/, the session's
+    adapter now. Nothing is started: `python -m qlora_magic.run FOLDER` under torchrun trains it (on a cluster
+    too: write it to a shared disk and submit the workers)."""
+    from ..engine.adapter_folder import TrainRun, save_adapter
+    from ..engine.adapters import adapter_names
+    from ..engine.data import load_rows
+    from .finetune import task_examples
+    from .resuming import start_run_folder
+
+    session.require_model("training")
+    if config.data is None:
+        raise ConfigError("No data given: pass data= (a file, Hub id, list of dicts, DataFrame or Dataset).")
+    if session.task != "causal-lm":
+        raise ConfigError(f"--gpus / --processes train causal-lm models for now; this one is {session.task}: drop the option.")
+    names = adapter_names(session.model)
+    if len(names) > 1:
+        raise ConfigError(f"Worker runs train a model with one adapter; this one has {len(names)} ({', '.join(names)}): "
+                          "save the one to train (%qlora_save PATH), load it alone (%qlora_load --adapter PATH), then train.")
+    launch = plan_launch(config)
+    check_split(config, launch.workers)
+    rows = load_rows(config.data, config.split)
+    task_examples(session, config, rows)  # a bad template fails here, in one line, before anything starts
+    run, index = TrainRun.of(config), len(session.runs)
+    folder = start_run_folder(session, config, rows, run, index).folder
+    try:
+        save_adapter(session, folder.path / START_ADAPTER)
+        folder.update(launch=launch.to_json(), status="launched")  # "running" once rank 0 trains
+    except BaseException:
+        folder.update(status="failed")
+        raise
+    return WorkersRun(folder, launch, run, index)
+
+
+def check_split(config: TrainConfig, workers: int):
+    """The effective batch (batch_size x grad_accum) must split evenly over the workers (one line otherwise)."""
+    effective = config.batch_size * config.grad_accum
+    if workers > 1 and effective % workers:
+        raise ConfigError(f"The effective batch ({config.batch_size} x {config.grad_accum} = {effective}) does not split "
+                          f"over {workers} workers: make batch_size x grad_accum a multiple of {workers}.")
+
+
+def train_in_workers(session, config: TrainConfig, reporter=None, stop=None):
+    """A new run (config.gpus or config.processes) trained by worker processes; returns the TrainSummary, the
+    trained adapter put into the session's active adapter and the run recorded as an in-kernel run would be."""
+    from ..display import choose_reporter
+
+    written = write_workers_run(session, config)
+    folder, run, index = written.folder, written.run, written.index
+    reporter = reporter or choose_reporter(config.display)
+    summary = follow_workers(folder, written.launch, reporter, stop, history=list(session.history))
+    _take_adapter(session, folder, summary)
+    session.runs.append(run)
+    session.history.extend(row for row in folder.history() if row.get("run") == index)
+    session.last_train_summary = summary
+    return summary
+
+
+def resume_in_workers(point, reporter=None, stop=None, config: TrainConfig | None = None):
+    """`--resume` of a run its workers trained: the workers are started again on the run folder, from its
+    checkpoint (the same number of them, on the same kind of device). Returns the TrainSummary; the caller
+    loads the final checkpoint into the session."""
+    from ..display import choose_reporter
+
+    folder = point.folder
+    before = folder.record["launch"]
+    launch = plan_launch(TrainConfig(processes=before["workers"]) if before.get("device") == "cpu"
+                         else TrainConfig(gpus=before["workers"], strategy=before.get("strategy")))
+    kept = [row for row in folder.history() if row.get("step", 0) <= point.step]
+    folder.open_history(keep=kept)
+    folder.close()
+    folder.update(launch={**launch.to_json(), "resume_from": str(point.checkpoint.relative_to(folder.path))})
+    display = config.display if config is not None else "auto"
+    return follow_workers(folder, launch, reporter or choose_reporter(display), stop, history=kept, resumed=True)
+
+
+def worker_command(folder: RunFolder, launch: Launch) -> list[str]:
+    """The torchrun command that starts this machine's workers on the run folder."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={launch.workers}",
+            "-m", "qlora_magic.run", str(folder.path)]
+
+
+def worker_environment(launch: Launch) -> dict:
+    """This process's environment for the workers: the same qlora_magic first on their path (the one this kernel
+    imported, installed or not), and the devices they may use."""
+    env = dict(os.environ)
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if launch.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers must not open a CUDA context on the kernel's GPU
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.workers)))
+    elif launch.visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = launch.visible
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def follow_workers(folder: RunFolder, launch: Launch, reporter, stop=None, history=None, resumed=False):
+    """Start the workers on `folder` and show their run through `reporter` until they end; returns the
+    TrainSummary. Stop (`stop` set, or Ctrl-C) writes the STOP file; a second Ctrl-C ends the workers at once.
+    A failed worker raises WorkerError (one line naming workers.log)."""
+    from ..engine.distributed import STOP_FILE
+    from ..engine.stopping import StopFlag
+    from ..engine.training import TrainSummary
+
+    stop = stop if stop is not None else StopFlag()
+    history = list(history or [])
+    first_row = len(history)
+    (folder.path / STOP_FILE).unlink(missing_ok=True)
+    log_path = folder.path / LOG_FILE
+    try:
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(worker_command(folder, launch), env=worker_environment(launch), stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as error:
+        folder.update(status="failed", error=str(error))
+        raise WorkerError(f"Could not start the workers ({error.strerror or error}): see {log_path}") from None
+    follower = _HistoryFollower(folder.path / HISTORY_FILE, skip_existing=resumed)
+    started, stopping_since, info = time.perf_counter(), None, {}
+    try:
+        while True:
+            try:
+                ended = process.poll() is not None
+                info = _follow_once(folder, follower, reporter, history, info, started)
+                if ended:
+                    break
+                if stop and stopping_since is None:
+                    stopping_since = time.monotonic()
+                    (folder.path / STOP_FILE).touch()
+                if stopping_since is not None and time.monotonic() - stopping_since > STOP_GRACE_SECONDS:
+                    _end_workers(process)
+                time.sleep(POLL_SECONDS)
+            except KeyboardInterrupt:
+                if stopping_since is not None:  # a second Ctrl-C: end the workers now
+                    _end_workers(process)
+                    raise
+                stop.set("interrupted")
+    finally:
+        if process.poll() is None:
+            _end_workers(process)
+    record = folder.record
+    status = folder.status(record)
+    rows = history[first_row:]
+    settings = dict(record.get("settings") or {})
+    summary = TrainSummary.from_history(
+        rows, status=status if status in ("completed", "interrupted") else "failed",
+        steps_planned=record.get("total_steps") or 0, seconds=time.perf_counter() - started, run_dir=str(folder.path),
+        settings=settings, steps_done=record.get("steps_done") or max((r.get("step", 0) for r in rows), default=0))
+    if info.get("started"):
+        reporter.end(summary)
+    if process.returncode != 0 or status not in ("completed", "interrupted"):
+        if status in ("launched", "running", "crashed"):
+            folder.update(status="failed", error=f"a worker exited with status {process.returncode}")
+        raise WorkerError(_failure_line(folder, process.returncode, log_path))
+    return summary
+
+
+class _HistoryFollower:
+    """The rows appended to history.jsonl since the last call (only whole lines)."""
+
+    def __init__(self, path: Path, skip_existing=False):
+        self.path, self.offset, self.rest = path, 0, b""
+        if skip_existing:
+            with contextlib.suppress(OSError):
+                self.offset = path.stat().st_size
+
+    def new_rows(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as file:
+                file.seek(self.offset)
+                data = file.read()
+        except OSError:
+            return []
+        self.offset += len(data)
+        lines = (self.rest + data).split(b"\n")
+        self.rest = lines.pop()
+        rows = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+        return rows
+
+
+def _follow_once(folder, follower, reporter, history, info, started):
+    """One look at the run folder: the start event once rank 0 said the run began (run.json names another
+    process than this one, with the settings it chose), then each new row."""
+    if not info.get("started"):
+        record = folder.record
+        process = record.get("process") or {}
+        if not (record.get("settings") and record.get("total_steps") and process.get("pid") != os.getpid()):
+            return info
+        info = {"started": True, "total_steps": record["total_steps"]}
+        reporter.start({"total_steps": record["total_steps"], "settings": record["settings"],
+                        "run_dir": str(folder.path), "history": history})
+    rows = follower.new_rows()
+    history.extend(rows)  # first, so a Ctrl-C while they are shown loses none
+    for row in rows:
+        elapsed = time.perf_counter() - started
+        step, total = row.get("step", 0), info["total_steps"]
+        progress = {"step": step, "total_steps": total, "elapsed": elapsed,
+                    "eta": elapsed / step * (total - step) if step else None}
+        reporter.step(progress)
+        reporter.log(row, progress, history)
+    return info
+
+
+def _end_workers(process):
+    """SIGTERM to the launcher's process group (torchrun passes it on to the workers), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=wait)
+            return
+
+
+def _failure_line(folder: RunFolder, code, log_path: Path) -> str:
+    """One line: what failed, the worker's last error line, what was kept, where the log is."""
+    cause = _last_error_line(log_path)
+    checkpoint = folder.latest_checkpoint()
+    kept = (f"; step {checkpoint_step(checkpoint)} is kept (%qlora_train --resume {folder.path} carries it on)"
+            if checkpoint is not None else "")
+    return (f"A worker process failed (exit status {code}{': ' + cause if cause else ''}){kept}: "
+            f"see {log_path}")
+
+
+def _last_error_line(log_path: Path) -> str | None:
+    """The first worker's error line in the log (qlora_magic.errors.ConfigError: ...), shortened; torchrun's
+    own report of the failure (ChildFailedError) is not the cause."""
+    with contextlib.suppress(OSError):
+        for line in log_path.read_text(errors="replace").splitlines():
+            text = line.split("]:", 1)[-1].strip() if line.startswith("[rank") else line.strip()
+            head = text.split(":", 1)[0]
+            if (head and " " not in head and head.endswith(("Error", "Exception", "KeyboardInterrupt"))
+                    and not head.startswith("torch.distributed.elastic")):
+                return text[:200]
+    return None
+
+
+def _take_adapter(session, folder: RunFolder, summary):
+    """The trained adapter (the run's last checkpoint) into the session's active adapter, in place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    checkpoint = folder.latest_checkpoint()
+    if checkpoint is None or not summary.steps_done:
+        return
+    model = session.model
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"), device=str(next(model.parameters()).device))
+    set_peft_model_state_dict(model, weights, adapter_name=model.active_adapter)

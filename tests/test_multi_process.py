@@ -1,0 +1,186 @@
+"""Training in worker processes through torch.distributed (`--processes N`: the gloo backend on the CPU, the same
+code as `--gpus N`): two workers train what one process trains, step for step; Stop ends both; a killed worker
+is one line and a resumable checkpoint; a two-"node" torchrun runs the same run folder.
+
+The tiny Llama (tests/tiny_model.py) with LoRA dropout 0, so that the ranks' random numbers do not enter the
+loss; three steps of an effective batch of 8."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+import qlora_magic as qm
+from qlora_magic.display.reporters import NullReporter
+from qlora_magic.engine.run_folder import RunFolder
+from qlora_magic.engine.speed import BatchLayout
+from qlora_magic.engine.stopping import StopFlag
+from qlora_magic.errors import ConfigError
+from qlora_magic.tasks import multi_process
+
+BODY = 'data: $rows\nprompt: "Q: {question}\\nA: "\nresponse: "{answer}"\nmax_length: 32\n'
+TRAIN = dict(prompt="Q: {question}\nA: ", response="{answer}", max_length=32, batch_size=2, grad_accum=4,
+             max_steps=3, display="none")
+
+
+@pytest.fixture
+def tiny_no_dropout(tiny_model_dir):
+    qm.load(tiny_model_dir, bits=8, dropout=0.0)
+    return qm.get_session()
+
+
+def losses(rows):
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def lora_weights(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def test_two_workers_train_what_one_process_trains(ip, tiny_no_dropout, rows):
+    ip.user_ns["rows"] = rows[:32]
+    ip.run_cell_magic("qlora_train", "--processes 2 --max-steps 3 --batch-size 2 --grad-accum 4 --display none", BODY)
+    session = qm.get_session()
+    summary = session.last_train_summary
+    assert summary.status == "completed" and summary.steps_done == 3
+    assert summary.settings["ranks"] == "2" and summary.settings["strategy"] == "ddp"
+    assert summary.settings["batch"] == "2x2"  # each rank half the accumulation: the effective batch kept
+    folder = RunFolder(summary.run_dir)
+    workers = losses(folder.history())
+    assert len(workers) == 3
+    # The trained adapter is the session's, and the run is recorded as an in-kernel run is.
+    assert len(session.runs) == 1 and losses(session.history) == workers
+    trained = lora_weights(session.model)
+    final = qm.load(adapter=str(folder.latest_checkpoint()))
+    assert final is not None
+    for name, weight in lora_weights(qm.get_session().model).items():
+        assert (weight - trained[name]).abs().max() < 1e-6, name
+    # One process, from the same start adapter, same effective batch and seed: the same loss at every step.
+    qm.load(adapter=str(folder.path / multi_process.START_ADAPTER))
+    single = qm.train(rows[:32], **TRAIN)
+    assert single.settings["batch"] == BatchLayout(2, 4)
+    assert losses(single.history) == pytest.approx(workers, rel=1e-4, abs=1e-5)
+
+
+class InterruptAt(NullReporter):
+    """A Ctrl-C (KeyboardInterrupt in the cell's thread) once a row of `step` is logged; the launcher turns it into
+    the run's StopFlag (the panel's Stop sets that flag directly)."""
+
+    def __init__(self, step):
+        self.at, self.done = step, False
+
+    def log(self, row, progress, history):
+        if not self.done and row.get("step", 0) >= self.at:
+            self.done = True
+            raise KeyboardInterrupt
+
+
+def test_stop_ends_both_ranks(tiny_no_dropout, rows):
+    stop = StopFlag()
+    summary = qm.train(rows, **{**TRAIN, "max_steps": 40}, processes=2, stop=stop, reporter=InterruptAt(1))
+    assert stop
+    assert summary.status == "interrupted" and 1 <= summary.steps_done < 40
+    folder = RunFolder(summary.run_dir)
+    assert folder.status() == "interrupted"
+    assert folder.latest_checkpoint().name == f"step-{summary.steps_done:06d}"
+    log = (folder.path / multi_process.LOG_FILE).read_text()
+    assert "Traceback" not in log  # both ranks left the loop at the same step, none waited in a collective
+
+
+class KillWorkerAt(NullReporter):
+    """SIGKILLs worker rank 1 once a row of `step` is logged."""
+
+    def __init__(self, step):
+        self.at, self.killed = step, None
+
+    def log(self, row, progress, history):
+        if self.killed is None and row.get("step", 0) >= self.at:
+            for child in psutil.Process().children(recursive=True):
+                with_rank = child.environ().get("RANK") if child.is_running() else None
+                if with_rank == "1" and "qlora_magic.run" in " ".join(child.cmdline()):
+                    child.send_signal(signal.SIGKILL)
+                    self.killed = child.pid
+
+
+def test_a_killed_worker_is_one_line_and_the_run_resumes(tiny_no_dropout, rows):
+    reporter = KillWorkerAt(2)
+    with pytest.raises(multi_process.WorkerError) as failed:
+        # checkpoint_minutes 0.001: a checkpoint at every step, so one is there when the worker dies
+        qm.train(rows, **{**TRAIN, "max_steps": 40}, processes=2, checkpoint_minutes=0.001, reporter=reporter)
+    assert reporter.killed is not None
+    message = str(failed.value)
+    assert "\n" not in message and "workers.log" in message and "--resume" in message
+    folder = RunFolder(message.rsplit("see ", 1)[1].rsplit("/", 1)[0])
+    assert folder.status() == "failed" and folder.latest_checkpoint() is not None
+    qm.reset_session()
+    summary = qm.train(resume=str(folder.path), display="none", checkpoint_minutes=0)
+    assert summary.status == "completed"
+    steps = [row["step"] for row in folder.history() if "loss" in row]
+    assert steps == list(range(1, 41))  # no step lost, none logged twice
+    assert qm.get_session().model is not None and len(qm.get_session().runs) == 1
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_run_the_same_run_folder(tiny_no_dropout, rows):
+    """Two torchrun launchers (--nnodes 2, one worker each, rendezvous on localhost), as two machines would."""
+    config = qm.config.TrainConfig(data=rows[:32], **TRAIN, processes=2)
+    written = multi_process.write_workers_run(qm.get_session(), config)
+    port = _free_port()
+    env = multi_process.worker_environment(written.launch)
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test", "-m", "qlora_magic.run",
+         str(written.folder.path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(2)]
+    outputs = [node.communicate(timeout=300)[0].decode(errors="replace") for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    folder = written.folder
+    assert folder.status() == "completed" and folder.record["steps_done"] == 3
+    workers = losses(folder.history())
+    qm.load(adapter=str(folder.path / multi_process.START_ADAPTER))
+    single = qm.train(rows[:32], **TRAIN)
+    assert losses(single.history) == pytest.approx(workers, rel=1e-4, abs=1e-5)
+
+
+def test_the_effective_batch_is_split_over_the_ranks():
+    from qlora_magic.engine.distributed import per_rank_layout
+
+    assert per_rank_layout(BatchLayout(4, 4), 2) == BatchLayout(4, 2)
+    assert per_rank_layout(BatchLayout(4, 1), 2) == BatchLayout(2, 1)
+    assert per_rank_layout(BatchLayout(2, 3), 6) == BatchLayout(1, 1)
+    assert per_rank_layout(BatchLayout(4, 4), 1) == BatchLayout(4, 4)
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        per_rank_layout(BatchLayout(4, 4), 3)
+
+
+def test_worker_command_and_environment():
+    launch = multi_process.Launch("cpu", 2)
+    command = multi_process.worker_command(RunFolder("runs/x"), launch)
+    assert command[1:4] == ["-m", "torch.distributed.run", "--standalone"] and command[-3:] == ["-m", "qlora_magic.run", "runs/x"]
+    assert "--nproc-per-node=2" in command
+    assert multi_process.worker_environment(launch)["CUDA_VISIBLE_DEVICES"] == ""
+    gpu_env = multi_process.worker_environment(multi_process.Launch("cuda", 2))
+    assert gpu_env.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")  # all the kernel sees
+    assert multi_process.worker_environment(multi_process.Launch("cuda", 2, visible="0,1"))["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert gpu_env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(qm.__file__).resolve().parents[1])
+
+
+def test_refusals_come_before_anything_is_written(tiny_no_dropout, rows, tmp_path):
+    qm.add_adapter("second")
+    with pytest.raises(ConfigError, match="one adapter"):
+        qm.train(rows, **TRAIN, processes=2)
+    qm.delete_adapter("second")
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        qm.train(rows, **TRAIN, processes=3)
+    assert not (tmp_path / "runs").exists()
