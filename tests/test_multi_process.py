@@ -95,13 +95,17 @@ def test_stop_ends_both_ranks(tiny_no_dropout, rows):
 
 
 class KillWorkerAt(NullReporter):
-    """SIGKILLs worker rank 1 once a row of `step` is logged."""
+    """SIGKILLs worker rank 1 once a row of `step` is logged and the run folder holds a checkpoint (on a busy
+    machine the checkpoint of a step can land after the next step's row)."""
 
     def __init__(self, step):
-        self.at, self.killed = step, None
+        self.at, self.killed, self.folder = step, None, None
+
+    def start(self, info):
+        self.folder = RunFolder(info["run_dir"])
 
     def log(self, row, progress, history):
-        if self.killed is None and row.get("step", 0) >= self.at:
+        if self.killed is None and row.get("step", 0) >= self.at and self.folder.latest_checkpoint() is not None:
             for child in psutil.Process().children(recursive=True):
                 with_rank = child.environ().get("RANK") if child.is_running() else None
                 if with_rank == "1" and "qlora_magic.run" in " ".join(child.cmdline()):

@@ -317,7 +317,7 @@ def _last_error_line(log_path: Path) -> str | None:
             head = text.split(":", 1)[0]
             if (head and " " not in head and head.endswith(("Error", "Exception", "KeyboardInterrupt"))
                     and not head.startswith("torch.distributed.elastic")):
-                return text[:200]
+                return " ".join(text.split())[:200]  # one line, whatever the error's text holds
     return None
 
 
