@@ -247,9 +247,14 @@ class LoadConfig(_Config):
     num_labels: int = field(default=2, metadata={"help": "classes of a seq-cls model (its head is made this size)"})
     adapter: str | None = field(default=None, metadata={"help": "folder of a saved adapter to restore"})
     device: str | None = field(default=None, metadata={"help": "'cuda', 'cpu', or None for CUDA when available"})
+    device_map: str | None = field(default=None, metadata={"help": "'auto': the layers spread over every GPU there is (a model larger than one GPU, for generation, evaluation and small experiments); None: all on --device"})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.device_map not in (None, "auto"):
+            raise ConfigError(f"--device-map takes auto (the layers spread over the GPUs), got {self.device_map!r}.")
+        if self.device_map and self.device == "cpu":
+            raise ConfigError("--device-map auto spreads the layers over the GPUs; with --device cpu leave it out.")
         if self.bits is not None and self.bits not in BITS:
             raise ConfigError(f"--bits must be 4, 8, 16 or auto, got {self.bits!r}.")
         if self.keep_8bit is not None and not 0 <= self.keep_8bit <= 1:

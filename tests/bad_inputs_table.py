@@ -96,6 +96,9 @@ row("load--keep-8bit-without-auto", "%qlora_load @tiny --bits 8 --keep-8bit 0.3"
 for value in ["tpu", "gpu", "cuda:x"]:
     row(f"load--device={value}", f"%qlora_load @tiny --device {value}")
 row("load--device=cuda-without-gpu", "%qlora_load @tiny --device cuda", needs_no_cuda=True)
+for value in ("balanced", "sequential", "0", "''"):
+    row(f"load--device-map={value}", f"%qlora_load @tiny --device-map {value}")
+row("load--device-map-auto-on-cpu", "%qlora_load @tiny --device cpu --device-map auto")
 for value in ['""', ",,", "bogus_proj", "q_proj,bogus_proj"]:
     row(f"load--targets={value}", f"%qlora_load @tiny --targets {value}")
 row("load-unknown-option", "%qlora_load @tiny --bogus 1", OPTION)

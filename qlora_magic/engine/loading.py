@@ -237,7 +237,8 @@ def load_quantized(config: LoadConfig):
                 path,
                 quantization_config=quantization,
                 dtype=dtype,
-                device_map={"": device},
+                # "auto": accelerate places whole layers on each GPU in turn (the CPU when none has room)
+                device_map="auto" if config.device_map == "auto" else {"": device},
                 **head,
             )
     except OSError as error:

@@ -83,6 +83,15 @@ class UnloadReport(Readout):
         return f"<div class='qlora-readout'>{self.NOTHING}</div>" if self.unloaded is None else super()._repr_html_()
 
 
+def devices_of(model) -> list[str]:
+    """The devices a model's layers are on, in order: one, unless it was loaded with --device-map auto."""
+    placed = getattr(model, "hf_device_map", None) or getattr(getattr(model, "base_model", None), "hf_device_map", None)
+    if not placed:
+        return [str(next(model.parameters()).device)]
+    names = [f"cuda:{d}" if isinstance(d, int) else str(d) for d in placed.values()]
+    return list(dict.fromkeys(names))
+
+
 def memory_report(model=None) -> MemoryReport:
     """Measure memory now. The model (if given) is the one whose footprint is shown."""
     import psutil
@@ -91,13 +100,16 @@ def memory_report(model=None) -> MemoryReport:
     device = "cpu"
     if model is not None:
         device = str(next(model.parameters()).device)
+        spread = devices_of(model)
+        if len(spread) > 1:  # --device-map auto: the first GPU's numbers below, the model's devices named
+            device = ", ".join(spread)
     elif torch.cuda.is_available():
         device = "cuda:0"
     report = MemoryReport(device=device)
     if model is not None:
         report.model_footprint = int(model.get_memory_footprint())
     if device.startswith("cuda"):
-        index = torch.device(device).index or 0
+        index = torch.device(device.split(",")[0]).index or 0
         report.gpu_allocated = torch.cuda.memory_allocated(index)
         report.gpu_reserved = torch.cuda.memory_reserved(index)
         report.gpu_peak = torch.cuda.max_memory_allocated(index)

@@ -63,6 +63,7 @@ def _bits(text):
 @argument("--num-labels", type=int, default=None, help=f"seq-cls: number of classes {_default(LoadConfig, 'num_labels')}")
 @argument("--adapter", default=None, help="restore a saved adapter folder (and the base model it names)")
 @argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@argument("--device-map", default=None, help="auto: spread the layers over every GPU (a model larger than one GPU; for training past one GPU use %%qlora_train --gpus)")
 def qlora_load(line=""):
     """Load a quantized base model with LoRA adapters and show the memory readout.
 
