@@ -116,6 +116,26 @@ def test_tune_trials_are_nested_runs_of_one_parent(tiny_loaded, rows, tmp_path, 
     assert not (tmp_path / "runs" / "tensorboard").exists() and mlflow.active_run() is None
 
 
+def test_trackio_gets_the_runs_losses_through_the_trainers_integration(tiny_loaded, rows, tmp_path, monkeypatch):
+    """trackio itself is not a test dependency (it would change shared packages): a stand-in records the calls."""
+    import importlib.machinery
+    import sys
+    from unittest import mock
+
+    fake = mock.MagicMock(__version__="0.43.0", __spec__=importlib.machinery.ModuleSpec("trackio", None))
+    fake.context_vars.current_space_id.get.return_value = None  # local: no Space
+    monkeypatch.setitem(sys.modules, "trackio", fake)
+    qlora_magic.train(data=rows, prompt="Q: {question}\nA: ", response="{answer}", max_steps=3, batch_size=4,
+                      grad_accum=1, output_dir=str(tmp_path / "runs"), name="tracked", report_to="trackio", display="none")
+    (init,) = fake.init.call_args_list
+    assert init.kwargs["project"] == "qlora_magic" and init.kwargs["name"].endswith("-tracked") and not init.kwargs["space_id"]
+    logged = [(c.args[0]["train/global_step"], c.args[0]["train/loss"]) for c in fake.log.call_args_list if "train/loss" in c.args[0]]
+    history = [(row["step"], row["loss"]) for row in qlora_magic.get_session().history if row.get("loss") is not None]
+    assert logged == pytest.approx(history) and fake.finish.called
+    (folder,) = (tmp_path / "runs").glob("*-tracked")
+    assert not (folder / "tensorboard").exists()  # --report-to names every tracker: TensorBoard only when asked
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
 def test_wandb_offline_run(tiny_loaded, rows, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
