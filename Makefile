@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 
-.PHONY: install browser demo test test-fast
+.PHONY: install browser demo test test-fast dist
 
 install:
 	# torch first, pinned: this version installs a CPU build; an unpinned torch may pull a multi-GB CUDA build.
@@ -25,3 +25,7 @@ test: install browser
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow and not browser"
+
+dist:
+	# the sdist and wheel in dist/ (tests/test_package.py checks the wheel installs in a fresh venv)
+	$(PYTHON) -m build

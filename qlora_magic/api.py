@@ -173,9 +173,18 @@ def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=N
     if data is not None:
         options["data"] = data
     config = _config(TrainConfig, config, options)
+    _check_trackers(config)
     if config.background:
         return _train_in_background(config, reporter, stop)
     return _train(config, reporter, stop)
+
+
+def _check_trackers(config: TrainConfig):
+    """A --report-to tracker not installed: one line naming its pip install, before anything is loaded or written."""
+    from .config import parse_trackers
+    from .engine.trackers import check_installed
+
+    check_installed(parse_trackers(config.report_to))
 
 
 @_verb("Training", "Training was interrupted before its first step: the adapter and history are unchanged.", stoppable=True)
@@ -507,6 +516,7 @@ def tune(data=None, *, search=None, config=None, on_trial=None, **options):
         config = TuneConfig(train=TrainConfig.from_options(options), search=search or {}, **tune_options)
     elif data is not None or search is not None or options:
         raise ConflictingOptionsError("Give either config= or keyword options, not both: change a ready config with config=config.replace(train=...).")
+    _check_trackers(config.train)
     return run_search(get_session(), config, on_trial=on_trial)
 
 

@@ -113,6 +113,21 @@ def _seed(name, value):
 
 #: Learning-rate schedules (transformers' SchedulerType names) that need no settings beyond warm-up and steps;
 #: the others (cosine_with_min_lr, warmup_stable_decay, reduce_lr_on_plateau, greedy...) need ones we do not pass.
+# Experiment trackers --report-to takes, through the Trainer's own integrations (TensorBoard: the default).
+TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")
+
+
+def parse_trackers(value) -> tuple[str, ...]:
+    """'tensorboard,mlflow' (or a list) -> ('tensorboard', 'mlflow'); 'none' -> (). One-line ConfigError otherwise."""
+    names = [str(v).strip().lower() for v in (value.split(",") if isinstance(value, str) else value)]
+    if names == ["none"]:
+        return ()
+    bad = [n for n in names if n not in TRACKERS]
+    if bad or not names or len(set(names)) != len(names):
+        raise ConfigError(f"--report-to takes a comma-separated list of {', '.join(TRACKERS)} (or none), got {value!r}.")
+    return tuple(names)
+
+
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
 MAX_EPOCHS, MAX_STEPS, MAX_RANK, MAX_NEW_TOKENS, MAX_TRIALS, MAX_LABELS = 1000, 1_000_000, 4096, 32768, 1000, 100_000
 # Adam moves each weight by about lr per step: above 1 every step wrecks the adapter, and from ~1e30 the loss
@@ -321,10 +336,14 @@ class TrainConfig(_Config):
     gpus: int | str | None = field(default=None, metadata={"help": "train in worker processes, one per GPU, through torch.distributed: a number of GPUs or 'all'; None: in this process"})
     processes: int | None = field(default=None, metadata={"help": "train in this many worker processes on the CPU (torch.distributed's gloo backend: tests, the course); None: in this process"})
     strategy: str | None = field(default=None, metadata={"help": "with gpus/processes: ddp (each rank holds the model, LoRA gradients all-reduced) or fsdp (FSDP2: the 4-bit weights sharded over the ranks); None: ddp"})
+    report_to: str | list = field(default="tensorboard", metadata={"help": "experiment trackers, comma-separated: tensorboard (in the run folder), mlflow (a local sqlite store, <output-dir>/mlflow.db, unless MLFLOW_TRACKING_URI is set), trackio (local), wandb (offline unless an API key is set up); none: no tracker"})
     display: str = field(default="auto", metadata={"help": "auto, html, widget, text or none"})
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.report_to, (list, tuple)):
+            self.report_to = ",".join(map(str, self.report_to))
+        self.report_to = ",".join(parse_trackers(self.report_to)) or "none"
         _positive("--epochs", self.epochs, most=MAX_EPOCHS, why="; to stop after a number of steps, use --max-steps")
         _positive("--max-steps", self.max_steps, most=MAX_STEPS)
         _positive("--batch-size", self.batch_size)

@@ -40,3 +40,24 @@ def test_notebook_is_its_source_executed(name):
         f"({len(got)} vs {len(expected)} cells): run python scripts/notebooks.py execute {name}")
     unexecuted = [c.source[:60] for c in nb.cells if c.cell_type == "code" and not c.get("execution_count")]
     assert not unexecuted, f"notebooks/{name}.ipynb has unexecuted cells {unexecuted}: run python scripts/notebooks.py execute {name}"
+
+
+def test_the_colab_quickstart_is_its_source_and_names_real_magics():
+    """notebooks/colab/quickstart.ipynb needs a GPU and the Hub, so it is kept unexecuted (outside the executed
+    notebooks/*.ipynb) and checked here: it is its source, and every magic it uses exists."""
+    import re
+
+    import jupytext
+    import nbformat
+
+    from qlora_magic.front.magics import QloraMagics
+
+    folder = NOTEBOOKS / "colab"
+    nb = nbformat.read(folder / "quickstart.ipynb", as_version=4)
+    assert cells(nb) == cells(jupytext.read(folder / "quickstart.py")), (
+        "notebooks/colab/quickstart.ipynb differs from quickstart.py: run "
+        "python -c \"import jupytext; jupytext.write(jupytext.read('notebooks/colab/quickstart.py'), 'notebooks/colab/quickstart.ipynb')\"")
+    assert nb.metadata.get("accelerator") == "GPU"
+    known = {name for kind in QloraMagics.magics.values() for name in kind} | {"qlora_export"}  # export: issue 15
+    used = {m for c in nb.cells if c.cell_type == "code" for m in re.findall(r"^%%?(qlora_\w+)", c.source, re.M)}
+    assert used and used <= known, sorted(used - known)

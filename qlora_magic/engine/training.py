@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig
+from ..config import TrainConfig, parse_trackers
 from ..display.formatting import Readout, gb
 from ..display.reporters import Reporter
 from ..errors import ConfigError, DivergedError, OutOfMemory
@@ -22,6 +22,7 @@ from .data import PIECES
 from .distributed import per_rank_layout, world
 from .speed import BatchLayout, choose_settings
 from .stopping import StopFlag, stop_on_interrupt
+from .trackers import PROJECT, trackers_for_run, trainer_report_to
 
 
 def _make_callback(reporter: Reporter, log: RunLog, stop: StopFlag, device: str, folder=None):
@@ -321,9 +322,17 @@ def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, repo
         raise ConfigError(f"Cannot use {str(run_dir)!r} as output_dir ({error.strerror or error}): choose another folder.") from None
     if not settings["gradient_checkpointing"] and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()  # left on by an earlier run that needed it
-    with contextlib.closing(SummaryWriter(log_dir=str(run_dir / "tensorboard"))) as writer:
+    trackers = parse_trackers(config.report_to)
+    # The store of a tracker like MLflow sits beside the run folders, so it holds every run of this output_dir.
+    output_root = run_dir.parent if checkpointing is not None else Path(config.output_dir or "runs")
+    with contextlib.ExitStack() as stack:
+        tracked = stack.enter_context(trackers_for_run(trackers, output_root, note=reporter.note))
+        extra = []
+        if "tensorboard" in trackers:
+            writer = stack.enter_context(contextlib.closing(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
+            extra.append(TensorBoardCallback(tb_writer=writer))
         watcher = _make_callback(reporter, log, stop, device, checkpointing and checkpointing.folder)
-        extra = [TensorBoardCallback(tb_writer=writer), watcher]
+        extra.append(watcher)
         if checkpointing is not None:
             every = checkpointing.every_minutes
             extra.append(_checkpoint_callback(every * 60 if every else None))
@@ -334,8 +343,10 @@ def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, repo
             extra.append(stop_callback(stop, checkpointing and checkpointing.folder.path / STOP_FILE))
 
         def make_trainer(settings: dict, resuming: bool):
-            args = training_arguments(config, settings, run_dir, device, evaluate=data.eval is not None, resuming=resuming)
+            args = training_arguments(config, settings, run_dir, device, evaluate=data.eval is not None, resuming=resuming,
+                                      run_name=run_dir.name if checkpointing is not None else (config.name or run_dir.name))
             trainer = build_trainer(model, tokenizer, args, settings, data, extra)
+            tracked.watch(trainer)
             if checkpointing is not None:
                 trainer.run_folder, trainer.checkpoint_extras = checkpointing.folder, checkpointing.extras
             return trainer
@@ -359,9 +370,10 @@ def run_settings(config: TrainConfig, device: str, model, train_set, overrides: 
 
 
 def training_arguments(config: TrainConfig, settings: dict, run_dir: Path, device: str, evaluate: bool,
-                       resuming: bool = False):
+                       resuming: bool = False, run_name: str | None = None):
     """transformers' TrainingArguments for the config and the chosen settings; `evaluate`: there is an eval set;
-    `resuming`: the run goes on from a checkpoint (its "before" evaluation was made before it stopped)."""
+    `resuming`: the run goes on from a checkpoint (its "before" evaluation was made before it stopped);
+    `run_name`: the run's name in the trackers."""
     from transformers import TrainingArguments
 
     batch = settings["batch"]
@@ -384,7 +396,10 @@ def training_arguments(config: TrainConfig, settings: dict, run_dir: Path, devic
         eval_steps=config.eval_steps or max(1, settings["steps"] // 5),
         eval_on_start=evaluate and not resuming,  # the "before" point of the eval curve
         save_strategy="no",  # checkpoints are asked for by CheckpointCallback, and written by CheckpointingTrainer
-        report_to="none",  # TensorBoard is added as a callback, with our own folder
+        # TensorBoard is added as a callback, with our own folder; the other trackers are the Trainer's integrations
+        report_to=trainer_report_to(parse_trackers(config.report_to)),
+        run_name=run_name or run_dir.name,
+        project=PROJECT,  # trackio's project
         bf16=settings["precision"] == "bf16",
         fp16=settings["precision"] == "fp16",
         use_cpu=device == "cpu",
@@ -703,7 +718,8 @@ class TrainSummary(Readout):
         rows.append(("settings", ", ".join(f"{k}={v}" for k, v in self.settings.items())))
         rows += [("data check", note) for note in self.notes]
         rows.append(("run folder", self.run_dir))
-        rows.append(("TensorBoard", f"{self.run_dir}/tensorboard"))
+        if (Path(self.run_dir) / "tensorboard").is_dir():  # --report-to without tensorboard writes none
+            rows.append(("TensorBoard", f"{self.run_dir}/tensorboard"))
         if self.status == "interrupted":
             rows.append(("note", f"stopped at step {self.steps_done}; the adapter keeps what it learned so far "
                                  "(%qlora_train --resume carries the run on from its checkpoint)"))

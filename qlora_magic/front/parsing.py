@@ -106,6 +106,7 @@ def qlora_load(line=""):
 @argument("--gpus", default=None, help="train in worker processes, one per GPU (torch.distributed): a number, or all (default: in this kernel)")
 @argument("--processes", type=int, default=None, help="train in N worker processes on the CPU (torch.distributed's gloo backend: tests, the course)")
 @argument("--strategy", default=None, choices=["ddp", "fsdp"], help="with --gpus: ddp (each GPU holds the model; the default) or fsdp (FSDP2: the 4-bit weights sharded over the GPUs)")
+@argument("--report-to", default=None, help=f"experiment trackers, comma-separated: tensorboard, mlflow (a local store, <output-dir>/mlflow.db, unless MLFLOW_TRACKING_URI is set), trackio (local), wandb (offline unless an API key is set up), or none {_default(TrainConfig, 'report_to')}")
 @argument("--display", default=None, choices=["auto", "html", "widget", "text", "none"], help=f"how to show progress {_default(TrainConfig, 'display')}")
 def qlora_train(line="", cell=""):
     """Fine-tune the loaded model's adapters. The cell body is YAML::
@@ -724,6 +725,7 @@ def parse_run_choice(declaration, line: str) -> dict:
 @argument("--no-prune", action="store_true", help="run every trial to the end (default: stop trials behind the median)")
 @argument("--no-keep", action="store_true", help="delete every trial's adapter, the best one too")
 @argument("--sampler-seed", type=int, default=None, help=f"seed of Optuna's TPE sampler {_default(TuneConfig, 'seed')}")
+@argument("--report-to", default=None, help="experiment trackers as in %%qlora_train: one run per trial, grouped (an MLflow parent run, a W&B group)")
 def qlora_tune(line="", cell=""):
     """Search LoRA and training options with Optuna; each trial trains a fresh adapter on the same
     quantized base and is scored by its held-out eval loss. The body is %%qlora_train's, plus search::
@@ -758,6 +760,8 @@ def parse_tune(line: str, cell: str, namespace: dict | None = None) -> TuneConfi
     if search is not None and not isinstance(search, dict):
         raise ConfigError("search: must be a mapping of option: choices or range, e.g. search: {r: [4, 8]}.")
     search = {str(name): _search_values(str(name), spec) for name, spec in (search or {}).items()}
+    if args.report_to is not None:
+        body["report_to"] = args.report_to
     train = TrainConfig(**body)
     options = {"trials": trials if args.trials is None else args.trials, "seed": args.sampler_seed}
     return TuneConfig(train=train, search=search, prune=not args.no_prune, keep=not args.no_keep,

@@ -316,7 +316,8 @@ def _existing(path: Path) -> Path:
 
 
 def tracker_check() -> Finding:
-    """qlora_magic logs to TensorBoard in the run folder; a wandb set up in this process would ask for a login."""
+    """qlora_magic logs to TensorBoard in the run folder (--report-to adds others); a wandb set up in this process
+    outside qlora_magic would ask for a login (--report-to wandb logs offline instead)."""
     version = package_version("wandb")
     if version is None:
         return Finding("ok", "trackers", "TensorBoard in each run folder; wandb is not installed, so nothing asks for a login")
@@ -324,7 +325,8 @@ def tracker_check() -> Finding:
     logged_in = os.environ.get("WANDB_API_KEY") or _netrc_has("api.wandb.ai")
     if mode in ("offline", "disabled", "dryrun") or logged_in:
         return Finding("ok", "trackers", f"TensorBoard in each run folder; wandb {version} " + (f"mode {mode}" if mode else "logged in"))
-    return Finding("warning", "trackers", f"wandb {version} is installed with no login: a wandb run started here would stop at a login prompt",
+    return Finding("warning", "trackers", f"wandb {version} is installed with no login: a wandb run started here would stop at a login prompt "
+                   "(--report-to wandb logs offline instead)",
                    "wandb login (or set WANDB_API_KEY), or WANDB_MODE=offline")
 
 

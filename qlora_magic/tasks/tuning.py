@@ -14,7 +14,7 @@ import html
 import time
 from dataclasses import dataclass, field
 
-from ..config import TUNE_LORA, TuneConfig
+from ..config import TUNE_LORA, TrainConfig, TuneConfig
 from ..display.formatting import gb, html_grid, text_grid
 from ..errors import DivergedError
 
@@ -98,7 +98,8 @@ def run_search(session, config: TuneConfig, on_trial=None) -> "TuneReport":
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=config.seed), pruner=pruner)
     search = _Search(session, config, study, on_trial)
     try:
-        study.optimize(search.objective, n_trials=config.trials, catch=())
+        with _trials_grouped(config.train, search):
+            study.optimize(search.objective, n_trials=config.trials, catch=())
     finally:
         if search.best_name and config.keep:
             switch_adapter(session, search.best_name)  # the winner stays, active, under its trial's name
@@ -117,6 +118,19 @@ def run_search(session, config: TuneConfig, on_trial=None) -> "TuneReport":
     return report
 
 
+def _trials_grouped(train: TrainConfig, search: "_Search"):
+    """--report-to trackers see one run per trial, grouped under tune-<time> (an MLflow parent run, a W&B group);
+    each trial's run is named <group>-trialN."""
+    import datetime
+    from pathlib import Path
+
+    from ..config import parse_trackers
+    from ..engine.trackers import tracking_group
+
+    search.group = "tune-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return tracking_group(parse_trackers(train.report_to), search.group, Path(train.output_dir or "runs"))
+
+
 class _Search:
     """The objective Optuna calls once per trial: a fresh adapter, one training run, the eval loss; it keeps
     the best trial's adapter and deletes the others."""
@@ -125,6 +139,7 @@ class _Search:
         self.session, self.config, self.study, self.on_trial = session, config, study, on_trial
         self.report = TuneReport(search=config.search)
         self.best_name = None
+        self.group = None  # the trackers' group name of the trials
 
     def objective(self, trial):
         import optuna
@@ -140,6 +155,8 @@ class _Search:
         pruning = _pruning_callback(trial, stop)
         started = time.perf_counter()
         train_config = self.config.train.replace(display="none", **{k: v for k, v in params.items() if k not in TUNE_LORA})
+        if self.group:
+            train_config = train_config.replace(name=f"{self.group}-{name}")
         try:
             summary = finetune(self.session, train_config, stop=stop, callbacks=[pruning], run_folder=False)
         except DivergedError:  # these settings blew up (lr too high): a failed trial, not a failed search
