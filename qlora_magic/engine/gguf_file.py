@@ -24,9 +24,16 @@ def check_architecture(config) -> None:
     from ..errors import ConfigError
 
     found = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-    if found not in SUPPORTED_ARCHITECTURES or getattr(config, "rope_scaling", None) not in (None, {}):
+    if found not in SUPPORTED_ARCHITECTURES or _rope(config).get("rope_type", "default") != "default":
         raise ConfigError(f"GGUF export supports Llama-architecture causal LMs without rope scaling (SmolLM2, Llama 2, "
                           f"TinyLlama), not {found}: use %qlora_merge and llama.cpp's convert_hf_to_gguf.py on its folder.")
+
+
+def _rope(config) -> dict:
+    """The rotary settings: `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (4.x)."""
+    found = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    found.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return found
 
 
 def _ggml_type(quant: str):
@@ -101,7 +108,7 @@ def write_gguf(model, tokenizer, path: Path, quant: str, name: str) -> int:
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", 10000.0)))
+    writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(_file_type(quant))
