@@ -9,8 +9,12 @@ from ..config import GenerateConfig
 from .data import IGNORE_INDEX
 
 
-@functools.lru_cache(maxsize=1)
 def _runtime(path: str, n_ctx: int):
+    return _loaded(path, max(256, -(-n_ctx // 256) * 256))  # one context per size step, reused across rows
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(path: str, n_ctx: int):
     from llama_cpp import Llama
 
     return Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
@@ -23,7 +27,7 @@ def llama_answers(path, tokenizer, prompts, max_new_tokens, chat) -> list[str]:
     answers = []
     for prompt in prompts:
         ids = build_inputs(tokenizer, GenerateConfig(prompt=prompt, raw=not chat, greedy=True, stream=False))["input_ids"][0].tolist()
-        llm = _runtime(str(path), max(512, len(ids) + max_new_tokens + 8))
+        llm = _runtime(str(path), len(ids) + max_new_tokens + 8)
         llm.reset()
         out = []
         for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
@@ -40,7 +44,7 @@ def llama_nll(path, tokenized) -> tuple[float, int]:
 
     total, count = 0.0, 0
     for ids, labels in zip(tokenized["input_ids"], tokenized["labels"]):
-        llm = _runtime(str(path), max(512, len(ids) + 8))
+        llm = _runtime(str(path), len(ids) + 8)
         llm.reset()
         llm.eval(list(ids))
         logits = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
