@@ -20,6 +20,11 @@ def _loaded(path: str, n_ctx: int):
     return Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
 
 
+def release() -> None:
+    """Drop the loaded file (a later export to the same path must not meet the old one)."""
+    _loaded.cache_clear()
+
+
 def llama_answers(path, tokenizer, prompts, max_new_tokens, chat) -> list[str]:
     """llama.cpp's greedy answer to each prompt, prompted as `greedy_answers` prompts transformers."""
     from .generation import build_inputs

@@ -125,7 +125,7 @@ def _verify(session, model, name, merged, config, report, check):
         report.runtime = "the file's tensors read back (gguf) into transformers; llama-cpp-python not installed"
         _verify_answers(session, model, name, merged, config, report, check)
         return
-    from ..engine.llama_runtime import llama_answers, llama_nll
+    from ..engine.llama_runtime import llama_answers, llama_nll, release
     from .evaluation import greedy_answers, response_nll
 
     prompts, tokenized, chat = check
@@ -135,10 +135,13 @@ def _verify(session, model, name, merged, config, report, check):
         if tokenized is not None:
             nll, n = response_nll(model, tok, tokenized)
             report.adapter_perplexity = math.exp(nll / n)
-    report.merged_answers = llama_answers(report.path, tok, prompts, config.max_new_tokens, chat)
-    if tokenized is not None:
-        nll, n = llama_nll(report.path, tokenized)
-        report.merged_perplexity = math.exp(nll / n)
+    try:
+        report.merged_answers = llama_answers(report.path, tok, prompts, config.max_new_tokens, chat)
+        if tokenized is not None:
+            nll, n = llama_nll(report.path, tokenized)
+            report.merged_perplexity = math.exp(nll / n)
+    finally:
+        release()
     report.prompts = prompts
     report.runtime = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
 
