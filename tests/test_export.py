@@ -120,7 +120,7 @@ def test_unsupported_causal_lm_is_refused(tiny_loaded, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_llama_cpp_loads_and_answers_like_the_adapter(tiny_loaded, rows, tmp_path):
     """llama.cpp's own runtime on the exported file (pip install llama-cpp-python: built from source, see
-    docs/user-guide.md#export-to-llamacpp-and-ollama for the time it takes)."""
+    docs/user-guide.md#export-to-llamacpp-and-ollama-qlora_export for the time it takes)."""
     pytest.importorskip("llama_cpp")
     qlora_magic.train(rows, **TEMPLATES, eval_split=0.25, max_steps=4, eval_steps=4, lr=1e-2, batch_size=4, grad_accum=1,
                       display="none")
