@@ -92,8 +92,6 @@ def tensor_names(model) -> dict:
 
 def write_gguf(model, tokenizer, path: Path, quant: str, name: str) -> int:
     """Write `model` (a merged LlamaForCausalLM) and its tokenizer to `path` in `quant`; returns the file's size."""
-    import tempfile
-
     import gguf
     import numpy as np
 
