@@ -17,6 +17,7 @@ from .api import classify, generate, load, memory, save, train, unload  # noqa: 
 from .api import attach, runs, stop  # noqa: E402  (background runs)
 from .api import (add_adapter, combine_adapters, compare, delete_adapter, evaluate, list_adapters,  # noqa: E402
                   load_adapter, merge, switch_adapter, tune)
+from .api import export  # noqa: E402  (GGUF for llama.cpp / Ollama)
 from .api import check_data, doctor  # noqa: E402  (checks before the GPU time)
 from .errors import QloraError  # noqa: E402
 from . import examples  # noqa: E402
@@ -43,5 +44,5 @@ def unload_ipython_extension(ipython):
 
 __all__ = ["load", "train", "generate", "save", "memory", "unload", "get_session", "reset_session", "panel",
            "QloraError", "evaluate", "compare", "list_adapters", "add_adapter", "load_adapter", "switch_adapter",
-           "delete_adapter", "combine_adapters", "merge", "tune", "classify", "runs", "attach", "stop",
+           "delete_adapter", "combine_adapters", "merge", "export", "tune", "classify", "runs", "attach", "stop",
            "check_data", "doctor"]

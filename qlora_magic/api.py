@@ -493,8 +493,26 @@ def merge(path=None, *, config=None, **options):
     return merge_adapter(get_session(), _config(MergeConfig, config, options))
 
 
+@_verb("Exporting", "The export was interrupted: nothing was written and the session's model is unchanged; run %qlora_export again.")
+def export(format=None, path=None, *, config=None, **options):
+    """Merge the active adapter as `merge` does, write it to the folder `path` as one GGUF file (llama.cpp, Ollama,
+    LM Studio) in `quant`, with `ollama=True` an Ollama Modelfile beside it, and check the file's greedy answers and
+    perplexity against the adapter's. RAM and disk are checked first.
+
+    >>> qlora_magic.export("gguf", "exported/word-forms", quant="q8_0", ollama=True)
+    """
+    from .config import ExportConfig
+    from .tasks.exporting import export_model
+
+    if format is not None:
+        options["format"] = format
+    if path is not None:
+        options["path"] = str(path)
+    return export_model(get_session(), _config(ExportConfig, config, options))
+
+
 __all__ += ["evaluate", "compare", "list_adapters", "add_adapter", "load_adapter", "switch_adapter", "delete_adapter",
-            "combine_adapters", "merge"]
+            "combine_adapters", "merge", "export"]
 
 
 @_verb("Tuning", _tune_interrupted, stoppable=True)

@@ -580,6 +580,39 @@ class MergeConfig(_Config):
         _positive("--tolerance", self.tolerance)
 
 
+EXPORT_FORMATS = ("gguf",)
+#: GGML types the GGUF writer produces (qlora_magic.engine.gguf_file.QUANT_TYPES; kept here so config imports no engine)
+EXPORT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
+
+@dataclass
+class ExportConfig(_Config):
+    """Where and how to export the merged model for llama.cpp, Ollama or LM Studio (GGUF)."""
+
+    format: str = field(default="gguf", metadata={"help": "file format: gguf"})
+    path: str = field(default="", metadata={"help": "folder to write the .gguf file (and with ollama, the Modelfile) to"})
+    quant: str = field(default="f16", metadata={"help": "GGML type of the weights: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0"})
+    ollama: bool = field(default=False, metadata={"help": "also write an Ollama Modelfile (template, stop tokens, parameters)"})
+    adapter: str | None = field(default=None, metadata={"help": "adapter to merge; None: the active one"})
+    verify: bool = field(default=True, metadata={"help": "compare greedy answers and perplexity of the exported file vs the adapter"})
+    data: Any = field(default=None, metadata={"help": "rows to check on, with the last run's templates; None: its held-out rows"})
+    prompts: list[str] | None = field(default=None, metadata={"help": "prompts for an answers-only check, instead of data"})
+    max_new_tokens: int = field(default=24, metadata={"help": "length of the greedy answers compared"})
+    tolerance: float = field(default=0.05, metadata={"help": "largest relative perplexity drift still reported as a match"})
+
+    def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise ConfigError("%qlora_export needs a format and a folder to write to, e.g. %qlora_export gguf exported/my-model.")
+        super().__post_init__()
+        if self.format not in EXPORT_FORMATS:
+            raise ConfigError(f"%qlora_export writes gguf, got {self.format!r}; for a safetensors folder use %qlora_merge.")
+        check_folder(self.path, "The export folder")
+        if self.quant not in EXPORT_QUANTS:
+            raise ConfigError(f"--quant must be one of {', '.join(EXPORT_QUANTS)}, got {self.quant!r}.")
+        _positive("--max-new-tokens", self.max_new_tokens, most=MAX_NEW_TOKENS, why=_LONG_ANSWER)
+        _positive("--tolerance", self.tolerance)
+
+
 #: What %%qlora_tune may search: LoRA options (a fresh adapter per trial) and training options.
 TUNE_LORA = ("r", "alpha", "dropout", "targets")
 TUNE_TRAIN = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup", "weight_decay", "scheduler")

@@ -475,13 +475,28 @@ for name, run, expect in [
 ]:
     row(name, run, expect, session="seq-cls")
 
+# --- %qlora_export and qm.export ------------------------------------------------------------------------------------
+
+for name, line in [("no-path", ""), ("no-format", "@/exported"), ("format=onnx", "onnx @/exported"),
+                   ("--quant=q3_k", "gguf @/exported --quant q3_k"), ("--max-new-tokens=0", "gguf @/exported --max-new-tokens 0"),
+                   ("--tolerance=nan", "gguf @/exported --tolerance nan"), ("--tolerance=abc", "gguf @/exported --tolerance abc"),
+                   ("a-file", "gguf @/a_file.txt"), ("under-proc", "gguf /proc/qlora_ro/exported"),
+                   ("folder-with-other-files", "gguf @/occupied"), ("unclosed-quote", 'gguf "@/exported'),
+                   ("unknown-option", "gguf @/exported --bogus")]:
+    row(f"export-{name}", f"%qlora_export {line}")
+row("export--adapter=nope", "%qlora_export gguf @/exported --adapter nope", OPTION + ADAPTER)
+row("api-export-None", lambda e: qm.export("gguf", None))
+row("api-export-quant=int3", lambda e: qm.export("gguf", e.p("exported"), quant="int3"))
+row("api-export-tolerance=nan", lambda e: qm.export("gguf", e.p("exported"), tolerance=NAN))
+row("api-export-a-file", lambda e: qm.export("gguf", e.p("a_file.txt")))
+
 # --- every verb with no model loaded ----------------------------------------------------------------------------
 
 for name, run in [
     ("generate", "%qlora_generate hi"), ("train", f"%%qlora_train\n{TRAIN}"), ("save", "%qlora_save @/ad"),
     ("eval", "%qlora_eval"), ("compare", "%qlora_compare hi"), ("adapters-list", "%qlora_adapters"),
     ("adapters-add", "%qlora_adapters add t"), ("adapters-load", "%qlora_adapters load @/adapters/good"),
-    ("merge", "%qlora_merge @/merged"), ("tune", f"%%qlora_tune\n{TUNE}"),
+    ("merge", "%qlora_merge @/merged"), ("export", "%qlora_export gguf @/exported"), ("tune", f"%%qlora_tune\n{TUNE}"),
     ("api-classify", lambda e: qm.classify(["x"])), ("api-switch_adapter", lambda e: qm.api.switch_adapter("default")),
     ("api-combine", lambda e: qm.api.combine_adapters("mix", {"default": 1})), ("api-save", lambda e: qm.save(e.p("ad"))),
 ]:

@@ -393,11 +393,11 @@ def test_the_table_covers_every_magic_and_verb():
     cells = " ".join(r.run for r in ROWS if r.is_cell)
     for magic in ("%qlora_load", "%%qlora_train", "%qlora_generate", "%%qlora_generate", "%qlora_save", "%qlora_memory",
                   "%qlora_panel", "%qlora_eval", "%%qlora_eval", "%qlora_compare", "%%qlora_compare", "%%qlora_tune",
-                  "%qlora_merge", *(f"%qlora_adapters {a}" for a in ("list", "add", "load", "switch", "delete", "combine"))):
+                  "%qlora_merge", "%qlora_export", *(f"%qlora_adapters {a}" for a in ("list", "add", "load", "switch", "delete", "combine"))):
         assert magic + " " in cells + " " or magic + "\n" in cells, magic
     api_ids = " ".join(r.id for r in ROWS if not r.is_cell)
     for verb in ("load", "train", "generate", "classify", "save", "evaluate", "compare", "add_adapter", "load_adapter",
-                 "switch_adapter", "delete_adapter", "combine", "merge", "tune"):
+                 "switch_adapter", "delete_adapter", "combine", "merge", "export", "tune"):
         assert f"api-{verb}" in api_ids, verb
     assert len(ROWS) >= 200
 

@@ -203,6 +203,7 @@ def magic_cell(declaration, option, value):
             "qlora_compare": f"%qlora_compare {option} {value} Hello",
             "qlora_adapters": f"%qlora_adapters add extra {option} {value}",
             "qlora_merge": f"%qlora_merge merged/x {option} {value}",
+            "qlora_export": f"%qlora_export gguf exported/x {option} {value}",
             "qlora_tune": f"%%qlora_tune {option} {value}\n{TUNE_BODY}",
             "qlora_data": f"%%qlora_data {option} {value}\n{BODY}",
             "qlora_doctor": f"%qlora_doctor {option} {value}"}[name]

@@ -110,6 +110,7 @@ MAGICS = {
     "qlora_compare_cell": Magic(parsing.qlora_compare, lambda line, body: parsing.parse_compare(line, body or "a\n---\nb")),
     "qlora_adapters": Magic(parsing.qlora_adapters, lambda line, body: parsing.parse_adapters(line)),
     "qlora_merge": Magic(parsing.qlora_merge, lambda line, body: parsing.parse_merge(line)),
+    "qlora_export": Magic(parsing.qlora_export, lambda line, body: parsing.parse_export(line)),
     "qlora_tune": Magic(parsing.qlora_tune, lambda line, body: parsing.parse_tune(line, body, NAMESPACE),
                         TUNE_BODY, frozenset(parsing.TUNE_BODY.keys - {"search"})),
     "qlora_data": Magic(parsing.qlora_data, lambda line, body: parsing.parse_data(line, body, NAMESPACE),
@@ -188,7 +189,7 @@ def grid_cases(name):
     each YAML value (over a body that otherwise parses), and for %%qlora_tune each searchable with each spec."""
     declaration, _, base_body, keys = MAGICS[name]
     prefixes = {"qlora_adapters": ["add t", "load ad", "combine mix", "switch t", "delete t"],
-                "qlora_merge": ["merged/out"]}.get(name, [""])
+                "qlora_merge": ["merged/out"], "qlora_export": ["gguf exported/out"]}.get(name, [""])
     cases = []
     for prefix in prefixes:
         for option in _option_names(declaration):
@@ -196,7 +197,7 @@ def grid_cases(name):
                 cases += [(f"{prefix} {option} {value}".strip(), base_body), (f"{prefix} {option}={value}".strip(), base_body)]
     if name == "qlora_adapters":
         cases += [(f"{action} {value}", None) for action in parsing.ADAPTER_ACTIONS + ("use", "remove") for value in LINE_VALUES]
-    if name in ("qlora_load", "qlora_save", "qlora_merge", "qlora_memory", "qlora_panel", "qlora_unload", "qlora_runs",
+    if name in ("qlora_load", "qlora_save", "qlora_merge", "qlora_export", "qlora_memory", "qlora_panel", "qlora_unload", "qlora_runs",
                 "qlora_attach", "qlora_stop", "qlora_doctor"):
         cases += [(value, None) for value in LINE_VALUES]  # the positional (model, path) or a stray word
     for key in sorted(keys):
@@ -320,6 +321,8 @@ FUZZES = {
         st.one_of(st.just(""), _value()), line_of(parsing.qlora_adapters)).map(" ".join)),
     "qlora_merge": _fuzz("qlora_merge", line=st.tuples(st.sampled_from(["merged/out", "'a b'", '"x', "", "/proc/m"]),
                                                        line_of(parsing.qlora_merge)).map(" ".join)),
+    "qlora_export": _fuzz("qlora_export", line=st.tuples(st.sampled_from(["gguf exported/out", "gguf 'a b'", 'gguf "x', "", "gguf /proc/m", "onnx x"]),
+                                                         line_of(parsing.qlora_export)).map(" ".join)),
     "qlora_tune": _fuzz("qlora_tune", body_of(parsing.TUNE_BODY.keys - {"search"}, search=True)),
     "qlora_data": _fuzz("qlora_data", body_of(parsing.DATA_BODY.keys)),
     "qlora_doctor": _fuzz("qlora_doctor", line=line_of(parsing.qlora_doctor)),

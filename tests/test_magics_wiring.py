@@ -23,7 +23,7 @@ def test_load_ext_does_not_import_torch():
 def test_magics_are_registered(ip):
     magics = ip.magics_manager.lsmagic()
     for name in ("qlora_load", "qlora_generate", "qlora_save", "qlora_memory", "qlora_unload", "qlora_train",
-                 "qlora_runs", "qlora_attach", "qlora_stop", "qlora_doctor"):
+                 "qlora_runs", "qlora_attach", "qlora_stop", "qlora_doctor", "qlora_merge", "qlora_export"):
         assert name in magics["line"]
     for name in ("qlora_train", "qlora_generate", "qlora_data"):
         assert name in magics["cell"]

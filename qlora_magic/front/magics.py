@@ -111,6 +111,12 @@ class QloraMagics(Magics):
 
     @line_magic
     @no_var_expand
+    @_doc_from(parsing.qlora_export)
+    def qlora_export(self, line=""):
+        display(api.export(config=parsing.parse_export(line)))
+
+    @line_magic
+    @no_var_expand
     @_doc_from(parsing.qlora_runs)
     def qlora_runs(self, line=""):
         display(api.runs(**parsing.parse_runs(line)))

@@ -14,7 +14,7 @@ from argparse import ArgumentTypeError
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from ..config import (COMBINATIONS, CompareConfig, EvalConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig, TuneConfig,
+from ..config import (COMBINATIONS, CompareConfig, EvalConfig, EXPORT_QUANTS, ExportConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig, TuneConfig,
                       check_adapter_options, check_folder)
 from ..errors import ConfigError
 
@@ -571,6 +571,28 @@ def qlora_merge(line=""):
     """
 
 
+
+@magic_arguments()
+@argument("format", help="file format: gguf (llama.cpp, Ollama, LM Studio)")
+@argument("path", help="folder to write the .gguf file (and with --ollama, the Modelfile) to")
+@argument("--quant", default=None, help=f"GGML type of the weights: {', '.join(EXPORT_QUANTS)} {_default(ExportConfig, 'quant')}")
+@argument("--ollama", action="store_true", help="also write an Ollama Modelfile: template, stop tokens and parameters from the model's chat template and generation config")
+@argument("--adapter", default=None, help="adapter to merge (default: the active one)")
+@argument("--no-verify", action="store_true", help="skip the check of the file's answers and perplexity against the adapter's")
+@argument("--max-new-tokens", type=int, default=None, help=f"length of the greedy answers compared {_default(ExportConfig, 'max_new_tokens')}")
+@argument("--tolerance", type=float, default=None, help=f"largest relative perplexity drift reported as a match {_default(ExportConfig, 'tolerance')}")
+def qlora_export(line=""):
+    """Merge the adapter as %qlora_merge does (into the original 16-bit weights), write it as one GGUF file for
+    llama.cpp, Ollama or LM Studio, quantized to --quant, and with --ollama a Modelfile beside it; then check the
+    file's greedy answers and perplexity against the adapter's (through llama.cpp when llama-cpp-python is
+    installed) and report the drift. RAM and disk are checked before anything starts. Llama-architecture models.
+
+    Examples::
+
+        %qlora_export gguf exported/word-forms
+        %qlora_export gguf exported/word-forms-q8 --quant q8_0 --ollama
+    """
+
 def parse_eval(line: str, cell: str | None = None, namespace: dict | None = None) -> EvalConfig:
     """`%qlora_eval` flags (+ the YAML body of `%%qlora_eval`) -> EvalConfig; `$name` data from `namespace`."""
     args = parse_line(qlora_eval, line)
@@ -651,7 +673,12 @@ def parse_merge(line: str) -> MergeConfig:
     return MergeConfig(verify=not args.no_verify, **_options(args, skip={"no_verify"}))
 
 
-MAGIC_DECLARATIONS += [qlora_eval, qlora_compare, qlora_adapters, qlora_merge]
+def parse_export(line: str) -> ExportConfig:
+    args = parse_line(qlora_export, line)
+    return ExportConfig(verify=not args.no_verify, **_options(args, skip={"no_verify"}))
+
+
+MAGIC_DECLARATIONS += [qlora_eval, qlora_compare, qlora_adapters, qlora_merge, qlora_export]
 
 
 # --- background runs ---------------------------------------------------------------------------------

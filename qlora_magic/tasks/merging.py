@@ -32,11 +32,8 @@ FALLBACK_PROMPTS = ["The capital of France is"]
 def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     """Write the merged model to `config.path` and, with `config.verify`, check it against the adapter."""
     import torch
-    import transformers
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     from ..engine.folder_writing import check_folder_path, folder_written
-    from ..engine.loading import TASK_CLASSES, quiet_new_head_warning, resolve_model
     from ..engine.quiet import no_progress_bars
 
     model = session.require_model("merging")
@@ -49,6 +46,33 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     # The check's rows are made first: bad data= fails before anything is written.
     check = None if not config.verify else _classifier_check(session, config) if task == "seq-cls" else _check_data(session, config)
     dtype = getattr(torch, config.dtype)
+    merged, base_path, auto_class = merged_model(session, name, dtype)
+    with folder_written(path, "the merged model") as staging, no_progress_bars():  # whole, or not at all
+        merged.save_pretrained(str(staging))
+        session.tokenizer.save_pretrained(str(staging))
+    del merged
+    report = MergeReport(path=str(path), adapter=name, dtype=config.dtype, base=str(base_path),
+                         size=sum(f.stat().st_size for f in path.glob("*.safetensors")),
+                         seconds=time.perf_counter() - started, tolerance=config.tolerance, task=task)
+    if config.verify:
+        with no_progress_bars():
+            saved = auto_class.from_pretrained(str(path), dtype=dtype, device_map={"": "cpu"})
+        (_verify_classifier if task == "seq-cls" else _verify_answers)(session, model, name, saved, config, report, check)
+        del saved
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def merged_model(session, name, dtype):
+    """(the merged model, the base's path, its Auto class): the base reloaded from its original weights in
+    `dtype` on the CPU, adapter `name`'s weights copied in and folded into the linear layers."""
+    import transformers
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from ..engine.loading import TASK_CLASSES, quiet_new_head_warning, resolve_model
+    from ..engine.quiet import no_progress_bars
+
+    model, task = session.model, session.task
     base_path = resolve_model(session.load_config.model if session.load_config else None)
     auto_class = getattr(transformers, TASK_CLASSES[task][0])
     with no_progress_bars(), quiet_new_head_warning():
@@ -61,21 +85,7 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
     missing = [k for k in loaded.missing_keys if "lora_" in k or "modules_to_save" in k]
     if missing:
         raise QloraError(f"The adapter's weights do not fit the reloaded base ({missing[0]} missing): was the model loaded from {base_path}?")
-    merged = merged.merge_and_unload()
-    with folder_written(path, "the merged model") as staging, no_progress_bars():  # whole, or not at all
-        merged.save_pretrained(str(staging))
-        session.tokenizer.save_pretrained(str(staging))
-    del merged, base
-    report = MergeReport(path=str(path), adapter=name, dtype=config.dtype, base=str(base_path),
-                         size=sum(f.stat().st_size for f in path.glob("*.safetensors")),
-                         seconds=time.perf_counter() - started, tolerance=config.tolerance, task=task)
-    if config.verify:
-        with no_progress_bars():
-            saved = auto_class.from_pretrained(str(path), dtype=dtype, device_map={"": "cpu"})
-        (_verify_classifier if task == "seq-cls" else _verify_answers)(session, model, name, saved, config, report, check)
-        del saved
-    report.seconds = time.perf_counter() - started
-    return report
+    return merged.merge_and_unload(), base_path, auto_class
 
 
 def _head(model, tokenizer, task) -> dict:

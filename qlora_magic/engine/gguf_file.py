@@ -1,0 +1,206 @@
+"""A merged Llama-architecture model written to one GGUF file (llama.cpp, Ollama, LM Studio), and read back.
+
+The `gguf` package (llama.cpp's own Python library) gives the writer, the tensor names (`TensorNameMap`), the
+tokenizer readers (`BpeVocab`, `SpecialVocab`: tokens, merges, special ids, chat template) and the quantizers
+(`gguf.quants`: Q8_0, Q4_0, ... in numpy). What it does not ship is llama.cpp's `convert_hf_to_gguf.py` (no PyPI
+package carries it), so the per-architecture part lives here, for Llama only (SmolLM2, Llama 2/3, TinyLlama,
+...): the hyperparameters, and the rotary layout of the query and key weights (`permute`, as the converter does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: --quant: the GGML type of the 2-D weights (norms stay float32, as llama.cpp's converter keeps them)
+QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+#: bytes per weight of each type (blocks of 32 with their scales), for the size estimate
+QUANT_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32,
+               "q4_0": 18 / 32}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def check_architecture(config) -> None:
+    """One-line error for a model the writer cannot convert."""
+    from ..errors import ConfigError
+
+    found = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    if found not in SUPPORTED_ARCHITECTURES or _rope(config).get("rope_type", "default") != "default":
+        raise ConfigError(f"GGUF export supports Llama-architecture causal LMs without rope scaling (SmolLM2, Llama 2, "
+                          f"TinyLlama), not {found}: use %qlora_merge and llama.cpp's convert_hf_to_gguf.py on its folder.")
+
+
+def _rope(config) -> dict:
+    """The rotary settings: `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (4.x)."""
+    found = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    found.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return found
+
+
+def _ggml_type(quant: str):
+    import gguf
+
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16}.get(quant) or getattr(gguf.GGMLQuantizationType, quant.upper())
+
+
+def _file_type(quant: str):
+    import gguf
+
+    return getattr(gguf.LlamaFileType, "ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}")
+
+
+def permute(weights, n_head: int, n_head_kv: int | None = None):
+    """Hugging Face's rotary halves -> llama.cpp's interleaved pairs (convert_hf_to_gguf.py's LlamaModel.permute)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def unpermute(weights, n_head: int, n_head_kv: int | None = None):
+    """The inverse of `permute`."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return weights.reshape(n_head, weights.shape[0] // n_head // 2, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _heads(config, hf_name: str):
+    """(n_head, n_head_kv) when `hf_name` is a query or key weight (permuted), else None."""
+    heads = config.num_attention_heads
+    if hf_name.endswith("q_proj.weight"):
+        return heads, heads
+    if hf_name.endswith("k_proj.weight"):
+        return heads, getattr(config, "num_key_value_heads", None) or heads
+    return None
+
+
+def tensor_names(model) -> dict:
+    """{Hugging Face name: GGUF name} for every weight of a Llama model's state dict (a tied head is left out)."""
+    import gguf
+
+    config = model.config
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    mapping = {}
+    for name in model.state_dict():
+        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            continue
+        found = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise ValueError(f"no GGUF name for tensor {name}")
+        mapping[name] = found
+    return mapping
+
+
+def write_gguf(model, tokenizer, path: Path, quant: str, name: str) -> int:
+    """Write `model` (a merged LlamaForCausalLM) and its tokenizer to `path` in `quant`; returns the file's size."""
+    import gguf
+    import numpy as np
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(_file_type(quant))
+    _add_tokenizer(writer, tokenizer, config.vocab_size)
+
+    qtype = _ggml_type(quant)
+    for hf_name, gguf_name in tensor_names(model).items():
+        data = model.state_dict()[hf_name].float().numpy()
+        heads = _heads(config, hf_name)
+        if heads:
+            data = permute(data, *heads)
+        if data.ndim == 1 or quant == "f32":
+            writer.add_tensor(gguf_name, data.astype(np.float32))
+            continue
+        kind = qtype
+        if kind not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16) and data.shape[-1] % 32:
+            kind = gguf.GGMLQuantizationType.F16  # rows not a whole number of blocks: llama.cpp's converter falls back too
+        if kind == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(gguf_name, data.astype(np.float16))
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path).stat().st_size
+
+
+def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer (tokens, merges, special ids, chat template), padded to the embedding's rows."""
+    import tempfile
+
+    import gguf
+
+    from ..errors import ConfigError
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        try:
+            vocab = gguf.vocab.BpeVocab(Path(folder))
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            raise ConfigError(f"GGUF export supports byte-level BPE tokenizers (tokenizer.json); this one is not: {error}") from None
+        tokens, types = [], []
+        for text, _score, kind in vocab.all_tokens():
+            tokens.append(text)
+            types.append(kind)
+        special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size)
+        special_ids = set(tokenizer.all_special_ids)
+        ids = tokenizer.get_vocab()
+        types = [gguf.TokenType.CONTROL if ids.get(t.decode("utf-8", "replace") if isinstance(t, bytes) else t) in special_ids
+                 else kind for t, kind in zip(tokens, types)]
+        for i in range(len(tokens), vocab_size):  # embedding rows past the tokenizer's vocabulary
+            tokens.append(f"[PAD{i}]".encode())
+            types.append(gguf.TokenType.UNUSED)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens[:vocab_size])
+        writer.add_token_types(types[:vocab_size])
+        special.add_to_gguf(writer, quiet=True)
+        # the tokenizer's own bos flag, so llama.cpp adds a bos exactly when transformers does
+        writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+
+
+def read_gguf(path: Path, model) -> dict:
+    """{Hugging Face name: float32 tensor} of `model`'s weights as the file holds them (dequantized, un-permuted)."""
+    import gguf
+    import numpy as np
+    import torch
+
+    reader = gguf.GGUFReader(str(path))
+    stored = {t.name: t for t in reader.tensors}
+    weights = {}
+    for hf_name, gguf_name in tensor_names(model).items():
+        tensor = stored[gguf_name]
+        data = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
+        data = data.reshape(tuple(reversed([int(n) for n in tensor.shape])))
+        heads = _heads(model.config, hf_name)
+        if heads:
+            data = unpermute(data, *heads)
+        weights[hf_name] = torch.from_numpy(np.ascontiguousarray(data))
+    return weights
+
+
+def metadata(path: Path) -> dict:
+    """The file's key-value metadata (strings and numbers; arrays as their length), for checks and reports."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    found = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
+            found[key] = len(field.data)
+        else:
+            found[key] = field.contents()
+    return found

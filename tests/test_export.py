@@ -1,0 +1,130 @@
+"""%qlora_export gguf / qlora_magic.export: parsing, wiring, the preflight, and real exports of the tiny Llama."""
+
+import pytest
+
+import qlora_magic
+from qlora_magic.errors import ConfigError, QloraError
+from qlora_magic.front import parsing
+
+TEMPLATES = dict(prompt="Q: {question}\nA: ", response="{answer}")
+
+
+def test_parse_export():
+    config = parsing.parse_export("gguf out/x --quant q8_0 --ollama --adapter task2 --no-verify")
+    assert (config.format, config.path, config.quant, config.ollama, config.adapter, config.verify) == (
+        "gguf", "out/x", "q8_0", True, "task2", False)
+    assert parsing.parse_export("gguf out").quant == "f16" and not parsing.parse_export("gguf out").ollama
+    with pytest.raises(ConfigError, match="--quant must be one of"):
+        parsing.parse_export("gguf out --quant q3_k")
+    with pytest.raises(ConfigError, match="writes gguf, got 'onnx'"):
+        parsing.parse_export("onnx out")
+
+
+def test_magic_passes_its_config_to_the_api(ip, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(qlora_magic.api, "export", lambda config: seen.setdefault("config", config))
+    ip.run_line_magic("qlora_export", "gguf exported/x --quant q4_0 --ollama")
+    assert (seen["config"].path, seen["config"].quant, seen["config"].ollama) == ("exported/x", "q4_0", True)
+
+
+@pytest.mark.parametrize("short", ["disk", "ram"])
+def test_preflight_refuses_in_one_line_and_writes_nothing(tiny_loaded, tmp_path, monkeypatch, short):
+    from qlora_magic.tasks import exporting
+
+    monkeypatch.setattr(exporting, "free_disk" if short == "disk" else "free_ram", lambda *a: 10 * 2**20)
+    monkeypatch.setattr(exporting, "merged_model", lambda *a: pytest.fail("the merge started"))
+    with pytest.raises(exporting.NoRoomError) as info:
+        qlora_magic.export("gguf", tmp_path / "out", quant="f16")
+    message = str(info.value)
+    assert "\n" not in message and "needs about" in message and "nothing was written" in message
+    assert ("disk at" in message) == (short == "disk") and ("RAM" in message) == (short == "ram")
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_export_round_trip(tiny_loaded, rows, tmp_path):
+    """The f16 file holds the merged weights (gguf's reader, un-permuted), the tokenizer and the chat template,
+    and answers like the adapter; q8_0 stays within its quantization step; the Modelfile comes from the template."""
+    import torch
+
+    from qlora_magic.engine import gguf_file
+    from qlora_magic.tasks.merging import merged_model
+
+    qlora_magic.train(rows, **TEMPLATES, eval_split=0.25, max_steps=4, eval_steps=4, lr=1e-2, batch_size=4, grad_accum=1,
+                      display="none")
+    report = qlora_magic.export("gguf", tmp_path / "f16", ollama=True, max_new_tokens=6)
+    file = tmp_path / "f16" / report.path.split("/")[-1]
+    assert file.exists() and file.stat().st_size == report.size and file.suffix == ".gguf"
+    assert len(report.prompts) == 4 and report.answers_matching == 4 and report.within_tolerance
+    assert abs(report.perplexity_drift) < 0.05 and "perplexity" in repr(report) and "drift" in report._repr_html_()
+
+    session = qlora_magic.get_session()
+    merged, _, _ = merged_model(session, "default", torch.float32)
+    expected = merged.state_dict()
+    for quant, step in (("f16", 1e-3), ("q8_0", None)):
+        path = file if quant == "f16" else tmp_path / "q8.gguf"
+        if quant != "f16":
+            gguf_file.write_gguf(merged, session.tokenizer, path, quant, "tiny")
+        back = gguf_file.read_gguf(path, merged)
+        assert set(back) == set(expected)
+        for name, weight in back.items():
+            # Q8_0: per block of 32 one scale, max |w| / 127; the error is at most half of it.
+            bound = step if step else expected[name].abs().max().item() / 127 * 0.51 + 1e-6
+            assert (weight - expected[name]).abs().max().item() <= bound, (quant, name)
+
+    meta = gguf_file.metadata(file)
+    tok = session.tokenizer
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 2
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.tokens"] == merged.config.vocab_size
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id and meta["tokenizer.chat_template"] == tok.chat_template
+
+    modelfile = (tmp_path / "f16" / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{file.name}\n") and "<|im_start|>{{ .Role }}" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    with pytest.raises(QloraError, match="not empty"):
+        qlora_magic.export("gguf", tmp_path / "f16")
+
+
+def test_quantized_export_reports_its_drift(tiny_loaded, rows, tmp_path):
+    qlora_magic.train(rows, **TEMPLATES, eval_split=0.25, max_steps=4, eval_steps=4, lr=1e-2, batch_size=4, grad_accum=1,
+                      display="none")
+    report = qlora_magic.export("gguf", tmp_path / "q4", quant="q4_0", max_new_tokens=4)
+    assert report.dtype == "q4_0" and report.perplexity_drift is not None and "q4_0" in repr(report)
+    assert not (tmp_path / "q4" / "Modelfile").exists()
+
+
+def test_modelfile_from_the_generation_config(tiny_loaded):
+    from transformers import GenerationConfig
+
+    from qlora_magic.tasks.exporting import modelfile
+
+    tok = qlora_magic.get_session().tokenizer
+    text = modelfile("m.gguf", tok, GenerationConfig(do_sample=True, temperature=0.2, top_p=0.9, eos_token_id=[tok.eos_token_id]))
+    assert "PARAMETER temperature 0.2" in text and "PARAMETER top_p 0.9" in text
+    assert text.count('PARAMETER stop "<|im_end|>"') == 1  # the eos and the end of turn are one token here
+
+
+def test_other_architectures_are_refused_in_one_line(tiny_t5_dir, tmp_path):
+    qlora_magic.load(tiny_t5_dir, bits=8, task="seq2seq", device="cpu")
+    with pytest.raises(ConfigError, match="causal language models") as info:
+        qlora_magic.export("gguf", tmp_path / "t5")
+    assert "\n" not in str(info.value) and not (tmp_path / "t5").exists()
+
+
+def test_unsupported_causal_lm_is_refused(tiny_loaded, tmp_path, monkeypatch):
+    monkeypatch.setattr(tiny_loaded.model.config, "architectures", ["GPT2LMHeadModel"])
+    with pytest.raises(ConfigError, match="Llama-architecture.*not GPT2LMHeadModel"):
+        qlora_magic.export("gguf", tmp_path / "g")
+
+
+@pytest.mark.slow
+def test_llama_cpp_loads_and_answers_like_the_adapter(tiny_loaded, rows, tmp_path):
+    """llama.cpp's own runtime on the exported file (pip install llama-cpp-python: built from source, see
+    docs/user-guide.md#export-to-llamacpp-and-ollama-qlora_export for the time it takes)."""
+    pytest.importorskip("llama_cpp")
+    qlora_magic.train(rows, **TEMPLATES, eval_split=0.25, max_steps=4, eval_steps=4, lr=1e-2, batch_size=4, grad_accum=1,
+                      display="none")
+    report = qlora_magic.export("gguf", tmp_path / "f16", max_new_tokens=6)
+    assert report.runtime.startswith("llama.cpp")
+    # llama.cpp's perplexity is the file's (a wrong tensor layout would be off by orders of magnitude); the tiny
+    # random model's greedy answers are byte-level near ties, so a late token may differ between the runtimes.
+    assert len(report.prompts) == 4 and report.answers_matching >= 2 and abs(report.perplexity_drift) < 0.05
