@@ -248,18 +248,20 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
     layers = dims["layers"]
     longest = max(lengths, default=0)
     shortest_cap = longest + -longest % PACKED_LENGTH_MULTIPLE  # one example is never split
+    tokens = {m: micro_batch_tokens(lengths, m, packing) for m in divisors}  # (worst, typical), sorted once each
+    pairs_of = {m: mask_pairs(lengths, m, packing) for m in divisors}
 
     def estimate(micro, checkpointed, offload=False, max_tokens=None):
-        worst, _ = micro_batch_tokens(lengths, micro, packing)
+        worst = tokens[micro][0]
         if max_tokens and max_tokens < worst:  # a capped packed micro-batch: one sequence of <= max_tokens
             worst, pairs = max_tokens, max_tokens * max_tokens if micro > 1 else 0
         else:
-            pairs = mask_pairs(lengths, micro, packing)
+            pairs = pairs_of[micro]
         return fixed + activation_bytes(dims, worst, checkpointed > 0, chunked_loss, pairs, offload, checkpointed)
 
     def largest_cap(micro, checkpointed, offload):
         """The longest token cap (a multiple of PACKED_LENGTH_MULTIPLE) whose estimate fits, or None."""
-        low, high = shortest_cap // PACKED_LENGTH_MULTIPLE, micro_batch_tokens(lengths, micro, packing)[0] // PACKED_LENGTH_MULTIPLE - 1
+        low, high = shortest_cap // PACKED_LENGTH_MULTIPLE, tokens[micro][0] // PACKED_LENGTH_MULTIPLE - 1
         if not packing or micro == 1 or low > high or not ok(estimate(micro, checkpointed, offload, low * PACKED_LENGTH_MULTIPLE)):
             return None
         while low < high:
@@ -288,11 +290,11 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
                 if max_tokens is None:
                     continue
                 peak = estimate(micro, checkpointed, offload, max_tokens)
-            worst = min(micro_batch_tokens(lengths, micro, packing)[0], max_tokens or math.inf)
+            worst, typical = tokens[micro]
+            worst = min(worst, max_tokens or math.inf)
             if offload and checkpoint_bytes(dims, worst, checkpointed) > host_budget:
                 continue
             accum = effective // micro
-            _, typical = micro_batch_tokens(lengths, micro, packing)
             forwards = forwards_per_micro_batch(lengths, micro, max_tokens)
             cost = (accum * (forwards * MICRO_BATCH_OVERHEAD_TOKENS + typical + (forwards - 1) * PACKED_LENGTH_MULTIPLE / 2)
                     * (1 + (CHECKPOINTING_COST - 1) * checkpointed / layers) * (OFFLOAD_COST if offload else 1))
@@ -302,7 +304,7 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
     if best is None:  # nothing fits by the estimate: the smallest layout, and let the allocator say
         recompute = True if checkpointing is None else checkpointing
         checkpointed = layers if recompute else 0
-        offload = recompute and checkpoint_bytes(dims, micro_batch_tokens(lengths, 1, packing)[0]) <= host_budget
+        offload = recompute and checkpoint_bytes(dims, tokens[1][0]) <= host_budget
         return BatchPlan(BatchLayout(1, effective), recompute, estimate(1, checkpointed, offload), offload, in_use=in_use)
     return best[1]
 
