@@ -434,6 +434,9 @@ def arrange_checkpoints(model, layers: int | None = None, offload: bool = False)
     if offload:
         for layer in checkpointed[:keep]:
             layer._gradient_checkpointing_func = offloaded_checkpoint
+            # The offloading hooks do not go through the compiler: such a layer runs uncompiled, also when the
+            # out-of-memory back-off turns offloading on in a run that started compiled (compiled_layers).
+            layer._compiled_call_impl = None
     return min(keep, len(checkpointed))
 
 
