@@ -131,11 +131,17 @@ def ours_side(args, path, rows, out, results, header):
     else:
         load_ours(path, 4)
     peaks = sorted({round(r["peak"] / 2**30, 1) for r in results if r["side"] == "unsloth" and "peak" in r})
+    budgets = [(gib, "an Unsloth peak") for gib in peaks] + [(gib, "asked") for gib in args.budgets if gib not in peaks]
     variants = [("--bits 4 (defaults), first run after loading", None), ("--bits 4 (defaults), second run", None)]
-    variants += [(f"--bits 4 --max-memory {gib}GiB (an Unsloth peak)", f"{gib}GiB") for gib in peaks]
-    for label, budget in variants:
+    variants += [(f"--bits 4 --max-memory {gib}GiB ({why})", f"{gib}GiB") for gib, why in sorted(budgets)]
+    # A timed run is far below the 500 steps that turn compiling on by default: --compile decides it here.
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    variants = [(label + (", compiled" if compiled else ""), budget, compiled)
+                for compiled in compiles for label, budget in variants]
+    for label, budget, compiled in variants:
         mine = []
-        row = guarded(mine, ours, rows, args.steps, args.warmup, tmp, label, max_memory=budget)
+        row = guarded(mine, ours, rows, args.steps, args.warmup, tmp, label, max_memory=budget,
+                      config_values={"compile": compiled})
         row["side"] = "qlora_magic"
         results.append(row)
         print(row_text(row), flush=True)
@@ -151,6 +157,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="both",
+                        help="ours: the regional compile (--compile) off, on, or each variant both ways")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[],
+                        help="ours: more --max-memory budgets (GiB) besides Unsloth's measured peaks")
     args = parser.parse_args(argv)
     if args.side == "unsloth":
         import unsloth  # noqa: F401 - first, before transformers: it patches it on import

@@ -591,7 +591,7 @@ def test_a_token_cap_lets_a_budget_take_the_typical_micro_batch_not_the_worst():
 
 
 def test_arrange_checkpoints_keeps_checkpointing_on_the_first_layers_only(tiny_model_dir):
-    from qlora_magic.engine.speed import arrange_checkpoints, offloaded_checkpoint
+    from qlora_magic.engine.speed import arrange_checkpoints, compiled_offloaded_checkpoint
 
     qlora_magic.load(tiny_model_dir, bits=8)
     model = qlora_magic.get_session().model
@@ -602,7 +602,41 @@ def test_arrange_checkpoints_keeps_checkpointing_on_the_first_layers_only(tiny_m
     assert arrange_checkpoints(model, 1, offload=True) == 1
     assert layers[0]._compiled_call_impl is None and layers[1]._compiled_call_impl is not None
     assert [layer.gradient_checkpointing for layer in layers] == [True, False]
-    assert layers[0]._gradient_checkpointing_func is offloaded_checkpoint
+    assert layers[0]._gradient_checkpointing_func is compiled_offloaded_checkpoint  # compiled inside the hooks
+
+
+def test_offloaded_checkpoints_of_compiled_layers_compile_the_layer_inside_the_hooks(tiny_model_dir):
+    """The compiler cannot trace the offloading hooks: a layer compiled whole breaks its graph there. Compiled
+    inside them, the layers' forward is one compiled graph (shared by the layers), and the gradients are the
+    uncompiled, unoffloaded run's."""
+    import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from qlora_magic.engine import speed
+
+    grads = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        qlora_magic.load(tiny_model_dir, bits=4, dropout=0.0)
+        model = qlora_magic.get_session().model
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        counter = CompileCounterWithBackend("inductor")
+        with speed.compiled_layers(model, compiled):
+            speed.arrange_checkpoints(model, None, offload=compiled)
+            with pytest.MonkeyPatch.context() as patch:  # count the graphs torch.compile makes
+                real = torch.compile
+                patch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counter))
+                ids = torch.arange(2, 34).reshape(2, 16) % 90
+                for _ in range(2):
+                    model.zero_grad()
+                    model(input_ids=ids, labels=ids).loss.backward()
+        grads[compiled] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        if compiled:
+            assert counter.frame_count == 1  # one forward graph, reused by both layers and both steps
+    torch._dynamo.reset()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[False], grads[True]))
 
 
 @pytest.mark.parametrize("chunked_loss", [False, True])
@@ -657,15 +691,12 @@ def test_layers_are_compiled_on_a_gpu_for_long_runs_only_and_put_back_after(tiny
     from qlora_magic.engine import speed
 
     monkeypatch.setattr(speed, "_can_compile", lambda: True)
-    assert speed.should_compile(None, speed.COMPILE_MIN_STEPS, offload=False) is True
-    assert speed.should_compile(None, 30, offload=False) is False  # the compile would not pay for itself
-    assert speed.should_compile(True, 30, offload=False) is True
-    assert speed.should_compile(False, 10_000, offload=False) is False
-    assert speed.should_compile(True, 10_000, offload=True) is False  # the offloading hooks are not compiled
+    assert speed.should_compile(None, speed.COMPILE_MIN_STEPS) is True
+    assert speed.should_compile(None, 30) is False  # the compile would not pay for itself
+    assert speed.should_compile(True, 30) is True
+    assert speed.should_compile(False, 10_000) is False
     monkeypatch.setattr(speed, "_can_compile", lambda: False)
-    assert speed.should_compile(True, 10_000, offload=False) is False  # no Triton: never
-    assert speed.smaller_layout({"batch": BatchLayout(1, 16), "gradient_checkpointing": True, "device": "cuda:0",
-                                 "compile": True}) == {"offload_checkpoints": True, "compile": False}
+    assert speed.should_compile(True, 10_000) is False  # no Triton: never
 
     qlora_magic.load(tiny_model_dir, bits=8)
     model = qlora_magic.get_session().model

@@ -322,7 +322,7 @@ def smaller_layout(settings: dict) -> dict | None:
     if not settings["gradient_checkpointing"] or settings.get("checkpointed_layers") is not None:
         return {"gradient_checkpointing": True, "checkpointed_layers": None}
     if not settings.get("offload_checkpoints") and settings.get("device", "").startswith("cuda"):
-        return {"offload_checkpoints": True, "compile": False}
+        return {"offload_checkpoints": True}
     return None
 
 
@@ -418,6 +418,15 @@ def offloaded_checkpoint(function, *args, **kwargs):
         return checkpoint(function, *args, **kwargs)
 
 
+def compiled_offloaded_checkpoint(function, *args, **kwargs):
+    """`offloaded_checkpoint` of the layer's forward compiled: the offloading hooks stay outside the compiler
+    (it cannot trace them: a layer compiled whole breaks its graph there), the layer's work inside it. Dynamo
+    caches by code, so all layers share one compiled forward, as `compiled_layers` does."""
+    import torch
+
+    return offloaded_checkpoint(torch.compile(function), *args, **kwargs)
+
+
 def arrange_checkpoints(model, layers: int | None = None, offload: bool = False) -> int:
     """Once checkpointing is on (the Trainer turns it on when training starts, with torch's own checkpoint):
     keep it on the first `layers` checkpointed layers only (None: all), the rest keeping their activations
@@ -433,18 +442,18 @@ def arrange_checkpoints(model, layers: int | None = None, offload: bool = False)
         layer.gradient_checkpointing = False
     if offload:
         for layer in checkpointed[:keep]:
-            layer._gradient_checkpointing_func = offloaded_checkpoint
-            # The offloading hooks do not go through the compiler: such a layer runs uncompiled, also when the
-            # out-of-memory back-off turns offloading on in a run that started compiled (compiled_layers).
+            # A layer compiled whole (compiled_layers) would take the offloading hooks into its graph, which the
+            # compiler cannot: it runs uncompiled and its checkpointed forward is compiled instead.
+            compiled = getattr(layer, "_compiled_call_impl", None) is not None
+            layer._gradient_checkpointing_func = compiled_offloaded_checkpoint if compiled else offloaded_checkpoint
             layer._compiled_call_impl = None
     return min(keep, len(checkpointed))
 
 
-def should_compile(asked: bool | None, steps: int, offload: bool) -> bool:
+def should_compile(asked: bool | None, steps: int) -> bool:
     """Whether to compile the decoder layers for a run on the GPU: as asked, else for runs of COMPILE_MIN_STEPS
-    or more. Never where torch.compile cannot run (no Triton: Windows, some old GPUs), nor with the checkpoints
-    offloaded to CPU memory (the offloading hooks do not go through the compiler)."""
-    if asked is False or offload or not _can_compile():
+    or more. Never where torch.compile cannot run (no Triton: Windows, some old GPUs)."""
+    if asked is False or not _can_compile():
         return False
     return bool(asked) or steps >= COMPILE_MIN_STEPS
 
@@ -762,7 +771,7 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
         settings["max_tokens"] = plan.max_tokens
     if on_gpu:
         settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
-        settings["compile"] = should_compile(config.compile, total, plan.offload)
+        settings["compile"] = should_compile(config.compile, total)
         if packing:
             settings["pad_packed_to"] = PACKED_LENGTH_MULTIPLE
         settings["memory_plan"] = memory_plan_text(plan, budget, four_bit=bool(getattr(model, "is_loaded_in_4bit", False)))
