@@ -117,9 +117,15 @@ def unsloth_side(args, path, rows, out, results, header):
 
 def ours_side(args, path, rows, out, results, header):
     """qlora_magic's default (first and second run), then --max-memory at each Unsloth peak measured."""
+    import torch
+
     import gpu_speed
     import qlora_magic
     from gpu_speed import guarded, load_ours, ours
+    from qlora_magic.engine import speed
+
+    if args.headroom_min is not None:  # the planner's fragmentation floor, to measure what smaller budgets need
+        speed.HEADROOM_MIN = int(args.headroom_min * 2**20)
 
     import tempfile
 
@@ -143,6 +149,8 @@ def ours_side(args, path, rows, out, results, header):
         row = guarded(mine, ours, rows, args.steps, args.warmup, tmp, label, max_memory=budget,
                       config_values={"compile": compiled})
         row["side"] = "qlora_magic"
+        if "peak" in row and torch.cuda.is_available():  # what a real cap of the process has to hold
+            row["settings"] += f", peak reserved {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB"
         results.append(row)
         print(row_text(row), flush=True)
         save(out, results, header)
@@ -161,6 +169,8 @@ def main(argv=None):
                         help="ours: the regional compile (--compile) off, on, or each variant both ways")
     parser.add_argument("--budgets", type=float, nargs="*", default=[],
                         help="ours: more --max-memory budgets (GiB) besides Unsloth's measured peaks")
+    parser.add_argument("--headroom-min", type=float, default=None,
+                        help="ours: the planner's headroom floor in MiB (default speed.HEADROOM_MIN, 256)")
     args = parser.parse_args(argv)
     if args.side == "unsloth":
         import unsloth  # noqa: F401 - first, before transformers: it patches it on import
