@@ -138,7 +138,8 @@ def ours_side(args, path, rows, out, results, header):
         load_ours(path, 4)
     peaks = sorted({round(r["peak"] / 2**30, 1) for r in results if r["side"] == "unsloth" and "peak" in r})
     budgets = [(gib, "an Unsloth peak") for gib in peaks] + [(gib, "asked") for gib in args.budgets if gib not in peaks]
-    variants = [("--bits 4 (defaults), first run after loading", None), ("--bits 4 (defaults), second run", None)]
+    variants = [] if args.budgets_only else [("--bits 4 (defaults), first run after loading", None),
+                                             ("--bits 4 (defaults), second run", None)]
     variants += [(f"--bits 4 --max-memory {gib}GiB ({why})", f"{gib}GiB") for gib, why in sorted(budgets)]
     # A timed run is far below the 500 steps that turn compiling on by default: --compile decides it here.
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
@@ -169,6 +170,7 @@ def main(argv=None):
                         help="ours: the regional compile (--compile) off, on, or each variant both ways")
     parser.add_argument("--budgets", type=float, nargs="*", default=[],
                         help="ours: more --max-memory budgets (GiB) besides Unsloth's measured peaks")
+    parser.add_argument("--budgets-only", action="store_true", help="ours: only the --max-memory rows")
     parser.add_argument("--headroom-min", type=float, default=None,
                         help="ours: the planner's headroom floor in MiB (default speed.HEADROOM_MIN, 256)")
     args = parser.parse_args(argv)
