@@ -591,7 +591,7 @@ def test_a_token_cap_lets_a_budget_take_the_typical_micro_batch_not_the_worst():
 
 
 def test_arrange_checkpoints_keeps_checkpointing_on_the_first_layers_only(tiny_model_dir):
-    from qlora_magic.engine.speed import arrange_checkpoints, compiled_offloaded_checkpoint
+    from qlora_magic.engine.speed import arrange_checkpoints, compiled_offloaded_checkpoint, offloaded_checkpoint
 
     qlora_magic.load(tiny_model_dir, bits=8)
     model = qlora_magic.get_session().model
@@ -602,6 +602,8 @@ def test_arrange_checkpoints_keeps_checkpointing_on_the_first_layers_only(tiny_m
     assert arrange_checkpoints(model, 1, offload=True) == 1
     assert layers[0]._compiled_call_impl is None and layers[1]._compiled_call_impl is not None
     assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    assert layers[0]._gradient_checkpointing_func is offloaded_checkpoint  # the back-off turned compile off
+    arrange_checkpoints(model, 1, offload=True, compiled=True)
     assert layers[0]._gradient_checkpointing_func is compiled_offloaded_checkpoint  # compiled inside the hooks
 
 
@@ -624,7 +626,7 @@ def test_offloaded_checkpoints_of_compiled_layers_compile_the_layer_inside_the_h
         model.enable_input_require_grads()
         counter = CompileCounterWithBackend("inductor")
         with speed.compiled_layers(model, compiled):
-            speed.arrange_checkpoints(model, None, offload=compiled)
+            speed.arrange_checkpoints(model, None, offload=compiled, compiled=compiled)
             with pytest.MonkeyPatch.context() as patch:  # count the graphs torch.compile makes
                 real = torch.compile
                 patch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counter))
@@ -695,8 +697,12 @@ def test_layers_are_compiled_on_a_gpu_for_long_runs_only_and_put_back_after(tiny
     assert speed.should_compile(None, 30) is False  # the compile would not pay for itself
     assert speed.should_compile(True, 30) is True
     assert speed.should_compile(False, 10_000) is False
+    assert speed.should_compile(None, 10_000, offload=True) is False  # offloaded: compiled only when asked
+    assert speed.should_compile(True, 30, offload=True) is True
     monkeypatch.setattr(speed, "_can_compile", lambda: False)
     assert speed.should_compile(True, 10_000) is False  # no Triton: never
+    assert speed.smaller_layout({"batch": BatchLayout(1, 16), "gradient_checkpointing": True, "device": "cuda:0",
+                                 "compile": True}) == {"offload_checkpoints": True, "compile": False}
 
     qlora_magic.load(tiny_model_dir, bits=8)
     model = qlora_magic.get_session().model

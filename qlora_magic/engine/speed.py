@@ -322,7 +322,7 @@ def smaller_layout(settings: dict) -> dict | None:
     if not settings["gradient_checkpointing"] or settings.get("checkpointed_layers") is not None:
         return {"gradient_checkpointing": True, "checkpointed_layers": None}
     if not settings.get("offload_checkpoints") and settings.get("device", "").startswith("cuda"):
-        return {"offload_checkpoints": True}
+        return {"offload_checkpoints": True, "compile": False}  # as should_compile decides for a planned offload
     return None
 
 
@@ -427,11 +427,12 @@ def compiled_offloaded_checkpoint(function, *args, **kwargs):
     return offloaded_checkpoint(torch.compile(function), *args, **kwargs)
 
 
-def arrange_checkpoints(model, layers: int | None = None, offload: bool = False) -> int:
+def arrange_checkpoints(model, layers: int | None = None, offload: bool = False, compiled: bool = False) -> int:
     """Once checkpointing is on (the Trainer turns it on when training starts, with torch's own checkpoint):
     keep it on the first `layers` checkpointed layers only (None: all), the rest keeping their activations
     (faster: no second forward), and with `offload` make the checkpointed ones keep their saved input in CPU
-    memory. Returns how many layers stay checkpointed."""
+    memory, their forward compiled inside the offloading hooks when the run is `compiled`. Returns how many
+    layers stay checkpointed."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     # The layers, not the model that holds them (it carries the same flag).
@@ -442,19 +443,22 @@ def arrange_checkpoints(model, layers: int | None = None, offload: bool = False)
         layer.gradient_checkpointing = False
     if offload:
         for layer in checkpointed[:keep]:
-            # A layer compiled whole (compiled_layers) would take the offloading hooks into its graph, which the
-            # compiler cannot: it runs uncompiled and its checkpointed forward is compiled instead.
-            compiled = getattr(layer, "_compiled_call_impl", None) is not None
             layer._gradient_checkpointing_func = compiled_offloaded_checkpoint if compiled else offloaded_checkpoint
+            # A layer compiled whole (compiled_layers) would take the offloading hooks into its graph, which the
+            # compiler cannot trace; also when the out-of-memory back-off turns offloading on mid-run.
             layer._compiled_call_impl = None
     return min(keep, len(checkpointed))
 
 
-def should_compile(asked: bool | None, steps: int) -> bool:
+def should_compile(asked: bool | None, steps: int, offload: bool = False) -> bool:
     """Whether to compile the decoder layers for a run on the GPU: as asked, else for runs of COMPILE_MIN_STEPS
-    or more. Never where torch.compile cannot run (no Triton: Windows, some old GPUs)."""
+    or more. Never where torch.compile cannot run (no Triton: Windows, some old GPUs). With the checkpoints
+    offloaded to CPU memory only when asked (`--compile`): that path is checked on the CPU, not yet measured
+    on a GPU."""
     if asked is False or not _can_compile():
         return False
+    if offload:
+        return asked is True
     return bool(asked) or steps >= COMPILE_MIN_STEPS
 
 
@@ -771,7 +775,7 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
         settings["max_tokens"] = plan.max_tokens
     if on_gpu:
         settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
-        settings["compile"] = should_compile(config.compile, total)
+        settings["compile"] = should_compile(config.compile, total, plan.offload)
         if packing:
             settings["pad_packed_to"] = PACKED_LENGTH_MULTIPLE
         settings["memory_plan"] = memory_plan_text(plan, budget, four_bit=bool(getattr(model, "is_loaded_in_4bit", False)))

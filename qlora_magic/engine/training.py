@@ -457,20 +457,21 @@ def build_trainer(model, tokenizer, args, settings: dict, data: TrainingData, ca
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the reporter shows them
     layers, offload = settings.get("checkpointed_layers"), bool(settings.get("offload_checkpoints"))
     if settings["gradient_checkpointing"] and (layers is not None or offload):
-        trainer.add_callback(_checkpoints_callback(layers, offload))
+        trainer.add_callback(_checkpoints_callback(layers, offload, bool(settings.get("compile"))))
     return trainer
 
 
-def _checkpoints_callback(layers: int | None, offload: bool):
+def _checkpoints_callback(layers: int | None, offload: bool, compiled: bool):
     """Once the Trainer has turned checkpointing on (at the start of train()): only the first `layers` layers
-    checkpointed, and their checkpoints in CPU memory with `offload` (speed.arrange_checkpoints)."""
+    checkpointed, and their checkpoints in CPU memory with `offload`, compiled inside the offloading hooks in a
+    `compiled` run (speed.arrange_checkpoints)."""
     from transformers import TrainerCallback
 
     from .speed import arrange_checkpoints
 
     class ArrangeCheckpoints(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is not None and not arrange_checkpoints(model, layers, offload) and offload:
+            if model is not None and not arrange_checkpoints(model, layers, offload, compiled) and offload:
                 raise RuntimeError("offload_checkpoints: the model has no checkpointed layers")
 
     return ArrangeCheckpoints()
