@@ -79,6 +79,8 @@ def test_export_round_trip(tiny_model_dir, rows, tmp_path):
     tok = session.tokenizer
     assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 2
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.tokens"] == merged.config.vocab_size
+    # the tiny tokenizer (trained here) is no model llama.cpp knows: the generic split, and the report says so
+    assert meta["tokenizer.ggml.pre"] == "default" and "WARNING: pre-tokenizer not recognized" in repr(report)
     assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id and meta["tokenizer.chat_template"] == tok.chat_template
 
     modelfile = (tmp_path / "f16" / "Modelfile").read_text()
@@ -94,6 +96,28 @@ def test_quantized_export_reports_its_drift(tiny_loaded, rows, tmp_path):
     report = qlora_magic.export("gguf", tmp_path / "q4", quant="q4_0", max_new_tokens=4)
     assert report.dtype == "q4_0" and report.perplexity_drift is not None and "q4_0" in repr(report)
     assert not (tmp_path / "q4" / "Modelfile").exists()
+
+
+def test_pre_tokenizer_is_named_as_llama_cpp_names_it(tmp_path):
+    """The default model's tokenizer is SmolLM's ("smollm": llama.cpp's regex for it); a tokenizer whose split
+    differs from every known one (the same vocabulary, a space put before the text) is not recognized."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from qlora_magic.engine.default_model import default_model_path
+    from qlora_magic.engine.gguf_tokenizer import pre_tokenizer, pre_tokenizer_note
+
+    smollm = AutoTokenizer.from_pretrained(default_model_path())
+    assert pre_tokenizer(smollm) == "smollm" and "'smollm'" in pre_tokenizer_note(smollm)
+    smollm.save_pretrained(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True  # " hello" and "hello" become one token: another split
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    other = AutoTokenizer.from_pretrained(tmp_path)
+    assert pre_tokenizer(other) is None
+    note = pre_tokenizer_note(other)
+    assert note.startswith("WARNING") and "'default' written" in note and "\n" not in note
 
 
 def test_modelfile_from_the_generation_config(tiny_loaded):

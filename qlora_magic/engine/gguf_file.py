@@ -1,7 +1,7 @@
 """A merged Llama-architecture model written to one GGUF file (llama.cpp, Ollama, LM Studio), and read back.
 
 The `gguf` package (llama.cpp's own Python library) gives the writer, the tensor names (`TensorNameMap`), the
-tokenizer readers (`BpeVocab`, `SpecialVocab`: tokens, merges, special ids, chat template) and the quantizers
+tokenizer readers (`BpeVocab`, `SpecialVocab`, used in `gguf_tokenizer`) and the quantizers
 (`gguf.quants`: Q8_0, Q4_0, ... in numpy). What it does not ship is llama.cpp's `convert_hf_to_gguf.py` (no PyPI
 package carries it), so the per-architecture part lives here, for Llama only (SmolLM2, Llama 2/3, TinyLlama,
 ...): the hyperparameters, and the rotary layout of the query and key weights (`permute`, as the converter does).
@@ -95,6 +95,8 @@ def write_gguf(model, tokenizer, path: Path, quant: str, name: str) -> int:
     import gguf
     import numpy as np
 
+    from .gguf_tokenizer import add_tokenizer
+
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(name)
@@ -110,7 +112,7 @@ def write_gguf(model, tokenizer, path: Path, quant: str, name: str) -> int:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(_file_type(quant))
-    _add_tokenizer(writer, tokenizer, config.vocab_size)
+    add_tokenizer(writer, tokenizer, config.vocab_size)
 
     qtype = _ggml_type(quant)
     for hf_name, gguf_name in tensor_names(model).items():
@@ -133,41 +135,6 @@ def write_gguf(model, tokenizer, path: Path, quant: str, name: str) -> int:
     writer.write_tensors_to_file()
     writer.close()
     return Path(path).stat().st_size
-
-
-def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer (tokens, merges, special ids, chat template), padded to the embedding's rows."""
-    import tempfile
-
-    import gguf
-
-    from ..errors import ConfigError
-
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        try:
-            vocab = gguf.vocab.BpeVocab(Path(folder))
-        except (FileNotFoundError, ValueError, KeyError) as error:
-            raise ConfigError(f"GGUF export supports byte-level BPE tokenizers (tokenizer.json); this one is not: {error}") from None
-        tokens, types = [], []
-        for text, _score, kind in vocab.all_tokens():
-            tokens.append(text)
-            types.append(kind)
-        special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size)
-        special_ids = set(tokenizer.all_special_ids)
-        ids = tokenizer.get_vocab()
-        types = [gguf.TokenType.CONTROL if ids.get(t.decode("utf-8", "replace") if isinstance(t, bytes) else t) in special_ids
-                 else kind for t, kind in zip(tokens, types)]
-        for i in range(len(tokens), vocab_size):  # embedding rows past the tokenizer's vocabulary
-            tokens.append(f"[PAD{i}]".encode())
-            types.append(gguf.TokenType.UNUSED)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens[:vocab_size])
-        writer.add_token_types(types[:vocab_size])
-        special.add_to_gguf(writer, quiet=True)
-        # the tokenizer's own bos flag, so llama.cpp adds a bos exactly when transformers does
-        writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
 
 
 def read_gguf(path: Path, model) -> dict:

@@ -81,6 +81,7 @@ def export_model(session, config: ExportConfig) -> "ExportReport":
 
     from ..engine.folder_writing import check_folder_path, folder_written
     from ..engine.gguf_file import check_architecture, read_gguf, write_gguf
+    from ..engine.gguf_tokenizer import pre_tokenizer_note
 
     model = session.require_model("exporting")
     if session.task != "causal-lm":
@@ -102,7 +103,8 @@ def export_model(session, config: ExportConfig) -> "ExportReport":
             (staging / "Modelfile").write_text(modelfile(filename, session.tokenizer, merged.generation_config))
     report = ExportReport(path=str(path / filename), adapter=name, dtype=config.quant, base=str(base_path), size=size,
                           seconds=0.0, tolerance=config.tolerance, task=session.task,
-                          modelfile=str(path / "Modelfile") if config.ollama else None)
+                          modelfile=str(path / "Modelfile") if config.ollama else None,
+                          tokenizer=pre_tokenizer_note(session.tokenizer))
     if config.verify:
         # The file's weights, dequantized, in the merged model: what llama.cpp multiplies with.
         with torch.no_grad():
@@ -190,6 +192,7 @@ class ExportReport(MergeReport):
 
     modelfile: str | None = None
     runtime: str = ""
+    tokenizer: str = ""  # the pre-tokenizer written, or the warning that text may split differently
 
     title = "GGUF export"
 
@@ -197,6 +200,7 @@ class ExportReport(MergeReport):
         rows = super().rows()
         rows[0] = ("saved to", f"{self.path} ({gb(self.size)}, {self.dtype})")
         extra = [("Ollama", f"ollama create NAME -f {self.modelfile}")] if self.modelfile else []
+        extra += [("tokenizer", self.tokenizer)] if self.tokenizer else []
         extra += [("checked by", self.runtime)] if self.runtime else []
         rows[2:2] = extra
         return [(label, value.replace("the merged model on the original weights", f"the export on its {self.dtype} weights"))
