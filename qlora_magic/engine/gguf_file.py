@@ -73,17 +73,18 @@ def _heads(config, hf_name: str):
     return None
 
 
-def tensor_names(model) -> dict:
-    """{Hugging Face name: GGUF name} for every weight of a Llama model's state dict (a tied head is left out)."""
+def tensor_names(model, names=None) -> dict:
+    """{Hugging Face name: GGUF name} for every weight of a Llama model's state dict, or of `names` (the keys of
+    its safetensors files) with `model` its config; a tied head is left out."""
     import gguf
 
-    config = model.config
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    config = getattr(model, "config", model)
+    table = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     mapping = {}
-    for name in model.state_dict():
+    for name in model.state_dict() if names is None else names:
         if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
             continue
-        found = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        found = table.get_name(name, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise ValueError(f"no GGUF name for tensor {name}")
         mapping[name] = found
@@ -92,12 +93,22 @@ def tensor_names(model) -> dict:
 
 def write_gguf(model, tokenizer, path: Path, quant: str, name: str) -> int:
     """Write `model` (a merged LlamaForCausalLM) and its tokenizer to `path` in `quant`; returns the file's size."""
+    state = model.state_dict()
+    shapes = {key: tuple(state[key].shape) for key in tensor_names(model)}
+    return write_gguf_tensors(model.config, tokenizer, path, quant, name, shapes, lambda key: state[key].float().numpy())
+
+
+def write_gguf_tensors(config, tokenizer, path: Path, quant: str, name: str, shapes: dict, load) -> int:
+    """Write the weights `load(hf_name)` gives (float32 numpy, one at a time, in the order of `shapes`:
+    {Hugging Face name: shape}) and the tokenizer to `path` in `quant`; returns the file's size.
+
+    Every tensor's type and size is known from its shape, so the header and tensor index are written first and
+    then each tensor as soon as it is converted: the writer holds one tensor, not the whole file."""
     import gguf
     import numpy as np
 
     from .gguf_tokenizer import add_tokenizer
 
-    config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
@@ -114,27 +125,46 @@ def write_gguf(model, tokenizer, path: Path, quant: str, name: str) -> int:
     writer.add_file_type(_file_type(quant))
     add_tokenizer(writer, tokenizer, config.vocab_size)
 
-    qtype = _ggml_type(quant)
-    for hf_name, gguf_name in tensor_names(model).items():
-        data = model.state_dict()[hf_name].float().numpy()
+    names = tensor_names(config, shapes)
+    kinds = {hf_name: _tensor_type(shapes[hf_name], quant) for hf_name in names}
+    for hf_name, gguf_name in names.items():
+        kind, shape = kinds[hf_name], shapes[hf_name]
+        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
+            writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        else:  # given as bytes: the writer turns the byte shape back into the weight shape
+            raw = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+            writer.add_tensor_info(gguf_name, raw, np.dtype(np.uint8), int(np.prod(raw)), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for hf_name in names:
+        data, kind = load(hf_name), kinds[hf_name]
         heads = _heads(config, hf_name)
         if heads:
             data = permute(data, *heads)
-        if data.ndim == 1 or quant == "f32":
-            writer.add_tensor(gguf_name, data.astype(np.float32))
-            continue
-        kind = qtype
-        if kind not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16) and data.shape[-1] % 32:
-            kind = gguf.GGMLQuantizationType.F16  # rows not a whole number of blocks: llama.cpp's converter falls back too
-        if kind == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_name, data.astype(np.float16))
+        if kind == gguf.GGMLQuantizationType.F32:
+            data = data.astype(np.float32)
+        elif kind == gguf.GGMLQuantizationType.F16:
+            data = data.astype(np.float16)
         else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+            data = gguf.quants.quantize(data, kind)
+        writer.write_tensor_data(np.ascontiguousarray(data))
+        del data
     writer.close()
     return Path(path).stat().st_size
+
+
+def _tensor_type(shape, quant: str):
+    """The GGML type a tensor of `shape` is written in: norms (1-D) stay float32, as in llama.cpp's converter."""
+    import gguf
+
+    if len(shape) == 1 or quant == "f32":
+        return gguf.GGMLQuantizationType.F32
+    kind = _ggml_type(quant)
+    if kind not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16) and shape[-1] % 32:
+        return gguf.GGMLQuantizationType.F16  # rows not a whole number of blocks: llama.cpp's converter falls back too
+    return kind
 
 
 def read_gguf(path: Path, model) -> dict:
