@@ -156,3 +156,83 @@ def test_llama_cpp_loads_and_answers_like_the_adapter(tiny_loaded, rows, tmp_pat
     # llama.cpp's perplexity is the file's (a wrong tensor layout would be off by orders of magnitude); the tiny
     # random model's greedy answers are byte-level near ties, so a late token may differ between the runtimes.
     assert len(report.prompts) == 4 and report.answers_matching >= 2 and abs(report.perplexity_drift) < 0.05
+
+
+def test_streamed_merge_is_peft_merge(tiny_model_dir):
+    """Each tensor streamed from the base's safetensors equals PEFT's merge_and_unload of the same adapter, with
+    rslora's alpha / sqrt(r) scaling; an adapter PEFT merges its own way (DoRA) is not streamed, and says why."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora_magic.engine.streamed_merge import stream_plan
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"])
+    model = get_peft_model(base, lora)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)  # a fresh adapter's B is zero: nothing to merge
+    plan, why = stream_plan(model, "default", tiny_model_dir)
+    assert why == "" and len(plan.updates) == 3 * 2  # three targets in each of the two layers
+    expected = model.merge_and_unload().state_dict()
+    for name in plan.shapes:
+        if name in expected:
+            assert torch.allclose(torch.from_numpy(plan.load(name)), expected[name].float(), atol=1e-5), name
+
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, use_dora=True))
+    plan, why = stream_plan(dora, "default", tiny_model_dir)
+    assert plan is None and "DoRA" in why
+
+
+def test_streamed_export_of_the_default_model_equals_the_in_memory_merge(tmp_path):
+    """On SmolLM2-135M (the embedded default): the streamed f16 file holds the in-memory merge's weights to f16
+    rounding, and the preflight asks for much less RAM than the in-memory merge would."""
+    import torch
+
+    from qlora_magic.engine import gguf_file
+    from qlora_magic.tasks.exporting import needed_room
+    from qlora_magic.tasks.merging import merged_model
+
+    torch.manual_seed(0)
+    qlora_magic.load(bits=8)
+    session = qlora_magic.get_session()
+    for name, parameter in session.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    report = qlora_magic.export("gguf", tmp_path / "f16", verify=False)
+    assert report.merge.startswith("streamed") and "'smollm'" in report.tokenizer
+    assert gguf_file.metadata(report.path)["tokenizer.ggml.pre"] == "smollm"
+    merged, _, _ = merged_model(session, "default", torch.float32)
+    expected = merged.state_dict()
+    back = gguf_file.read_gguf(report.path, merged)
+    assert set(back) == {k for k in expected if k != "lm_head.weight"}  # the head is tied to the embedding
+    for name, weight in back.items():
+        want = expected[name].float()
+        assert (weight - want).abs().le(want.abs() * 2**-10 + 2**-24).all(), name  # f16: 11 significant bits
+    streamed, in_memory = needed_room(session, "f16", streamed=True, verify=False), needed_room(session, "f16", streamed=False, verify=False)
+    assert streamed[0] < in_memory[0] and streamed[1] == in_memory[1]
+
+
+def test_an_adapter_that_cannot_stream_is_merged_in_memory(tiny_loaded, rows, tmp_path, monkeypatch):
+    from qlora_magic.engine import streamed_merge
+
+    monkeypatch.setattr(streamed_merge, "stream_plan", lambda *a: (None, "DoRA or a LoRA bias is merged by PEFT's own code"))
+    qlora_magic.train(rows, **TEMPLATES, eval_split=0.25, max_steps=2, eval_steps=2, batch_size=4, grad_accum=1, display="none")
+    report = qlora_magic.export("gguf", tmp_path / "mem", max_new_tokens=4)
+    assert report.merge == "in memory (DoRA or a LoRA bias is merged by PEFT's own code)" and abs(report.perplexity_drift) < 0.05
+
+
+def test_preflight_names_the_ram_an_export_without_the_check_needs(tiny_loaded, tmp_path, monkeypatch):
+    from qlora_magic.tasks import exporting
+
+    session = qlora_magic.get_session()
+    without_check = exporting.needed_room(session, "f16", streamed=True, verify=False)[0]
+    monkeypatch.setattr(exporting, "free_ram", lambda: without_check)  # enough to write, not to check
+    monkeypatch.setattr(exporting, "needed_room", lambda s, q, streamed=True, verify=True: (without_check + (2**30 if verify else 0), 0))
+    with pytest.raises(exporting.NoRoomError, match="--no-verify: about") as info:
+        qlora_magic.export("gguf", tmp_path / "out")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+    qlora_magic.export("gguf", tmp_path / "out", verify=False)
+    assert list((tmp_path / "out").glob("*.gguf"))

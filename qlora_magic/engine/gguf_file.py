@@ -82,8 +82,8 @@ def tensor_names(model, names=None) -> dict:
     table = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     mapping = {}
     for name in model.state_dict() if names is None else names:
-        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-            continue
+        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False) or name.endswith("rotary_emb.inv_freq"):
+            continue  # a tied head is the embedding; rotary frequencies are recomputed from rope_theta
         found = table.get_name(name, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise ValueError(f"no GGUF name for tensor {name}")
@@ -169,13 +169,17 @@ def _tensor_type(shape, quant: str):
 
 def read_gguf(path: Path, model) -> dict:
     """{Hugging Face name: float32 tensor} of `model`'s weights as the file holds them (dequantized, un-permuted)."""
+    return dict(read_gguf_tensors(path, model))
+
+
+def read_gguf_tensors(path: Path, model):
+    """(Hugging Face name, float32 tensor) of each of `model`'s weights as the file holds them, one at a time."""
     import gguf
     import numpy as np
     import torch
 
-    reader = gguf.GGUFReader(str(path))
+    reader = gguf.GGUFReader(str(path))  # maps the file: a tensor is read when dequantized
     stored = {t.name: t for t in reader.tensors}
-    weights = {}
     for hf_name, gguf_name in tensor_names(model).items():
         tensor = stored[gguf_name]
         data = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
@@ -183,8 +187,7 @@ def read_gguf(path: Path, model) -> dict:
         heads = _heads(model.config, hf_name)
         if heads:
             data = unpermute(data, *heads)
-        weights[hf_name] = torch.from_numpy(np.ascontiguousarray(data))
-    return weights
+        yield hf_name, torch.from_numpy(np.ascontiguousarray(data))
 
 
 def metadata(path: Path) -> dict:

@@ -47,26 +47,36 @@ def free_disk(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def needed_room(session, quant: str) -> tuple[int, int]:
-    """(RAM, disk) bytes an export of the loaded model in `quant` needs."""
+def needed_room(session, quant: str, streamed: bool = True, verify: bool = True) -> tuple[int, int]:
+    """(RAM, disk) bytes an export of the loaded model in `quant` needs.
+
+    Streamed, the merge holds one tensor at a time (read, merged in float32, permuted, converted: about four
+    float32 copies of the largest one); in memory, the whole base in 16 bits. The check reads the file back into
+    a model in 16 bits (32 for f32), or llama.cpp maps the file."""
     from ..engine.gguf_file import QUANT_BYTES
     from .doctor import model_weights
 
     weights = model_weights(session)
     count = weights["linear"] + weights["other"]
-    merged = count * (4 if quant == "f32" else 2)
+    config = session.model.config
+    largest = config.hidden_size * max(config.vocab_size, config.intermediate_size)
+    width = 4 if quant == "f32" else 2
     file = int(count * QUANT_BYTES[quant])
-    return merged + file + RAM_MARGIN, file + DISK_MARGIN
+    merge = 4 * 4 * largest if streamed else count * width + file
+    check = count * width + 4 * largest if verify else 0
+    return max(merge, check) + RAM_MARGIN, file + DISK_MARGIN
 
 
-def preflight(session, config: ExportConfig, path: Path) -> None:
+def preflight(session, config: ExportConfig, path: Path, streamed: bool = True) -> None:
     """Refuse in one line, before anything is loaded or written, when RAM or disk is short."""
-    ram, disk = needed_room(session, config.quant)
+    ram, disk = needed_room(session, config.quant, streamed, config.verify)
     short = [f"{what}: needs about {gb(need)}, {gb(free)} free" for what, need, free in
              (("RAM", ram, free_ram()), (f"disk at {path.parent}", disk, free_disk(path))) if free < need]
     if short:
+        hint = "" if not config.verify or needed_room(session, config.quant, streamed, False)[0] >= ram else \
+            f" (--no-verify: about {gb(needed_room(session, config.quant, streamed, False)[0])} of RAM)"
         raise NoRoomError(f"Not enough room to export in {config.quant} ({'; '.join(short)}): free some, choose a smaller "
-                          f"--quant, or export on a larger machine (nothing was written).")
+                          f"--quant, or export on a larger machine{hint} (nothing was written).")
 
 
 def gguf_name(session, quant: str) -> str:
@@ -80,8 +90,10 @@ def export_model(session, config: ExportConfig) -> "ExportReport":
     import torch
 
     from ..engine.folder_writing import check_folder_path, folder_written
-    from ..engine.gguf_file import check_architecture, read_gguf, write_gguf
+    from ..engine.gguf_file import check_architecture, write_gguf, write_gguf_tensors
     from ..engine.gguf_tokenizer import pre_tokenizer_note
+    from ..engine.loading import resolve_model
+    from ..engine.streamed_merge import stream_plan
 
     model = session.require_model("exporting")
     if session.task != "causal-lm":
@@ -91,29 +103,58 @@ def export_model(session, config: ExportConfig) -> "ExportReport":
     path = check_folder_path(config.path, "The export folder")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"{str(path)!r} already exists and is not empty: choose a new folder for the export.")
-    preflight(session, config, path)
+    base_path = resolve_model(session.load_config.model if session.load_config else None)
+    plan, why = stream_plan(model, name, base_path)
+    preflight(session, config, path, streamed=plan is not None)
     started = time.perf_counter()
     check = _check_data(session, config) if config.verify else None  # bad data= fails before anything is written
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}.get(config.quant, torch.float16)
-    merged, base_path, _ = merged_model(session, name, dtype)
     filename = gguf_name(session, config.quant)
     with folder_written(path, "the GGUF export") as staging:  # whole, or not at all
-        size = write_gguf(merged, session.tokenizer, staging / filename, config.quant, filename.removesuffix(".gguf"))
+        if plan is not None:  # tensor by tensor from the base's files: RAM for one tensor, not the model
+            size = write_gguf_tensors(model.config, session.tokenizer, staging / filename, config.quant,
+                                      filename.removesuffix(".gguf"), plan.shapes, plan.load)
+        else:
+            merged, _, _ = merged_model(session, name, dtype)
+            size = write_gguf(merged, session.tokenizer, staging / filename, config.quant, filename.removesuffix(".gguf"))
+            del merged
         if config.ollama:
-            (staging / "Modelfile").write_text(modelfile(filename, session.tokenizer, merged.generation_config))
+            (staging / "Modelfile").write_text(modelfile(filename, session.tokenizer, model.generation_config))
     report = ExportReport(path=str(path / filename), adapter=name, dtype=config.quant, base=str(base_path), size=size,
                           seconds=0.0, tolerance=config.tolerance, task=session.task,
                           modelfile=str(path / "Modelfile") if config.ollama else None,
-                          tokenizer=pre_tokenizer_note(session.tokenizer))
+                          tokenizer=pre_tokenizer_note(session.tokenizer),
+                          merge="streamed tensor by tensor from the base's safetensors" if plan else f"in memory ({why})")
     if config.verify:
-        # The file's weights, dequantized, in the merged model: what llama.cpp multiplies with.
-        with torch.no_grad():
-            for key, value in read_gguf(path / filename, merged).items():
-                merged.state_dict()[key].copy_(value)
-        _verify(session, model, name, merged, config, report, check)
-    del merged
+        exported = read_back(path / filename, model.config, dtype)  # the file's weights: what llama.cpp multiplies with
+        _verify(session, model, name, exported, config, report, check)
+        del exported
     report.seconds = time.perf_counter() - started
     return report
+
+
+def read_back(path: Path, config, dtype):
+    """A transformers model holding the GGUF file's weights (dequantized), in `dtype`, on the CPU."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from ..engine.gguf_file import read_gguf_tensors
+
+    config = copy.deepcopy(config)
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, key):
+            delattr(config, key)
+    with no_init_weights():  # every weight is overwritten from the file
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in read_gguf_tensors(path, model):
+            state[key].copy_(value)
+    model.tie_weights()
+    return model.eval()
 
 
 def _verify(session, model, name, merged, config, report, check):
@@ -193,6 +234,7 @@ class ExportReport(MergeReport):
     modelfile: str | None = None
     runtime: str = ""
     tokenizer: str = ""  # the pre-tokenizer written, or the warning that text may split differently
+    merge: str = ""  # streamed, or in memory and why
 
     title = "GGUF export"
 
@@ -200,6 +242,7 @@ class ExportReport(MergeReport):
         rows = super().rows()
         rows[0] = ("saved to", f"{self.path} ({gb(self.size)}, {self.dtype})")
         extra = [("Ollama", f"ollama create NAME -f {self.modelfile}")] if self.modelfile else []
+        extra += [("merge", self.merge)] if self.merge else []
         extra += [("tokenizer", self.tokenizer)] if self.tokenizer else []
         extra += [("checked by", self.runtime)] if self.runtime else []
         rows[2:2] = extra
