@@ -1,5 +1,7 @@
 """%qlora_export gguf / qlora_magic.export: parsing, wiring, the preflight, and real exports of the tiny Llama."""
 
+import importlib.util
+
 import pytest
 
 import qlora_magic
@@ -59,6 +61,9 @@ def test_export_round_trip(tiny_model_dir, rows, tmp_path):
     # The tiny model's weights are random: its greedy answers are byte soup with near-ties that f16 rounding can
     # flip a few tokens in (the same as %qlora_merge's check would report); the perplexity is the steady measure.
     assert len(report.prompts) == 4 and report.answers_matching >= 2
+    if importlib.util.find_spec("llama_cpp") is None:  # the check says what read the file, and how to get llama.cpp's
+        assert report.runtime.startswith("the file's tensors read back") and "pip install llama-cpp-python" in repr(report)
+    assert report.merge.startswith("streamed tensor by tensor")
     assert abs(report.perplexity_drift) < 0.05 and "perplexity" in repr(report) and "drift" in report._repr_html_()
 
     session = qlora_magic.get_session()

@@ -48,7 +48,12 @@ eval_split: 4
 # ## Export to GGUF, with an Ollama Modelfile
 #
 # Before anything is loaded, a preflight adds up the RAM and disk the export needs and refuses in one line when
-# they are short. The check that follows answers the held-out rows of the last run with the adapter and with
+# they are short. The merge then **streams** (the row **merge**): each tensor of the base is read from its
+# safetensors file, the adapter's update added, and the tensor written to the file before the next is read, so
+# RAM holds one tensor, not the model (a 7B export fits a Colab). The row **tokenizer** names the pre-tokenizer
+# llama.cpp and Ollama will split text prompts with (`smollm` here: the same split as transformers).
+#
+# The check that follows answers the held-out rows of the last run with the adapter and with
 # the exported file; the row **checked by** says which runtime read the file. With `llama-cpp-python`
 # installed it is llama.cpp itself (`%pip install llama-cpp-python`: it builds llama.cpp from source where no
 # wheel serves, about 20 minutes on 2 CPU cores); without it, as here, the file's tensors are read back with

@@ -165,7 +165,8 @@ def _verify(session, model, name, merged, config, report, check):
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        report.runtime = "the file's tensors read back (gguf) into transformers; llama-cpp-python not installed"
+        report.runtime = ("the file's tensors read back (gguf) into transformers; for llama.cpp's own check: "
+                          "%pip install llama-cpp-python")
         _verify_answers(session, model, name, merged, config, report, check)
         return
     from ..engine.llama_runtime import llama_answers, llama_nll, release
