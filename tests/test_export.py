@@ -7,6 +7,7 @@ import pytest
 import qlora_magic
 from qlora_magic.errors import ConfigError, QloraError
 from qlora_magic.front import parsing
+from test_offline import cache_model, hub_cache, no_network, online_by_default  # noqa: F401 (fixtures)
 
 TEMPLATES = dict(prompt="Q: {question}\nA: ", response="{answer}")
 
@@ -175,10 +176,7 @@ def test_streamed_merge_is_peft_merge(tiny_model_dir):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     lora = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"])
-    model = get_peft_model(base, lora)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.1)  # a fresh adapter's B is zero: nothing to merge
+    model = trained_lora(get_peft_model(base, lora))
     plan, why = stream_plan(model, "default", tiny_model_dir)
     assert why == "" and len(plan.updates) == 3 * 2  # three targets in each of the two layers
     expected = model.merge_and_unload().state_dict()
@@ -198,24 +196,15 @@ def test_streamed_export_of_the_default_model_equals_the_in_memory_merge(tmp_pat
 
     from qlora_magic.engine import gguf_file
     from qlora_magic.tasks.exporting import needed_room
-    from qlora_magic.tasks.merging import merged_model
 
     torch.manual_seed(0)
     qlora_magic.load(bits=8)
     session = qlora_magic.get_session()
-    for name, parameter in session.model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.02)
+    trained_lora(session.model, std=0.02)
     report = qlora_magic.export("gguf", tmp_path / "f16", verify=False)
     assert report.merge.startswith("streamed") and "'smollm'" in report.tokenizer
     assert gguf_file.metadata(report.path)["tokenizer.ggml.pre"] == "smollm"
-    merged, _, _ = merged_model(session, "default", torch.float32)
-    expected = merged.state_dict()
-    back = gguf_file.read_gguf(report.path, merged)
-    assert set(back) == {k for k in expected if k != "lm_head.weight"}  # the head is tied to the embedding
-    for name, weight in back.items():
-        want = expected[name].float()
-        assert (weight - want).abs().le(want.abs() * 2**-10 + 2**-24).all(), name  # f16: 11 significant bits
+    assert_file_is_the_merge(report.path, session)
     streamed, in_memory = needed_room(session, "f16", streamed=True, verify=False), needed_room(session, "f16", streamed=False, verify=False)
     assert streamed[0] < in_memory[0] and streamed[1] == in_memory[1]
 
@@ -241,3 +230,51 @@ def test_preflight_names_the_ram_an_export_without_the_check_needs(tiny_loaded, 
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
     qlora_magic.export("gguf", tmp_path / "out", verify=False)
     assert list((tmp_path / "out").glob("*.gguf"))
+
+
+def trained_lora(model, std=0.1):
+    """`model` with random LoRA B matrices: a fresh adapter's are zero, and its merge would change nothing."""
+    import torch
+
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=std)
+    return model
+
+
+def assert_file_is_the_merge(path, session):
+    """The GGUF file's weights are the in-memory merge's (PEFT's merge_and_unload of the reloaded base in float32)
+    to f16 rounding, tensor for tensor."""
+    import torch
+
+    from qlora_magic.engine import gguf_file
+    from qlora_magic.tasks.merging import merged_model
+
+    merged, _, _ = merged_model(session, "default", torch.float32)
+    expected = merged.state_dict()
+    back = gguf_file.read_gguf(path, merged)
+    tied = merged.config.tie_word_embeddings
+    assert set(back) == {k for k in expected if not (tied and k == "lm_head.weight")}
+    for name, weight in back.items():
+        want = expected[name].float()
+        assert (weight - want).abs().le(want.abs() * 2**-10 + 2**-24).all(), name  # f16: 11 significant bits
+
+
+def test_a_sharded_hub_model_in_the_cache_exports_streamed_with_no_connection(tiny_model_dir, hub_cache, online_by_default,
+                                                                              no_network, tmp_path):
+    """The base found as %qlora_merge finds it (a Hub id: its cached snapshot), read shard by shard."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(sharded, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(sharded)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1 and (sharded / "model.safetensors.index.json").exists()
+    cache_model(hub_cache, "someone/tiny", sharded)
+    torch.manual_seed(0)
+    qlora_magic.load("someone/tiny", bits=8)
+    session = qlora_magic.get_session()
+    trained_lora(session.model)
+    report = qlora_magic.export("gguf", tmp_path / "out", verify=False)
+    assert report.merge.startswith("streamed") and "snapshots" in report.base and no_network == []
+    assert_file_is_the_merge(report.path, session)
