@@ -1,13 +1,16 @@
-"""%qlora_export gguf PATH: the adapter merged as %qlora_merge merges it, written to one GGUF file (and an Ollama
-Modelfile), then checked against the adapter the session trained.
+"""%qlora_export gguf PATH: the adapter merged into the original weights (as %qlora_merge merges it: not into the
+quantized ones), written to one GGUF file (and an Ollama Modelfile), then checked against the adapter the session
+trained.
 
-Before anything is loaded a preflight adds up the RAM (the 16-bit base reloaded and merged, the quantized tensors
-the writer holds until it writes) and the disk (the file) and refuses in one line when either is short: the
-crash peers meet halfway through a merge (out of RAM or disk) happens here before it starts.
+The merge streams (engine/streamed_merge.py): one base tensor at a time from the safetensors shards, the LoRA
+update added, converted and written before the next, so RAM holds a tensor, not the model. Adapters PEFT merges its
+own way (DoRA, ...) are merged in memory through `merging.merged_model`. Before anything is loaded a preflight adds
+up the RAM (the merge, and the check's model) and the disk (the file) and refuses in one line when either is short:
+the crash peers meet halfway through a merge (out of RAM or disk) happens here before it starts.
 
-The check reads the file back: its tensors dequantized into the merged model, which then answers and scores the
-held-out rows as `%qlora_merge`'s check does (the drift includes the quantization's). When llama.cpp's Python
-binding (`llama-cpp-python`) is installed, the file is also loaded by llama.cpp itself and its greedy answers and
+The check reads the file back: its tensors dequantized into a transformers model, which then answers and scores
+the held-out rows as `%qlora_merge`'s check does (the drift includes the quantization's). When llama.cpp's Python
+binding (`llama-cpp-python`) is installed, the file is loaded by llama.cpp itself and its greedy answers and
 perplexity are the ones compared: the runtime users serve it with.
 """
 
@@ -53,6 +56,8 @@ def needed_room(session, quant: str, streamed: bool = True, verify: bool = True)
     Streamed, the merge holds one tensor at a time (read, merged in float32, permuted, converted: about four
     float32 copies of the largest one); in memory, the whole base in 16 bits. The check reads the file back into
     a model in 16 bits (32 for f32), or llama.cpp maps the file."""
+    import importlib.util
+
     from ..engine.gguf_file import QUANT_BYTES
     from .doctor import model_weights
 
@@ -63,7 +68,8 @@ def needed_room(session, quant: str, streamed: bool = True, verify: bool = True)
     width = 4 if quant == "f32" else 2
     file = int(count * QUANT_BYTES[quant])
     merge = 4 * 4 * largest if streamed else count * width + file
-    check = count * width + 4 * largest if verify else 0
+    runtime = file if importlib.util.find_spec("llama_cpp") else count * width
+    check = runtime + 4 * largest if verify else 0
     return max(merge, check) + RAM_MARGIN, file + DISK_MARGIN
 
 
@@ -126,9 +132,7 @@ def export_model(session, config: ExportConfig) -> "ExportReport":
                           tokenizer=pre_tokenizer_note(session.tokenizer),
                           merge="streamed tensor by tensor from the base's safetensors" if plan else f"in memory ({why})")
     if config.verify:
-        exported = read_back(path / filename, model.config, dtype)  # the file's weights: what llama.cpp multiplies with
-        _verify(session, model, name, exported, config, report, check)
-        del exported
+        _verify(session, model, name, dtype, config, report, check)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -157,7 +161,7 @@ def read_back(path: Path, config, dtype):
     return model.eval()
 
 
-def _verify(session, model, name, merged, config, report, check):
+def _verify(session, model, name, dtype, config, report, check):
     """The adapter's answers and perplexity against llama.cpp's on the file when it is installed, else against
     the file's weights read back into transformers."""
     from .merging import _verify_answers
@@ -167,7 +171,8 @@ def _verify(session, model, name, merged, config, report, check):
     except ImportError:
         report.runtime = ("the file's tensors read back (gguf) into transformers; for llama.cpp's own check: "
                           "%pip install llama-cpp-python")
-        _verify_answers(session, model, name, merged, config, report, check)
+        exported = read_back(Path(report.path), model.config, dtype)  # the file's weights: what llama.cpp multiplies with
+        _verify_answers(session, model, name, exported, config, report, check)
         return
     from ..engine.llama_runtime import llama_answers, llama_nll, release
     from .evaluation import greedy_answers, response_nll
