@@ -189,6 +189,25 @@ def test_streamed_merge_is_peft_merge(tiny_model_dir):
     assert plan is None and "DoRA" in why
 
 
+
+def test_streamed_merge_transposes_a_fan_in_fan_out_update(tmp_path):
+    """GPT-2's Conv1D stores its weight transposed (PEFT's fan_in_fan_out): the streamed update is too."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qlora_magic.engine.streamed_merge import stream_plan
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path)
+    model = trained_lora(get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path),
+                                        LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)))
+    plan, why = stream_plan(model, "default", str(tmp_path))
+    (name,) = plan.updates
+    assert why == "" and plan.updates[name][3] is True
+    merged = model.merge_and_unload().state_dict()
+    assert torch.allclose(torch.from_numpy(plan.load(name)), merged[name], atol=1e-5)
+
 def test_streamed_export_of_the_default_model_equals_the_in_memory_merge(tmp_path):
     """On SmolLM2-135M (the embedded default): the streamed f16 file holds the in-memory merge's weights to f16
     rounding, and the preflight asks for much less RAM than the in-memory merge would."""
