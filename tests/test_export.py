@@ -126,6 +126,24 @@ def test_pre_tokenizer_is_named_as_llama_cpp_names_it(tmp_path):
     assert note.startswith("WARNING") and "'default' written" in note and "\n" not in note
 
 
+def test_a_second_export_of_the_same_adapter_reuses_its_answers(tiny_loaded, rows, tmp_path, monkeypatch):
+    """Exporting f16 then q4_0 asks the adapter once; trained further, it is asked again."""
+    from qlora_magic.tasks import evaluation
+
+    asked = []
+    real = evaluation.greedy_answers
+    monkeypatch.setattr(evaluation, "greedy_answers", lambda model, *a: asked.append(type(model).__name__) or real(model, *a))
+    train = dict(eval_split=0.25, max_steps=2, eval_steps=2, batch_size=4, grad_accum=1, display="none")
+    qlora_magic.train(rows, **TEMPLATES, **train)
+    first = qlora_magic.export("gguf", tmp_path / "f16", max_new_tokens=4)
+    second = qlora_magic.export("gguf", tmp_path / "q4", quant="q4_0", max_new_tokens=4)
+    assert asked.count("PeftModelForCausalLM") == 1 and len(asked) == 3  # the adapter once, each file once
+    assert (second.adapter_answers, second.adapter_perplexity) == (first.adapter_answers, first.adapter_perplexity)
+    qlora_magic.train(rows, **TEMPLATES, **train)  # the optimizer's steps change the weights in place
+    qlora_magic.export("gguf", tmp_path / "again", max_new_tokens=4)
+    assert asked.count("PeftModelForCausalLM") == 2
+
+
 def test_modelfile_from_the_generation_config(tiny_loaded):
     from transformers import GenerationConfig
 

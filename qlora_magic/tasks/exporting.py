@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..config import ExportConfig
 from ..display.formatting import gb
-from ..engine.adapters import active_adapter, check_adapter, using
+from ..engine.adapters import active_adapter, check_adapter
 from ..errors import ConfigError, QloraError
 from .merging import MergeReport, _check_data, merged_model
 
@@ -175,15 +175,11 @@ def _verify(session, model, name, dtype, config, report, check):
         _verify_answers(session, model, name, exported, config, report, check)
         return
     from ..engine.llama_runtime import llama_answers, llama_nll, release
-    from .evaluation import greedy_answers, response_nll
+    from .merging import adapter_side
 
     prompts, tokenized, chat = check
     tok = session.tokenizer
-    with using(model, name):
-        report.adapter_answers = greedy_answers(model, tok, prompts, config.max_new_tokens, chat)
-        if tokenized is not None:
-            nll, n = response_nll(model, tok, tokenized)
-            report.adapter_perplexity = math.exp(nll / n)
+    adapter_side(model, tok, name, config, check, report)
     try:
         report.merged_answers = llama_answers(report.path, tok, prompts, config.max_new_tokens, chat)
         if tokenized is not None:
@@ -191,7 +187,6 @@ def _verify(session, model, name, dtype, config, report, check):
             report.merged_perplexity = math.exp(nll / n)
     finally:
         release()
-    report.prompts = prompts
     report.runtime = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
 
 
