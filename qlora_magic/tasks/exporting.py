@@ -28,6 +28,9 @@ from ..engine.adapters import active_adapter, check_adapter
 from ..errors import ConfigError, QloraError
 from .merging import MergeReport, _check_data, merged_model
 
+#: up to this many parameters the check's model computes in float32, as llama.cpp does on a CPU (and twice as fast
+#: there as float16); a larger one is read back in 16 bits, half the RAM
+FLOAT32_CHECK = 2 * 10**9
 #: headroom on top of the estimate: the process itself, the tokenizer, numpy's temporaries of one tensor
 RAM_MARGIN, DISK_MARGIN = 512 * 2**20, 64 * 2**20
 
@@ -59,28 +62,42 @@ def needed_room(session, quant: str, streamed: bool = True, verify: bool = True)
     import importlib.util
 
     from ..engine.gguf_file import QUANT_BYTES
+
+    count = _parameters(session)
+    config = session.model.config
+    largest = config.hidden_size * max(config.vocab_size, config.intermediate_size)
+    file = int(count * QUANT_BYTES[quant])
+    merge = 4 * 4 * largest if streamed else count * (4 if quant == "f32" else 2) + file
+    runtime = file if importlib.util.find_spec("llama_cpp") else count * check_dtype(session, quant).itemsize
+    check = runtime + 4 * largest if verify else 0
+    return max(merge, check) + RAM_MARGIN, file + DISK_MARGIN
+
+
+def _parameters(session) -> int:
     from .doctor import model_weights
 
     weights = model_weights(session)
-    count = weights["linear"] + weights["other"]
-    config = session.model.config
-    largest = config.hidden_size * max(config.vocab_size, config.intermediate_size)
-    width = 4 if quant == "f32" else 2
-    file = int(count * QUANT_BYTES[quant])
-    merge = 4 * 4 * largest if streamed else count * width + file
-    runtime = file if importlib.util.find_spec("llama_cpp") else count * width
-    check = runtime + 4 * largest if verify else 0
-    return max(merge, check) + RAM_MARGIN, file + DISK_MARGIN
+    return weights["linear"] + weights["other"]
+
+
+def check_dtype(session, quant: str):
+    """The dtype the check's model holds the file's weights in."""
+    import torch
+
+    if quant == "f32" or _parameters(session) <= FLOAT32_CHECK:
+        return torch.float32
+    return torch.bfloat16 if quant == "bf16" else torch.float16
 
 
 def preflight(session, config: ExportConfig, path: Path, streamed: bool = True) -> None:
     """Refuse in one line, before anything is loaded or written, when RAM or disk is short."""
     ram, disk = needed_room(session, config.quant, streamed, config.verify)
+    available = free_ram()
     short = [f"{what}: needs about {gb(need)}, {gb(free)} free" for what, need, free in
-             (("RAM", ram, free_ram()), (f"disk at {path.parent}", disk, free_disk(path))) if free < need]
+             (("RAM", ram, available), (f"disk at {path.parent}", disk, free_disk(path))) if free < need]
     if short:
-        hint = "" if not config.verify or needed_room(session, config.quant, streamed, False)[0] >= ram else \
-            f" (--no-verify: about {gb(needed_room(session, config.quant, streamed, False)[0])} of RAM)"
+        unchecked = needed_room(session, config.quant, streamed, False)[0]
+        hint = f" (--no-verify: about {gb(unchecked)} of RAM)" if available < ram and unchecked < ram else ""
         raise NoRoomError(f"Not enough room to export in {config.quant} ({'; '.join(short)}): free some, choose a smaller "
                           f"--quant, or export on a larger machine{hint} (nothing was written).")
 
@@ -132,7 +149,7 @@ def export_model(session, config: ExportConfig) -> "ExportReport":
                           tokenizer=pre_tokenizer_note(session.tokenizer),
                           merge="streamed tensor by tensor from the base's safetensors" if plan else f"in memory ({why})")
     if config.verify:
-        _verify(session, model, name, dtype, config, report, check)
+        _verify(session, model, name, check_dtype(session, config.quant), config, report, check)
     report.seconds = time.perf_counter() - started
     return report
 
