@@ -44,13 +44,18 @@ class StreamPlan:
         return weight.numpy()
 
 
-def base_folder(base_path: str) -> Path:
-    """The folder holding the base's files: `base_path` itself, or for a Hub id its (cached) snapshot."""
+def base_folder(base_path: str) -> Path | None:
+    """The folder holding the base's files: `base_path` itself, or for a Hub id its cached snapshot (None when it
+    is not cached: nothing is downloaded before the preflight)."""
     if Path(base_path).is_dir():
         return Path(base_path)
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    return Path(snapshot_download(base_path, allow_patterns=["*.safetensors", INDEX, "config.json"]))
+    try:
+        return Path(snapshot_download(base_path, allow_patterns=["*.safetensors", INDEX, "config.json"], local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
 
 
 def stream_plan(model, adapter: str, base_path: str) -> tuple[StreamPlan | None, str]:
@@ -61,6 +66,8 @@ def stream_plan(model, adapter: str, base_path: str) -> tuple[StreamPlan | None,
     from safetensors import safe_open
 
     folder = base_folder(base_path)
+    if folder is None:
+        return None, f"{base_path} is not in the local Hugging Face cache"
     if (folder / INDEX).exists():
         weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
         files = {name: folder / file for name, file in weight_map.items()}
