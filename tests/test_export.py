@@ -315,3 +315,11 @@ def test_a_sharded_hub_model_in_the_cache_exports_streamed_with_no_connection(ti
     report = qlora_magic.export("gguf", tmp_path / "out", verify=False)
     assert report.merge.startswith("streamed") and "snapshots" in report.base and no_network == []
     assert_file_is_the_merge(report.path, session)
+
+
+def test_a_hub_base_not_in_the_cache_is_not_streamed(tiny_loaded, hub_cache, online_by_default, no_network):
+    """Nothing is downloaded before the preflight: a Hub id whose files are not cached merges in memory."""
+    from qlora_magic.engine.streamed_merge import stream_plan
+
+    plan, why = stream_plan(tiny_loaded.model, "default", "someone/not-cached")
+    assert plan is None and why == "someone/not-cached is not in the local Hugging Face cache" and no_network == []
