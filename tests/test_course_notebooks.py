@@ -1,4 +1,4 @@
-"""The course notebooks (notebooks/02_*.ipynb ... 12_*.ipynb) and the panel notebook run top to bottom.
+"""The course notebooks (notebooks/02_*.ipynb ... 15_*.ipynb) and the panel notebook run top to bottom.
 
 Each is executed with nbclient in notebooks/ (as in Jupyter) on the embedded default model; a failing cell fails
 the test with its error, and a cell tagged `raises-exception` must show its error, in one line. The executed copy

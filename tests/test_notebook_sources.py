@@ -19,7 +19,7 @@ def cells(nb):
 
 
 def test_the_course_is_there():
-    for prefix in ("01_", "02_", "03_", "04_", "05_", "06_", "07_", "08_", "09_", "10_", "11_", "12_", "panel"):
+    for prefix in ("01_", "02_", "03_", "04_", "05_", "06_", "07_", "08_", "09_", "10_", "11_", "12_", "13_", "14_", "15_", "panel"):
         assert any(n.startswith(prefix) for n in NAMES), f"no notebooks/{prefix}*.ipynb"
 
 

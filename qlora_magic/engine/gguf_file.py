@@ -1,7 +1,7 @@
 """A merged Llama-architecture model written to one GGUF file (llama.cpp, Ollama, LM Studio), and read back.
 
 The `gguf` package (llama.cpp's own Python library) gives the writer, the tensor names (`TensorNameMap`), the
-tokenizer readers (`BpeVocab`, `SpecialVocab`: tokens, merges, special ids, chat template) and the quantizers
+tokenizer readers (`BpeVocab`, `SpecialVocab`, used in `gguf_tokenizer`) and the quantizers
 (`gguf.quants`: Q8_0, Q4_0, ... in numpy). What it does not ship is llama.cpp's `convert_hf_to_gguf.py` (no PyPI
 package carries it), so the per-architecture part lives here, for Llama only (SmolLM2, Llama 2/3, TinyLlama,
 ...): the hyperparameters, and the rotary layout of the query and key weights (`permute`, as the converter does).
@@ -73,17 +73,18 @@ def _heads(config, hf_name: str):
     return None
 
 
-def tensor_names(model) -> dict:
-    """{Hugging Face name: GGUF name} for every weight of a Llama model's state dict (a tied head is left out)."""
+def tensor_names(model, names=None) -> dict:
+    """{Hugging Face name: GGUF name} for every weight of a Llama model's state dict, or of `names` (the keys of
+    its safetensors files) with `model` its config; a tied head is left out."""
     import gguf
 
-    config = model.config
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    config = getattr(model, "config", model)
+    table = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     mapping = {}
-    for name in model.state_dict():
-        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-            continue
-        found = names.get_name(name, try_suffixes=(".weight", ".bias"))
+    for name in model.state_dict() if names is None else names:
+        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False) or name.endswith("rotary_emb.inv_freq"):
+            continue  # a tied head is the embedding; rotary frequencies are recomputed from rope_theta
+        found = table.get_name(name, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise ValueError(f"no GGUF name for tensor {name}")
         mapping[name] = found
@@ -92,10 +93,22 @@ def tensor_names(model) -> dict:
 
 def write_gguf(model, tokenizer, path: Path, quant: str, name: str) -> int:
     """Write `model` (a merged LlamaForCausalLM) and its tokenizer to `path` in `quant`; returns the file's size."""
+    state = model.state_dict()
+    shapes = {key: tuple(state[key].shape) for key in tensor_names(model)}
+    return write_gguf_tensors(model.config, tokenizer, path, quant, name, shapes, lambda key: state[key].float().numpy())
+
+
+def write_gguf_tensors(config, tokenizer, path: Path, quant: str, name: str, shapes: dict, load) -> int:
+    """Write the weights `load(hf_name)` gives (float32 numpy, one at a time, in the order of `shapes`:
+    {Hugging Face name: shape}) and the tokenizer to `path` in `quant`; returns the file's size.
+
+    Every tensor's type and size is known from its shape, so the header and tensor index are written first and
+    then each tensor as soon as it is converted: the writer holds one tensor, not the whole file."""
     import gguf
     import numpy as np
 
-    config = model.config
+    from .gguf_tokenizer import add_tokenizer
+
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
@@ -110,75 +123,63 @@ def write_gguf(model, tokenizer, path: Path, quant: str, name: str) -> int:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(_file_type(quant))
-    _add_tokenizer(writer, tokenizer, config.vocab_size)
+    add_tokenizer(writer, tokenizer, config.vocab_size)
 
-    qtype = _ggml_type(quant)
-    for hf_name, gguf_name in tensor_names(model).items():
-        data = model.state_dict()[hf_name].float().numpy()
+    names = tensor_names(config, shapes)
+    kinds = {hf_name: _tensor_type(shapes[hf_name], quant) for hf_name in names}
+    for hf_name, gguf_name in names.items():
+        kind, shape = kinds[hf_name], shapes[hf_name]
+        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
+            writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        else:  # given as bytes: the writer turns the byte shape back into the weight shape
+            raw = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+            writer.add_tensor_info(gguf_name, raw, np.dtype(np.uint8), int(np.prod(raw)), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for hf_name in names:
+        data, kind = load(hf_name), kinds[hf_name]
         heads = _heads(config, hf_name)
         if heads:
             data = permute(data, *heads)
-        if data.ndim == 1 or quant == "f32":
-            writer.add_tensor(gguf_name, data.astype(np.float32))
-            continue
-        kind = qtype
-        if kind not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16) and data.shape[-1] % 32:
-            kind = gguf.GGMLQuantizationType.F16  # rows not a whole number of blocks: llama.cpp's converter falls back too
-        if kind == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_name, data.astype(np.float16))
+        if kind == gguf.GGMLQuantizationType.F32:
+            data = data.astype(np.float32)
+        elif kind == gguf.GGMLQuantizationType.F16:
+            data = data.astype(np.float16)
         else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+            data = gguf.quants.quantize(data, kind)
+        writer.write_tensor_data(np.ascontiguousarray(data))
+        del data
     writer.close()
     return Path(path).stat().st_size
 
 
-def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer (tokens, merges, special ids, chat template), padded to the embedding's rows."""
-    import tempfile
-
+def _tensor_type(shape, quant: str):
+    """The GGML type a tensor of `shape` is written in: norms (1-D) stay float32, as in llama.cpp's converter."""
     import gguf
 
-    from ..errors import ConfigError
-
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        try:
-            vocab = gguf.vocab.BpeVocab(Path(folder))
-        except (FileNotFoundError, ValueError, KeyError) as error:
-            raise ConfigError(f"GGUF export supports byte-level BPE tokenizers (tokenizer.json); this one is not: {error}") from None
-        tokens, types = [], []
-        for text, _score, kind in vocab.all_tokens():
-            tokens.append(text)
-            types.append(kind)
-        special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size)
-        special_ids = set(tokenizer.all_special_ids)
-        ids = tokenizer.get_vocab()
-        types = [gguf.TokenType.CONTROL if ids.get(t.decode("utf-8", "replace") if isinstance(t, bytes) else t) in special_ids
-                 else kind for t, kind in zip(tokens, types)]
-        for i in range(len(tokens), vocab_size):  # embedding rows past the tokenizer's vocabulary
-            tokens.append(f"[PAD{i}]".encode())
-            types.append(gguf.TokenType.UNUSED)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens[:vocab_size])
-        writer.add_token_types(types[:vocab_size])
-        special.add_to_gguf(writer, quiet=True)
-        # the tokenizer's own bos flag, so llama.cpp adds a bos exactly when transformers does
-        writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if len(shape) == 1 or quant == "f32":
+        return gguf.GGMLQuantizationType.F32
+    kind = _ggml_type(quant)
+    if kind not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16) and shape[-1] % 32:
+        return gguf.GGMLQuantizationType.F16  # rows not a whole number of blocks: llama.cpp's converter falls back too
+    return kind
 
 
 def read_gguf(path: Path, model) -> dict:
     """{Hugging Face name: float32 tensor} of `model`'s weights as the file holds them (dequantized, un-permuted)."""
+    return dict(read_gguf_tensors(path, model))
+
+
+def read_gguf_tensors(path: Path, model):
+    """(Hugging Face name, float32 tensor) of each of `model`'s weights as the file holds them, one at a time."""
     import gguf
     import numpy as np
     import torch
 
-    reader = gguf.GGUFReader(str(path))
+    reader = gguf.GGUFReader(str(path))  # maps the file: a tensor is read when dequantized
     stored = {t.name: t for t in reader.tensors}
-    weights = {}
     for hf_name, gguf_name in tensor_names(model).items():
         tensor = stored[gguf_name]
         data = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
@@ -186,8 +187,7 @@ def read_gguf(path: Path, model) -> dict:
         heads = _heads(model.config, hf_name)
         if heads:
             data = unpermute(data, *heads)
-        weights[hf_name] = torch.from_numpy(np.ascontiguousarray(data))
-    return weights
+        yield hf_name, torch.from_numpy(np.ascontiguousarray(data))
 
 
 def metadata(path: Path) -> dict:

@@ -1,13 +1,16 @@
-"""%qlora_export gguf PATH: the adapter merged as %qlora_merge merges it, written to one GGUF file (and an Ollama
-Modelfile), then checked against the adapter the session trained.
+"""%qlora_export gguf PATH: the adapter merged into the original weights (as %qlora_merge merges it: not into the
+quantized ones), written to one GGUF file (and an Ollama Modelfile), then checked against the adapter the session
+trained.
 
-Before anything is loaded a preflight adds up the RAM (the 16-bit base reloaded and merged, the quantized tensors
-the writer holds until it writes) and the disk (the file) and refuses in one line when either is short: the
-crash peers meet halfway through a merge (out of RAM or disk) happens here before it starts.
+The merge streams (engine/streamed_merge.py): one base tensor at a time from the safetensors shards, the LoRA
+update added, converted and written before the next, so RAM holds a tensor, not the model. Adapters PEFT merges its
+own way (DoRA, ...) are merged in memory through `merging.merged_model`. Before anything is loaded a preflight adds
+up the RAM (the merge, and the check's model) and the disk (the file) and refuses in one line when either is short:
+the crash peers meet halfway through a merge (out of RAM or disk) happens here before it starts.
 
-The check reads the file back: its tensors dequantized into the merged model, which then answers and scores the
-held-out rows as `%qlora_merge`'s check does (the drift includes the quantization's). When llama.cpp's Python
-binding (`llama-cpp-python`) is installed, the file is also loaded by llama.cpp itself and its greedy answers and
+The check reads the file back: its tensors dequantized into a transformers model, which then answers and scores
+the held-out rows as `%qlora_merge`'s check does (the drift includes the quantization's). When llama.cpp's Python
+binding (`llama-cpp-python`) is installed, the file is loaded by llama.cpp itself and its greedy answers and
 perplexity are the ones compared: the runtime users serve it with.
 """
 
@@ -21,10 +24,13 @@ from pathlib import Path
 
 from ..config import ExportConfig
 from ..display.formatting import gb
-from ..engine.adapters import active_adapter, check_adapter, using
+from ..engine.adapters import active_adapter, check_adapter
 from ..errors import ConfigError, QloraError
 from .merging import MergeReport, _check_data, merged_model
 
+#: up to this many parameters the check's model computes in float32, as llama.cpp does on a CPU (and twice as fast
+#: there as float16); a larger one is read back in 16 bits, half the RAM
+FLOAT32_CHECK = 2 * 10**9
 #: headroom on top of the estimate: the process itself, the tokenizer, numpy's temporaries of one tensor
 RAM_MARGIN, DISK_MARGIN = 512 * 2**20, 64 * 2**20
 
@@ -47,26 +53,53 @@ def free_disk(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def needed_room(session, quant: str) -> tuple[int, int]:
-    """(RAM, disk) bytes an export of the loaded model in `quant` needs."""
+def needed_room(session, quant: str, streamed: bool = True, verify: bool = True) -> tuple[int, int]:
+    """(RAM, disk) bytes an export of the loaded model in `quant` needs.
+
+    Streamed, the merge holds one tensor at a time (read, merged in float32, permuted, converted: about four
+    float32 copies of the largest one); in memory, the whole base in 16 bits. The check reads the file back into
+    a model in 16 bits (32 for f32), or llama.cpp maps the file."""
+    import importlib.util
+
     from ..engine.gguf_file import QUANT_BYTES
+
+    count = _parameters(session)
+    config = session.model.config
+    largest = config.hidden_size * max(config.vocab_size, config.intermediate_size)
+    file = int(count * QUANT_BYTES[quant])
+    merge = 4 * 4 * largest if streamed else count * (4 if quant == "f32" else 2) + file
+    runtime = file if importlib.util.find_spec("llama_cpp") else count * check_dtype(session, quant).itemsize
+    check = runtime + 4 * largest if verify else 0
+    return max(merge, check) + RAM_MARGIN, file + DISK_MARGIN
+
+
+def _parameters(session) -> int:
     from .doctor import model_weights
 
     weights = model_weights(session)
-    count = weights["linear"] + weights["other"]
-    merged = count * (4 if quant == "f32" else 2)
-    file = int(count * QUANT_BYTES[quant])
-    return merged + file + RAM_MARGIN, file + DISK_MARGIN
+    return weights["linear"] + weights["other"]
 
 
-def preflight(session, config: ExportConfig, path: Path) -> None:
+def check_dtype(session, quant: str):
+    """The dtype the check's model holds the file's weights in."""
+    import torch
+
+    if quant == "f32" or _parameters(session) <= FLOAT32_CHECK:
+        return torch.float32
+    return torch.bfloat16 if quant == "bf16" else torch.float16
+
+
+def preflight(session, config: ExportConfig, path: Path, streamed: bool = True) -> None:
     """Refuse in one line, before anything is loaded or written, when RAM or disk is short."""
-    ram, disk = needed_room(session, config.quant)
+    ram, disk = needed_room(session, config.quant, streamed, config.verify)
+    available = free_ram()
     short = [f"{what}: needs about {gb(need)}, {gb(free)} free" for what, need, free in
-             (("RAM", ram, free_ram()), (f"disk at {path.parent}", disk, free_disk(path))) if free < need]
+             (("RAM", ram, available), (f"disk at {path.parent}", disk, free_disk(path))) if free < need]
     if short:
+        unchecked = needed_room(session, config.quant, streamed, False)[0]
+        hint = f" (--no-verify: about {gb(unchecked)} of RAM)" if available < ram and unchecked < ram else ""
         raise NoRoomError(f"Not enough room to export in {config.quant} ({'; '.join(short)}): free some, choose a smaller "
-                          f"--quant, or export on a larger machine (nothing was written).")
+                          f"--quant, or export on a larger machine{hint} (nothing was written).")
 
 
 def gguf_name(session, quant: str) -> str:
@@ -80,7 +113,10 @@ def export_model(session, config: ExportConfig) -> "ExportReport":
     import torch
 
     from ..engine.folder_writing import check_folder_path, folder_written
-    from ..engine.gguf_file import check_architecture, read_gguf, write_gguf
+    from ..engine.gguf_file import check_architecture, write_gguf, write_gguf_tensors
+    from ..engine.gguf_tokenizer import pre_tokenizer_note
+    from ..engine.loading import resolve_model
+    from ..engine.streamed_merge import stream_plan
 
     model = session.require_model("exporting")
     if session.task != "causal-lm":
@@ -90,31 +126,59 @@ def export_model(session, config: ExportConfig) -> "ExportReport":
     path = check_folder_path(config.path, "The export folder")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"{str(path)!r} already exists and is not empty: choose a new folder for the export.")
-    preflight(session, config, path)
+    base_path = resolve_model(session.load_config.model if session.load_config else None)
+    plan, why = stream_plan(model, name, base_path)
+    preflight(session, config, path, streamed=plan is not None)
     started = time.perf_counter()
     check = _check_data(session, config) if config.verify else None  # bad data= fails before anything is written
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}.get(config.quant, torch.float16)
-    merged, base_path, _ = merged_model(session, name, dtype)
     filename = gguf_name(session, config.quant)
     with folder_written(path, "the GGUF export") as staging:  # whole, or not at all
-        size = write_gguf(merged, session.tokenizer, staging / filename, config.quant, filename.removesuffix(".gguf"))
+        if plan is not None:  # tensor by tensor from the base's files: RAM for one tensor, not the model
+            size = write_gguf_tensors(model.config, session.tokenizer, staging / filename, config.quant,
+                                      filename.removesuffix(".gguf"), plan.shapes, plan.load)
+        else:
+            merged, _, _ = merged_model(session, name, dtype)
+            size = write_gguf(merged, session.tokenizer, staging / filename, config.quant, filename.removesuffix(".gguf"))
+            del merged
         if config.ollama:
-            (staging / "Modelfile").write_text(modelfile(filename, session.tokenizer, merged.generation_config))
+            (staging / "Modelfile").write_text(modelfile(filename, session.tokenizer, model.generation_config))
     report = ExportReport(path=str(path / filename), adapter=name, dtype=config.quant, base=str(base_path), size=size,
                           seconds=0.0, tolerance=config.tolerance, task=session.task,
-                          modelfile=str(path / "Modelfile") if config.ollama else None)
+                          modelfile=str(path / "Modelfile") if config.ollama else None,
+                          tokenizer=pre_tokenizer_note(session.tokenizer),
+                          merge="streamed tensor by tensor from the base's safetensors" if plan else f"in memory ({why})")
     if config.verify:
-        # The file's weights, dequantized, in the merged model: what llama.cpp multiplies with.
-        with torch.no_grad():
-            for key, value in read_gguf(path / filename, merged).items():
-                merged.state_dict()[key].copy_(value)
-        _verify(session, model, name, merged, config, report, check)
-    del merged
+        _verify(session, model, name, check_dtype(session, config.quant), config, report, check)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _verify(session, model, name, merged, config, report, check):
+def read_back(path: Path, config, dtype):
+    """A transformers model holding the GGUF file's weights (dequantized), in `dtype`, on the CPU."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from ..engine.gguf_file import read_gguf_tensors
+
+    config = copy.deepcopy(config)
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, key):
+            delattr(config, key)
+    with no_init_weights():  # every weight is overwritten from the file
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in read_gguf_tensors(path, model):
+            state[key].copy_(value)
+    model.tie_weights()
+    return model.eval()
+
+
+def _verify(session, model, name, dtype, config, report, check):
     """The adapter's answers and perplexity against llama.cpp's on the file when it is installed, else against
     the file's weights read back into transformers."""
     from .merging import _verify_answers
@@ -122,19 +186,17 @@ def _verify(session, model, name, merged, config, report, check):
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        report.runtime = "the file's tensors read back (gguf) into transformers; llama-cpp-python not installed"
-        _verify_answers(session, model, name, merged, config, report, check)
+        report.runtime = ("the file's tensors read back (gguf) into transformers; for llama.cpp's own check: "
+                          "%pip install llama-cpp-python")
+        exported = read_back(Path(report.path), model.config, dtype)  # the file's weights: what llama.cpp multiplies with
+        _verify_answers(session, model, name, exported, config, report, check)
         return
     from ..engine.llama_runtime import llama_answers, llama_nll, release
-    from .evaluation import greedy_answers, response_nll
+    from .merging import adapter_side
 
     prompts, tokenized, chat = check
     tok = session.tokenizer
-    with using(model, name):
-        report.adapter_answers = greedy_answers(model, tok, prompts, config.max_new_tokens, chat)
-        if tokenized is not None:
-            nll, n = response_nll(model, tok, tokenized)
-            report.adapter_perplexity = math.exp(nll / n)
+    adapter_side(model, tok, name, config, check, report)
     try:
         report.merged_answers = llama_answers(report.path, tok, prompts, config.max_new_tokens, chat)
         if tokenized is not None:
@@ -142,7 +204,6 @@ def _verify(session, model, name, merged, config, report, check):
             report.merged_perplexity = math.exp(nll / n)
     finally:
         release()
-    report.prompts = prompts
     report.runtime = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
 
 
@@ -190,6 +251,8 @@ class ExportReport(MergeReport):
 
     modelfile: str | None = None
     runtime: str = ""
+    tokenizer: str = ""  # the pre-tokenizer written, or the warning that text may split differently
+    merge: str = ""  # streamed, or in memory and why
 
     title = "GGUF export"
 
@@ -197,6 +260,8 @@ class ExportReport(MergeReport):
         rows = super().rows()
         rows[0] = ("saved to", f"{self.path} ({gb(self.size)}, {self.dtype})")
         extra = [("Ollama", f"ollama create NAME -f {self.modelfile}")] if self.modelfile else []
+        extra += [("merge", self.merge)] if self.merge else []
+        extra += [("tokenizer", self.tokenizer)] if self.tokenizer else []
         extra += [("checked by", self.runtime)] if self.runtime else []
         rows[2:2] = extra
         return [(label, value.replace("the merged model on the original weights", f"the export on its {self.dtype} weights"))

@@ -117,16 +117,38 @@ def _verify_answers(session, model, name, saved, config, report, check):
 
     prompts, tokenized, chat = check
     tok = session.tokenizer
-    with using(model, name):
-        adapter_answers = greedy_answers(model, tok, prompts, config.max_new_tokens, chat)
-        if tokenized is not None:
-            nll, n = response_nll(model, tok, tokenized)
-            report.adapter_perplexity = math.exp(nll / n)
+    adapter_side(model, tok, name, config, check, report)
     report.merged_answers = greedy_answers(saved, tok, prompts, config.max_new_tokens, chat)
     if tokenized is not None:
         nll, n = response_nll(saved, tok, tokenized)
         report.merged_perplexity = math.exp(nll / n)
-    report.prompts, report.adapter_answers = prompts, adapter_answers
+
+
+_adapter_side = {}  # the last check's adapter answers and perplexity: exporting f16, then q8_0, asks twice
+
+
+def adapter_side(model, tokenizer, name, config, check, report) -> None:
+    """The adapter's greedy answers and perplexity on the check's rows, into `report` (with the prompts).
+
+    Kept for the next check of the same adapter weights on the same rows: each weight's `_version` counts the
+    in-place changes (an optimizer step, a loaded checkpoint), so a trained or reloaded adapter is asked again."""
+    from .evaluation import greedy_answers, response_nll
+
+    prompts, tokenized, chat = check
+    weights = [(p.data_ptr(), p._version) for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+    rows = None if tokenized is None else str(tokenized["input_ids"]) + str(tokenized["labels"])
+    key = (id(model), name, tuple(weights), tuple(prompts), rows, config.max_new_tokens, chat)
+    if key not in _adapter_side:
+        with using(model, name):
+            answers = greedy_answers(model, tokenizer, prompts, config.max_new_tokens, chat)
+            perplexity = None
+            if tokenized is not None:
+                nll, n = response_nll(model, tokenizer, tokenized)
+                perplexity = math.exp(nll / n)
+        _adapter_side.clear()
+        _adapter_side[key] = answers, perplexity
+    answers, report.adapter_perplexity = _adapter_side[key]
+    report.prompts, report.adapter_answers = list(prompts), list(answers)
 
 
 def _classifier_rows(session, config: MergeConfig):
