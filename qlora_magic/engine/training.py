@@ -562,6 +562,8 @@ def _train_backing_off(attempts: list, make_trainer, settings: dict, reporter: R
             trainer.model.zero_grad(set_to_none=True)  # the half-accumulated step is dropped, not applied
             release_memory()
             step, smaller = trainer.state.global_step, smaller_layout(settings)
+            if settings.get("ranks", 1) > 1:  # the other ranks wait for this one: the launcher relaunches them all
+                _leave_for_relaunch(trainer, settings, step, smaller, tried)
             if smaller is None:
                 raise OutOfMemory(_out_of_memory_message(trainer, settings, step, tried)) from None
             was = _layout_text(settings)
@@ -582,6 +584,21 @@ def _train_backing_off(attempts: list, make_trainer, settings: dict, reporter: R
     finally:
         if scratch is not None:
             scratch.cleanup()
+
+
+def _leave_for_relaunch(trainer, settings: dict, step: int, smaller: dict | None, tried: int | None):
+    """A worker's step ran out of memory: the run folder is told what the next back-off is (or, when there is
+    none, the one-line error), and this process ends at once (distributed.leave_out_of_memory)."""
+    from .distributed import backoff_settings, leave_out_of_memory
+
+    was = _layout_text(settings)
+    if smaller is None:
+        error = OutOfMemory(_out_of_memory_message(trainer, settings, step, tried))
+        leave_out_of_memory(trainer.run_folder.path, step, None, was, error=error)
+    changed = {**settings, **smaller}
+    backoff = backoff_settings(changed)
+    backoff["out_of_memory"] = f"at step {step + 1}: {was} -> {_layout_text(changed)}"
+    leave_out_of_memory(trainer.run_folder.path, step, backoff, was, _layout_text(changed))
 
 
 def _layout_text(settings: dict) -> str:
