@@ -383,7 +383,7 @@ class TrainConfig(_Config):
         self._check_workers()
 
     def _check_workers(self):
-        """--gpus / --processes / --strategy: a number of workers, one kind, not in the background."""
+        """--gpus / --processes / --strategy: a number of workers, of one kind."""
         if isinstance(self.gpus, str):
             if self.gpus.strip().lower() == "all":
                 self.gpus = "all"
@@ -404,9 +404,6 @@ class TrainConfig(_Config):
                               "ddp: drop --strategy fsdp, or use --gpus N.")
         if self.strategy is not None and not workers:
             raise ConfigError("--strategy is for worker processes: add --gpus N (or --processes N on the CPU), or drop --strategy.")
-        if workers and self.background:
-            raise ConfigError("--background is not for worker runs yet: drop --background (the cell shows the workers' "
-                              "progress; %qlora_attach RUN in another notebook follows the run folder).")
 
     @property
     def in_workers(self) -> bool:

@@ -308,3 +308,22 @@ def test_out_of_memory_at_the_smallest_layout_is_one_line(tiny_no_dropout, rows,
     assert "\n" not in message and "even with micro-batch 1 x 4 + gradient checkpointing" in message and "workers.log" in message
     assert len(reporter.notes) == 2  # 2x2 -> 1x4 -> checkpointing, then nothing smaller on the CPU
     assert RunFolder(message.rsplit("see ", 1)[1].rsplit("/", 1)[0].rstrip(")")).status() == "failed"
+
+
+def test_a_background_workers_run_trains_while_the_kernel_is_free_and_stops(tiny_no_dropout, rows):
+    import time
+
+    handle = qm.train(rows, **{**TRAIN, "max_steps": 40}, processes=2, background=True)
+    assert handle.status == "running"  # returned once rank 0 began training: the cell is free
+    while not any("loss" in row for row in handle.history) and handle.live.running:
+        time.sleep(0.2)
+    line = handle.stop()
+    assert handle.status == "interrupted" and "Stopped" in line
+    folder = RunFolder(handle.folder.path)
+    assert folder.status() == "interrupted" and 1 <= folder.record["steps_done"] < 40
+    session = qm.get_session()
+    assert len(session.runs) == 1 and losses(session.history) == losses(folder.history())
+    trained = lora_weights(session.model)
+    qm.load(adapter=str(folder.latest_checkpoint()))
+    for name, weight in lora_weights(qm.get_session().model).items():
+        assert (weight - trained[name]).abs().max() < 1e-6, name
