@@ -307,7 +307,8 @@ def test_out_of_memory_at_the_smallest_layout_is_one_line(tiny_no_dropout, rows,
     message = str(failed.value)
     assert "\n" not in message and "even with micro-batch 1 x 4 + gradient checkpointing" in message and "workers.log" in message
     assert len(reporter.notes) == 2  # 2x2 -> 1x4 -> checkpointing, then nothing smaller on the CPU
-    assert RunFolder(message.rsplit("see ", 1)[1].rsplit("/", 1)[0].rstrip(")")).status() == "failed"
+    folder = RunFolder(message.rsplit("see ", 1)[1].rsplit("/", 1)[0])
+    assert folder.status() == "failed" and folder.record["error"].startswith("Training ran out of GPU memory")
 
 
 def test_a_background_workers_run_trains_while_the_kernel_is_free_and_stops(tiny_no_dropout, rows):

@@ -256,10 +256,11 @@ def follow_workers(folder: RunFolder, launch: Launch, reporter, stop=None, histo
     if info.get("started"):
         reporter.end(summary)
     if code != 0 or status not in ("completed", "interrupted"):
-        if status in ("launched", "running", "crashed"):
-            folder.update(status="failed", error=f"a worker exited with status {code}")
-        if marker is not None and marker.get("error"):
-            raise OutOfMemory(f"{marker['error']} (rank {marker['rank']}; see {log_path})")
+        out_of_memory = marker.get("error") if marker is not None else None
+        if status in ("launched", "running", "crashed") or out_of_memory:  # (not the other ranks' broken collective)
+            folder.update(status="failed", error=out_of_memory or f"a worker exited with status {code}")
+        if out_of_memory:
+            raise OutOfMemory(f"{out_of_memory} (rank {marker['rank']}; see {log_path})")
         raise WorkerError(_failure_line(folder, code, log_path, log_start))
     return summary
 
