@@ -216,6 +216,9 @@ def test_the_strategy_is_ddp_when_one_gpu_holds_the_model_fsdp_when_only_shards_
         choose_strategy(model, lengths, 8, int(sharded / 2), 2)
     message = str(refused.value)
     assert "\n" not in message and "does not fit" in message and "smallest GPU has" in message and "fsdp" in message
+    with pytest.raises(ConfigError) as alone:  # one GPU: nothing to shard over
+        choose_strategy(model, lengths, 8, between, 1)
+    assert "fsdp" not in str(alone.value) and "--gpus 1: the model does not fit" in str(alone.value)
 
 
 def _two_fake_gpus(monkeypatch, memory):

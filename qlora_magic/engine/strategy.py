@@ -53,8 +53,8 @@ def choose_strategy(model, lengths: list[int], effective: int, budget: int, rank
     if ranks > 1 and plan_fits(sharded, budget):
         return StrategyChoice("fsdp", f"auto: fits only sharded over {ranks} GPUs")
     weights = int(model.get_memory_footprint())
+    shards = f", {gb(sharded.estimate)} with the weights sharded over {ranks} GPUs (fsdp)" if ranks > 1 else ""
     raise ConfigError(
         f"--gpus {ranks}: the model does not fit: its weights take {gb(weights)}, and training at the smallest "
-        f"layout needs about {gb(whole.estimate)} per GPU with ddp, {gb(sharded.estimate)} with the weights sharded "
-        f"over {ranks} GPUs (fsdp); the smallest GPU has {gb(budget)}: use more GPUs, lower --max-length, "
-        "or load the model with --bits 4.")
+        f"layout needs about {gb(whole.estimate)} per GPU with ddp{shards}; the smallest GPU has {gb(budget)}: "
+        "use more GPUs, lower --max-length, or load the model with --bits 4.")
