@@ -591,9 +591,13 @@ def _leave_for_relaunch(trainer, settings: dict, step: int, smaller: dict | None
     none, the one-line error), and this process ends at once (distributed.leave_out_of_memory)."""
     from .distributed import backoff_settings, leave_out_of_memory
 
+    from .run_folder import checkpoint_step
+
     was = _layout_text(settings)
-    if smaller is None:
-        error = OutOfMemory(_out_of_memory_message(trainer, settings, step, tried))
+    if smaller is None:  # a worker writes no checkpoint as it leaves: the folder's last one is what is kept
+        latest = trainer.run_folder.latest_checkpoint()
+        kept = checkpoint_step(latest) if latest is not None else 0
+        error = OutOfMemory(_out_of_memory_message(trainer, settings, step, tried, kept_step=kept))
         leave_out_of_memory(trainer.run_folder.path, step, None, was, error=error)
     changed = {**settings, **smaller}
     backoff = backoff_settings(changed)
@@ -617,8 +621,9 @@ def _tried_bytes(message: str) -> int | None:
     return int(float(match[1]) * 1024 ** ("KMGT".index(match[2][0]) + 1))
 
 
-def _out_of_memory_message(trainer, settings: dict, step: int, tried: int | None) -> str:
-    """What ran out, what would have been needed, where the work is kept and what to change."""
+def _out_of_memory_message(trainer, settings: dict, step: int, tried: int | None, kept_step: int | None = None) -> str:
+    """What ran out, what would have been needed, where the work is kept (`kept_step`: the run's last step, which
+    its end writes as a checkpoint, unless given) and what to change."""
     import torch
 
     need = ""
@@ -628,8 +633,9 @@ def _out_of_memory_message(trainer, settings: dict, step: int, tried: int | None
         total = torch.cuda.get_device_properties(index).total_memory
         need = f" (it needed about {gb(peak + (tried or 0))}; the GPU has {gb(total)})"
     kept = ""
-    if trainer.run_folder is not None and step:
-        kept = f"; step {step} is kept in {str(trainer.run_folder.path)!r} (%qlora_train --resume carries it on)"
+    kept_step = step if kept_step is None else kept_step
+    if trainer.run_folder is not None and kept_step:
+        kept = f"; step {kept_step} is kept in {str(trainer.run_folder.path)!r} (%qlora_train --resume carries it on)"
     return (f"Training ran out of GPU memory at step {step + 1} even with {_layout_text(settings)}{need}{kept}: "
             "lower --max-length, load the model with --bits 4, or free GPU memory (%qlora_unload another model).")
 
