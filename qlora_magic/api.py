@@ -165,8 +165,10 @@ def train(data=None, *, config: TrainConfig | None = None, reporter=None, stop=N
     >>> run.wait().status                                 # or qlora_magic.stop()
 
     With `gpus=2` (or "all"; `processes=2` on the CPU) the run trains in worker processes started through
-    torch.distributed (DDP; `strategy="fsdp"` shards the model), shown as an in-kernel run is; the trained
-    adapter is the session's afterwards. A failed worker raises a one-line WorkerError naming its log.
+    torch.distributed (DDP when one GPU holds the model, FSDP sharding when only shards fit: chosen from the memory
+    plan unless `strategy=` says), shown as an in-kernel run is; the trained adapter is the session's afterwards.
+    A failed worker raises a one-line WorkerError naming its log; a rank out of memory has every rank relaunched
+    with a smaller layout.
 
     >>> qlora_magic.train(rows, prompt="Q: {question}\\nA: ", response="{answer}", gpus=2)
     """

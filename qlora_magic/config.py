@@ -335,7 +335,7 @@ class TrainConfig(_Config):
     background: bool = field(default=False, metadata={"help": "start the run and return at once; %qlora_attach shows it, %qlora_stop stops it"})
     gpus: int | str | None = field(default=None, metadata={"help": "train in worker processes, one per GPU, through torch.distributed: a number of GPUs or 'all'; None: in this process"})
     processes: int | None = field(default=None, metadata={"help": "train in this many worker processes on the CPU (torch.distributed's gloo backend: tests, the course); None: in this process"})
-    strategy: str | None = field(default=None, metadata={"help": "with gpus/processes: ddp (each rank holds the model, LoRA gradients all-reduced) or fsdp (FSDP2: the 4-bit weights sharded over the ranks); None: ddp"})
+    strategy: str | None = field(default=None, metadata={"help": "with gpus/processes: ddp (each rank holds the model, LoRA gradients all-reduced) or fsdp (FSDP2: the 4-bit weights sharded over the ranks); None: chosen from the memory plan (ddp when one GPU holds the model; always ddp with processes)"})
     report_to: str | list = field(default="tensorboard", metadata={"help": "experiment trackers, comma-separated: tensorboard (in the run folder), mlflow (a local sqlite store, <output-dir>/mlflow.db, unless MLFLOW_TRACKING_URI is set), trackio (local), wandb (offline unless an API key is set up); none: no tracker"})
     display: str = field(default="auto", metadata={"help": "auto, html, widget, text or none"})
 
@@ -383,7 +383,7 @@ class TrainConfig(_Config):
         self._check_workers()
 
     def _check_workers(self):
-        """--gpus / --processes / --strategy: a number of workers, one kind, not in the background."""
+        """--gpus / --processes / --strategy: a number of workers, of one kind."""
         if isinstance(self.gpus, str):
             if self.gpus.strip().lower() == "all":
                 self.gpus = "all"
@@ -404,9 +404,6 @@ class TrainConfig(_Config):
                               "ddp: drop --strategy fsdp, or use --gpus N.")
         if self.strategy is not None and not workers:
             raise ConfigError("--strategy is for worker processes: add --gpus N (or --processes N on the CPU), or drop --strategy.")
-        if workers and self.background:
-            raise ConfigError("--background is not for worker runs yet: drop --background (the cell shows the workers' "
-                              "progress; %qlora_attach RUN in another notebook follows the run folder).")
 
     @property
     def in_workers(self) -> bool:

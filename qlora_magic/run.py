@@ -10,7 +10,9 @@ same folder, on a shared disk, runs on several machines:
 
 Each worker loads the base model itself, with the adapter the session had when the run was launched (the run
 folder's start/ adapter), from the settings in run.json; rank 0 writes the history, checkpoints and status.
-A STOP file in the run folder ends every rank after the step in flight."""
+A STOP file in the run folder ends every rank after the step in flight. A rank whose step runs out of GPU memory
+writes an OUT_OF_MEMORY file (the back-off it needs) and exits; the launcher relaunches every rank from the last
+checkpoint with that layout (run.json's launch "backoff")."""
 
 from __future__ import annotations
 
@@ -69,13 +71,14 @@ def train_run_folder(path) -> int:
         api.load(adapter=str(start), device=device)
     session = get_session()
     reporter = choose_reporter("none")
+    backoff = launch.get("backoff")  # a relaunch after a rank ran out of memory: the smaller layout it needs
     if resume_from:
         from .engine.data import load_rows
 
         point = ResumePoint(folder, folder.path / resume_from, config, load_rows(config.data, config.split))
-        summary = finetune(session, config, reporter=reporter, resume=point)
+        summary = finetune(session, config, reporter=reporter, resume=point, overrides=backoff)
     else:
-        summary = finetune(session, config, reporter=reporter, run_folder=folder)
+        summary = finetune(session, config, reporter=reporter, run_folder=folder, overrides=backoff)
     if me.is_writer:
         print(f"rank 0: the run ended {summary.status} at step {summary.steps_done}/{summary.steps_planned}", flush=True)
     return 0

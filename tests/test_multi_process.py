@@ -188,3 +188,146 @@ def test_refusals_come_before_anything_is_written(tiny_no_dropout, rows, tmp_pat
     with pytest.raises(ConfigError, match="multiple of 3"):
         qm.train(rows, **TRAIN, processes=3)
     assert not (tmp_path / "runs").exists()
+
+
+# --- The strategy chosen from the per-rank memory plan (a fake GPU size: the plan is pure arithmetic) ---
+
+def _smallest_estimates(model, lengths, monkeypatch):
+    """The smallest layout's per-rank estimate over 2 ranks, whole and sharded (a budget of 1 byte: nothing
+    fits, so the plan is the smallest layout)."""
+    from qlora_magic.engine import strategy
+
+    monkeypatch.setattr(strategy, "host_budget", lambda: 2**40)  # the CPU memory free now must not move the plan
+    whole = strategy.rank_plan(model, lengths, 8, 1, 2, sharded=False).estimate
+    sharded = strategy.rank_plan(model, lengths, 8, 1, 2, sharded=True).estimate
+    return whole, sharded
+
+
+def test_the_strategy_is_ddp_when_one_gpu_holds_the_model_fsdp_when_only_shards_fit(tiny_no_dropout, monkeypatch):
+    from qlora_magic.engine.strategy import choose_strategy
+
+    model, lengths = tiny_no_dropout.model, [30] * 16
+    whole, sharded = _smallest_estimates(model, lengths, monkeypatch)
+    assert sharded < whole
+    assert str(choose_strategy(model, lengths, 8, 80 * 2**30, 2)) == "ddp (auto: fits one GPU)"
+    between = int((whole + sharded) / 2 / 0.9)  # a small budget leaves 10% headroom: only the sharded plan fits
+    assert choose_strategy(model, lengths, 8, between, 2).strategy == "fsdp"
+    with pytest.raises(ConfigError) as refused:
+        choose_strategy(model, lengths, 8, int(sharded / 2), 2)
+    message = str(refused.value)
+    assert "\n" not in message and "does not fit" in message and "smallest GPU has" in message and "fsdp" in message
+    with pytest.raises(ConfigError) as alone:  # one GPU: nothing to shard over
+        choose_strategy(model, lengths, 8, between, 1)
+    assert "fsdp" not in str(alone.value) and "--gpus 1: the model does not fit" in str(alone.value)
+
+
+def _two_fake_gpus(monkeypatch, memory):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(multi_process, "gpu_memory", lambda count, max_memory=None: memory)
+
+
+def test_a_gpus_run_writes_the_chosen_strategy_or_is_refused_before_anything(tiny_no_dropout, rows, tmp_path, monkeypatch):
+    config = qm.config.TrainConfig(data=rows[:32], **TRAIN, gpus=2)
+    _two_fake_gpus(monkeypatch, 1000)
+    with pytest.raises(ConfigError, match="does not fit"):
+        multi_process.write_workers_run(qm.get_session(), config)
+    assert not (tmp_path / "runs").exists()
+    _two_fake_gpus(monkeypatch, 80 * 2**30)
+    written = multi_process.write_workers_run(qm.get_session(), config)
+    launch = written.folder.record["launch"]
+    assert launch["strategy"] == "ddp" and launch["strategy_reason"] == "auto: fits one GPU"
+    assert written.launch.shown({"strategy": "ddp"}) == {"strategy": "ddp (auto: fits one GPU)"}
+    given = multi_process.write_workers_run(qm.get_session(), config.replace(strategy="fsdp"))
+    assert given.folder.record["launch"]["strategy"] == "fsdp" and given.launch.shown({"strategy": "fsdp"}) == {"strategy": "fsdp"}
+
+
+# --- A rank out of memory: every rank relaunched with the next back-off ---
+
+# Imported by every worker (PYTHONPATH): rank 1's step OOM_STEP raises CUDA's out-of-memory error, on the first
+# launch only (run.json's launch has no back-off yet), or on every launch with OOM_ALWAYS.
+OUT_OF_MEMORY_HOOK = '''
+import os
+if os.environ.get("RANK") == "1" and os.environ.get("OOM_STEP"):
+    import json, pathlib, sys
+    import torch
+    from transformers import Trainer
+
+    training_step = Trainer.training_step
+
+    def out_of_memory_once(self, *args, **kwargs):
+        launch = json.loads((pathlib.Path(sys.argv[-1]) / "run.json").read_text())["launch"]
+        if self.state.global_step + 1 == int(os.environ["OOM_STEP"]) and (os.environ.get("OOM_ALWAYS") or not launch.get("backoff")):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return training_step(self, *args, **kwargs)
+
+    Trainer.training_step = out_of_memory_once
+'''
+
+
+class Notes(NullReporter):
+    def __init__(self):
+        self.notes = []
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+@pytest.fixture
+def out_of_memory_in_rank_1(tmp_path_factory, monkeypatch):
+    hooks = tmp_path_factory.mktemp("hooks")
+    (hooks / "sitecustomize.py").write_text(OUT_OF_MEMORY_HOOK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("OOM_STEP", "3")
+
+
+def test_a_rank_out_of_memory_relaunches_every_rank_with_the_next_back_off(tiny_no_dropout, rows, out_of_memory_in_rank_1):
+    reporter = Notes()
+    summary = qm.train(rows[:48], **{**TRAIN, "max_steps": 5}, processes=2, checkpoint_minutes=0.001, reporter=reporter)
+    assert summary.status == "completed" and summary.steps_done == 5
+    assert len(reporter.notes) == 1 and "step 3 on rank 1" in reporter.notes[0] and "relaunched from step 2" in reporter.notes[0]
+    assert "micro-batch 1 x 4" in reporter.notes[0]  # per rank: 2x2 halved, the effective batch kept
+    assert summary.settings["batch"] == "1x4" and "at step 3" in summary.settings["out_of_memory"]
+    folder = RunFolder(summary.run_dir)
+    assert folder.record["launch"]["backoff"]["batch"] == "1x8"
+    steps = [row["step"] for row in folder.history() if "loss" in row]
+    assert steps == [1, 2, 3, 4, 5]  # the history goes on from the checkpoint: no step lost, none twice
+    assert losses(qm.get_session().history) == losses(folder.history())
+    trained = lora_weights(qm.get_session().model)
+    qm.load(adapter=str(folder.latest_checkpoint()))
+    for name, weight in lora_weights(qm.get_session().model).items():
+        assert (weight - trained[name]).abs().max() < 1e-6, name
+
+
+def test_out_of_memory_at_the_smallest_layout_is_one_line(tiny_no_dropout, rows, out_of_memory_in_rank_1, monkeypatch):
+    monkeypatch.setenv("OOM_ALWAYS", "1")
+    monkeypatch.setenv("OOM_STEP", "1")
+    reporter = Notes()
+    with pytest.raises(qm.errors.OutOfMemory) as failed:
+        qm.train(rows[:32], **TRAIN, processes=2, reporter=reporter)
+    message = str(failed.value)
+    assert "\n" not in message and "even with micro-batch 1 x 4 + gradient checkpointing" in message and "workers.log" in message
+    assert len(reporter.notes) == 2  # 2x2 -> 1x4 -> checkpointing, then nothing smaller on the CPU
+    folder = RunFolder(message.rsplit("see ", 1)[1].rsplit("/", 1)[0])
+    assert folder.status() == "failed" and folder.record["error"].startswith("Training ran out of GPU memory")
+
+
+def test_a_background_workers_run_trains_while_the_kernel_is_free_and_stops(tiny_no_dropout, rows):
+    import time
+
+    handle = qm.train(rows, **{**TRAIN, "max_steps": 40}, processes=2, background=True)
+    assert handle.status == "running"  # returned once rank 0 began training: the cell is free
+    while not any("loss" in row for row in handle.history) and handle.live.running:
+        time.sleep(0.2)
+    line = handle.stop()
+    assert handle.status == "interrupted" and "Stopped" in line
+    folder = RunFolder(handle.folder.path)
+    assert folder.status() == "interrupted" and 1 <= folder.record["steps_done"] < 40
+    session = qm.get_session()
+    assert len(session.runs) == 1 and losses(session.history) == losses(folder.history())
+    trained = lora_weights(session.model)
+    qm.load(adapter=str(folder.latest_checkpoint()))
+    for name, weight in lora_weights(qm.get_session().model).items():
+        assert (weight - trained[name]).abs().max() < 1e-6, name

@@ -81,8 +81,11 @@ for step, (a, b) in enumerate(zip(workers, single), 1):
 # %% [markdown]
 # ## On GPUs, and on a cluster
 #
-# On a machine with GPUs the option is `--gpus 2` (or `--gpus all`); `--strategy fsdp` shards a 4-bit model that
-# does not fit one GPU. Asked for GPUs where there are none, the cell says so in one line:
+# On a machine with GPUs the option is `--gpus 2` (or `--gpus all`). The strategy is chosen from the memory plan:
+# ddp when one GPU holds the model and its smallest batch layout, fsdp (the 4-bit weights sharded over the GPUs)
+# when only a shard fits, one line with the numbers when neither does; the settings row says which and why
+# (`strategy=ddp (auto: fits one GPU)`). A rank whose step runs out of memory has every rank relaunched from the
+# last checkpoint with a smaller layout. Asked for GPUs where there are none, the cell says so in one line:
 
 # %% tags=["raises-exception"]
 # %%qlora_train --gpus 2 --max-steps 4

@@ -7,8 +7,10 @@ torchrun (RANK, LOCAL_RANK, WORLD_SIZE in the environment); this module holds on
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,10 @@ from ..errors import ConfigError
 from .speed import BatchLayout
 
 STOP_FILE = "STOP"  # in the run folder: the launcher's Stop (every rank ends after the step in flight)
+OUT_OF_MEMORY_FILE = "OUT_OF_MEMORY"  # in the run folder: a rank ran out of memory, and the back-off it needs
+OUT_OF_MEMORY_EXIT = 75  # a worker's exit status after it wrote OUT_OF_MEMORY_FILE
+# The settings speed.smaller_layout changes: a relaunch after an out-of-memory step fixes them all.
+BACKOFF_KEYS = ("batch", "gradient_checkpointing", "checkpointed_layers", "offload_checkpoints", "compile")
 
 
 @dataclass(frozen=True)
@@ -101,3 +107,42 @@ def stop_callback(stop, stop_file: Path | None):
             control.should_save = save
 
     return AgreeOnStep()
+
+
+def backoff_settings(settings: dict) -> dict:
+    """The settings of a back-off (BACKOFF_KEYS) as a relaunch forces them over its own choice (run.json's
+    launch "backoff", JSON). The batch is written as the whole effective batch (micro x accum x ranks), which
+    per_rank_layout divides back into this rank's micro x accum."""
+    kept = {key: settings[key] for key in BACKOFF_KEYS if key in settings}
+    batch = settings["batch"]
+    kept["batch"] = str(BatchLayout(batch.micro, batch.accum * settings.get("ranks", 1)))
+    return kept
+
+
+def leave_out_of_memory(run_dir: Path, step: int, backoff: dict | None, was: str, now: str | None = None,
+                        error: Exception | None = None):
+    """End this worker after its step ran out of GPU memory: the other ranks wait for it in a collective, which
+    only the launcher can end (torchrun ends them when this one exits), and anything more this process did (the
+    run's last checkpoint, leaving the process group) would be a collective too, and hang. So the run folder is
+    told what the relaunch needs (OUT_OF_MEMORY_FILE: the step, the next back-off's settings, or the one-line
+    `error` when there is none left) and the process exits now; the folder keeps its last whole checkpoint."""
+    me = world()
+    marker = {"rank": me.rank, "step": step, "backoff": backoff, "was": was, "now": now,
+              "error": None if error is None else str(error)}
+    path = Path(run_dir) / OUT_OF_MEMORY_FILE
+    partial = path.with_name(f"{path.name}.{me.rank}.tmp")
+    partial.write_text(json.dumps(marker))
+    os.replace(partial, path)  # whole, even when two ranks run out at once
+    print(f"rank {me.rank}: out of GPU memory at step {step + 1} with {was}; "
+          + (f"the launcher relaunches every rank with {now}" if backoff else "no smaller layout is left"),
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(OUT_OF_MEMORY_EXIT)
+
+
+def read_out_of_memory(run_dir: Path) -> dict | None:
+    """The marker a worker left when it ran out of memory (leave_out_of_memory), or None."""
+    try:
+        return json.loads((Path(run_dir) / OUT_OF_MEMORY_FILE).read_text())
+    except (OSError, ValueError):
+        return None

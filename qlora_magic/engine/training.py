@@ -563,6 +563,8 @@ def _train_backing_off(attempts: list, make_trainer, settings: dict, reporter: R
             trainer.model.zero_grad(set_to_none=True)  # the half-accumulated step is dropped, not applied
             release_memory()
             step, smaller = trainer.state.global_step, smaller_layout(settings)
+            if settings.get("ranks", 1) > 1:  # the other ranks wait for this one: the launcher relaunches them all
+                _leave_for_relaunch(trainer, settings, step, smaller, tried)
             if smaller is None:
                 raise OutOfMemory(_out_of_memory_message(trainer, settings, step, tried)) from None
             was = _layout_text(settings)
@@ -585,6 +587,25 @@ def _train_backing_off(attempts: list, make_trainer, settings: dict, reporter: R
             scratch.cleanup()
 
 
+def _leave_for_relaunch(trainer, settings: dict, step: int, smaller: dict | None, tried: int | None):
+    """A worker's step ran out of memory: the run folder is told what the next back-off is (or, when there is
+    none, the one-line error), and this process ends at once (distributed.leave_out_of_memory)."""
+    from .distributed import backoff_settings, leave_out_of_memory
+
+    from .run_folder import checkpoint_step
+
+    was = _layout_text(settings)
+    if smaller is None:  # a worker writes no checkpoint as it leaves: the folder's last one is what is kept
+        latest = trainer.run_folder.latest_checkpoint()
+        kept = checkpoint_step(latest) if latest is not None else 0
+        error = OutOfMemory(_out_of_memory_message(trainer, settings, step, tried, kept_step=kept))
+        leave_out_of_memory(trainer.run_folder.path, step, None, was, error=error)
+    changed = {**settings, **smaller}
+    backoff = backoff_settings(changed)
+    backoff["out_of_memory"] = f"at step {step + 1}: {was} -> {_layout_text(changed)}"
+    leave_out_of_memory(trainer.run_folder.path, step, backoff, was, _layout_text(changed))
+
+
 def _layout_text(settings: dict) -> str:
     checkpointing = " + gradient checkpointing" if settings["gradient_checkpointing"] else ""
     if checkpointing and settings.get("checkpointed_layers") is not None:
@@ -601,8 +622,9 @@ def _tried_bytes(message: str) -> int | None:
     return int(float(match[1]) * 1024 ** ("KMGT".index(match[2][0]) + 1))
 
 
-def _out_of_memory_message(trainer, settings: dict, step: int, tried: int | None) -> str:
-    """What ran out, what would have been needed, where the work is kept and what to change."""
+def _out_of_memory_message(trainer, settings: dict, step: int, tried: int | None, kept_step: int | None = None) -> str:
+    """What ran out, what would have been needed, where the work is kept (`kept_step`: the run's last step, which
+    its end writes as a checkpoint, unless given) and what to change."""
     import torch
 
     need = ""
@@ -612,8 +634,9 @@ def _out_of_memory_message(trainer, settings: dict, step: int, tried: int | None
         total = torch.cuda.get_device_properties(index).total_memory
         need = f" (it needed about {gb(peak + (tried or 0))}; the GPU has {gb(total)})"
     kept = ""
-    if trainer.run_folder is not None and step:
-        kept = f"; step {step} is kept in {str(trainer.run_folder.path)!r} (%qlora_train --resume carries it on)"
+    kept_step = step if kept_step is None else kept_step
+    if trainer.run_folder is not None and kept_step:
+        kept = f"; step {kept_step} is kept in {str(trainer.run_folder.path)!r} (%qlora_train --resume carries it on)"
     return (f"Training ran out of GPU memory at step {step + 1} even with {_layout_text(settings)}{need}{kept}: "
             "lower --max-length, load the model with --bits 4, or free GPU memory (%qlora_unload another model).")
 

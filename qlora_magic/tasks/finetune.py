@@ -15,11 +15,13 @@ from ..errors import ConfigError
 ROW_INDEX = "qlora_row"  # carried through tokenization, so tokenized rows can be found again among the raw rows
 
 
-def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=None, run_folder=True, resume=None):
+def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=None, run_folder=True, resume=None,
+             overrides=None):
     """Train the session's active adapter as `config` says; returns the TrainSummary.
     `callbacks`: extra transformers TrainerCallbacks (tuning prunes trials through one).
     `run_folder`: keep a run folder (run.json, history.jsonl, checkpoints) under config.output_dir (True), keep none
-    (False: tuning's trials), or train in one made already (a RunFolder: a worker process of tasks.multi_process). `resume`: a ResumePoint (tasks.resuming) to carry on from, its model already loaded."""
+    (False: tuning's trials), or train in one made already (a RunFolder: a worker process of tasks.multi_process). `resume`: a ResumePoint (tasks.resuming) to carry on from, its model already loaded.
+    `overrides`: settings forced over the chosen ones (run_training's; a worker relaunched after running out of memory)."""
     from ..display import choose_reporter
     from ..engine.data import prepare_datasets
     from ..engine.data_checks import raise_if_fatal
@@ -59,7 +61,7 @@ def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=N
         checkpointing = continue_run_folder(session, config, run_folder, run, index)
     try:
         summary = run_training(model, session.tokenizer, config, TrainingData(train_set, eval_set, task), reporter,
-                               log, stop=stop, callbacks=callbacks, checkpointing=checkpointing)
+                               log, stop=stop, overrides=overrides, callbacks=callbacks, checkpointing=checkpointing)
     except BaseException:
         if checkpointing is not None and checkpointing.folder.record.get("status") == "running":
             checkpointing.folder.update(status="failed")  # it failed before training began

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TrainConfig
+from ..engine.distributed import OUT_OF_MEMORY_FILE, read_out_of_memory
 from ..engine.run_folder import HISTORY_FILE, RunFolder, checkpoint_step
-from ..errors import ConfigError, WorkerError
+from ..errors import ConfigError, OutOfMemory, WorkerError
 
 START_ADAPTER = "start"  # the run folder's adapter the workers start from (the session's when launched)
 LOG_FILE = "workers.log"  # what the workers print
@@ -42,9 +43,17 @@ class Launch:
     workers: int
     strategy: str = "ddp"
     visible: str | None = None  # CUDA_VISIBLE_DEVICES for the workers (None: as this process has it)
+    reason: str | None = None  # why the strategy, when it was chosen for the user ("auto: fits one GPU")
 
     def to_json(self) -> dict:
-        return {"device": self.device, "workers": self.workers, "strategy": self.strategy}
+        return {"device": self.device, "workers": self.workers, "strategy": self.strategy,
+                "strategy_reason": self.reason}
+
+    def shown(self, settings: dict) -> dict:
+        """The workers' settings as the settings row shows them: the strategy with why it was chosen."""
+        if self.reason and settings.get("strategy") == self.strategy:
+            return {**settings, "strategy": f"{self.strategy} ({self.reason})"}
+        return settings
 
 
 def plan_launch(config: TrainConfig) -> Launch:
@@ -107,7 +116,9 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
     launch = plan_launch(config)
     check_split(config, launch.workers)
     rows = load_rows(config.data, config.split)
-    task_examples(session, config, rows)  # a bad template fails here, in one line, before anything starts
+    examples = task_examples(session, config, rows)  # a bad template fails here, in one line, before anything starts
+    if launch.device == "cuda" and config.strategy is None:
+        launch.strategy, launch.reason = _auto_strategy(session, config, rows, examples, launch)
     run, index = TrainRun.of(config), len(session.runs)
     folder = start_run_folder(session, config, rows, run, index).folder
     try:
@@ -117,6 +128,33 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
         folder.update(status="failed")
         raise
     return WorkersRun(folder, launch, run, index)
+
+
+def gpu_memory(count: int, max_memory=None) -> int:
+    """Bytes each worker may plan with: the smallest of the `count` GPUs the workers use (the first ones this
+    process sees), capped by --max-memory. Read from the cards' properties, which opens no CUDA context there."""
+    import torch
+
+    from ..config import parse_memory
+
+    smallest = min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+    limit = parse_memory(max_memory)
+    return int(min(smallest, limit) if limit else smallest)
+
+
+def _auto_strategy(session, config: TrainConfig, rows, examples, launch: Launch) -> tuple[str, str]:
+    """ddp or fsdp from the per-rank memory plan of the data's tokenized lengths (engine/strategy.py); a run
+    that fits neither way is refused here, before anything is written."""
+    from ..engine.data import prepare_datasets
+    from ..engine.strategy import choose_strategy
+
+    train_set, _, _ = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
+    lengths = [len(ids) for ids in train_set["input_ids"]]
+    choice = choose_strategy(session.model, lengths, config.batch_size * config.grad_accum,
+                             gpu_memory(launch.workers, config.max_memory), launch.workers,
+                             packing=True if config.packing is None else config.packing,
+                             checkpointing=config.gradient_checkpointing)
+    return choice.strategy, choice.reason
 
 
 def check_split(config: TrainConfig, workers: int):
@@ -153,10 +191,9 @@ def resume_in_workers(point, reporter=None, stop=None, config: TrainConfig | Non
     before = folder.record["launch"]
     launch = plan_launch(TrainConfig(processes=before["workers"]) if before.get("device") == "cpu"
                          else TrainConfig(gpus=before["workers"], strategy=before.get("strategy")))
-    kept = [row for row in folder.history() if row.get("step", 0) <= point.step]
-    folder.open_history(keep=kept)
-    folder.close()
-    folder.update(launch={**launch.to_json(), "resume_from": str(point.checkpoint.relative_to(folder.path))})
+    launch.reason = before.get("strategy_reason")
+    kept = _cut_history(folder, point.step)
+    folder.update(launch={**before, **launch.to_json(), "resume_from": str(point.checkpoint.relative_to(folder.path))})
     display = config.display if config is not None else "auto"
     return follow_workers(folder, launch, reporter or choose_reporter(display), stop, history=kept, resumed=True)
 
@@ -185,15 +222,55 @@ def worker_environment(launch: Launch) -> dict:
 def follow_workers(folder: RunFolder, launch: Launch, reporter, stop=None, history=None, resumed=False):
     """Start the workers on `folder` and show their run through `reporter` until they end; returns the
     TrainSummary. Stop (`stop` set, or Ctrl-C) writes the STOP file; a second Ctrl-C ends the workers at once.
-    A failed worker raises WorkerError (one line naming workers.log)."""
-    from ..engine.distributed import STOP_FILE
+    A worker whose step ran out of GPU memory has every rank relaunched from the last checkpoint with the next
+    back-off layout (the in-kernel sequence, speed.smaller_layout), one note in the cell each time. A failed
+    worker raises WorkerError (one line naming workers.log); out of memory at the smallest layout, OutOfMemory."""
     from ..engine.stopping import StopFlag
     from ..engine.training import TrainSummary
 
     stop = stop if stop is not None else StopFlag()
     history = list(history or [])
     first_row = len(history)
-    (folder.path / STOP_FILE).unlink(missing_ok=True)
+    log_path = folder.path / LOG_FILE
+    follower = _HistoryFollower(folder.path / HISTORY_FILE, skip_existing=resumed)
+    started, info = time.perf_counter(), {}
+    while True:
+        log_start = log_path.stat().st_size if log_path.exists() else 0
+        code, info = _run_workers(folder, launch, reporter, stop, follower, history, info, started)
+        marker = read_out_of_memory(folder.path) if code != 0 and not stop else None
+        if marker is None or not marker.get("backoff"):
+            break
+        step = _relaunch_after_out_of_memory(folder, marker)
+        history[first_row:] = [row for row in history[first_row:] if step and row.get("step", 0) <= step]
+        follower = _HistoryFollower(folder.path / HISTORY_FILE, skip_existing=True)
+        reporter.note(f"Out of GPU memory at step {marker['step'] + 1} on rank {marker['rank']}: every rank relaunched "
+                      f"from step {step} with {marker['now']} (was {marker['was']}); the effective batch is the same.")
+    record = folder.record
+    status = folder.status(record)
+    rows = history[first_row:]
+    summary = TrainSummary.from_history(
+        rows, status=status if status in ("completed", "interrupted") else "failed",
+        steps_planned=record.get("total_steps") or 0, seconds=time.perf_counter() - started, run_dir=str(folder.path),
+        settings=launch.shown(dict(record.get("settings") or {})),
+        steps_done=record.get("steps_done") or max((r.get("step", 0) for r in rows), default=0))
+    if info.get("started"):
+        reporter.end(summary)
+    if code != 0 or status not in ("completed", "interrupted"):
+        out_of_memory = marker.get("error") if marker is not None else None
+        if status in ("launched", "running", "crashed") or out_of_memory:  # (not the other ranks' broken collective)
+            folder.update(status="failed", error=out_of_memory or f"a worker exited with status {code}")
+        if out_of_memory:
+            raise OutOfMemory(f"{out_of_memory} (rank {marker['rank']}; see {log_path})")
+        raise WorkerError(_failure_line(folder, code, log_path, log_start))
+    return summary
+
+
+def _run_workers(folder: RunFolder, launch: Launch, reporter, stop, follower, history: list, info: dict, started):
+    """One launch of the workers, followed until they end; returns (torchrun's exit status, the follow state)."""
+    from ..engine.distributed import STOP_FILE
+
+    for left in (STOP_FILE, OUT_OF_MEMORY_FILE):  # from an earlier launch
+        (folder.path / left).unlink(missing_ok=True)
     log_path = folder.path / LOG_FILE
     try:
         with open(log_path, "ab") as log:
@@ -202,15 +279,14 @@ def follow_workers(folder: RunFolder, launch: Launch, reporter, stop=None, histo
     except OSError as error:
         folder.update(status="failed", error=str(error))
         raise WorkerError(f"Could not start the workers ({error.strerror or error}): see {log_path}") from None
-    follower = _HistoryFollower(folder.path / HISTORY_FILE, skip_existing=resumed)
-    started, stopping_since, info = time.perf_counter(), None, {}
+    stopping_since = None
     try:
         while True:
             try:
                 ended = process.poll() is not None
-                info = _follow_once(folder, follower, reporter, history, info, started)
+                info = _follow_once(folder, follower, reporter, history, info, started, launch)
                 if ended:
-                    break
+                    return process.returncode, info
                 if stop and stopping_since is None:
                     stopping_since = time.monotonic()
                     (folder.path / STOP_FILE).touch()
@@ -225,21 +301,27 @@ def follow_workers(folder: RunFolder, launch: Launch, reporter, stop=None, histo
     finally:
         if process.poll() is None:
             _end_workers(process)
-    record = folder.record
-    status = folder.status(record)
-    rows = history[first_row:]
-    settings = dict(record.get("settings") or {})
-    summary = TrainSummary.from_history(
-        rows, status=status if status in ("completed", "interrupted") else "failed",
-        steps_planned=record.get("total_steps") or 0, seconds=time.perf_counter() - started, run_dir=str(folder.path),
-        settings=settings, steps_done=record.get("steps_done") or max((r.get("step", 0) for r in rows), default=0))
-    if info.get("started"):
-        reporter.end(summary)
-    if process.returncode != 0 or status not in ("completed", "interrupted"):
-        if status in ("launched", "running", "crashed"):
-            folder.update(status="failed", error=f"a worker exited with status {process.returncode}")
-        raise WorkerError(_failure_line(folder, process.returncode, log_path))
-    return summary
+
+
+def _relaunch_after_out_of_memory(folder: RunFolder, marker: dict) -> int:
+    """The run folder set for the workers to start again after a rank ran out of memory: from its last
+    checkpoint (or from the start adapter when there is none yet), the history cut back to it, the back-off's
+    settings in the launch entry. Returns the step the relaunch carries on from."""
+    checkpoint = folder.latest_checkpoint()
+    step = checkpoint_step(checkpoint) if checkpoint is not None else 0
+    _cut_history(folder, step if checkpoint is not None else None)
+    resume_from = str(checkpoint.relative_to(folder.path)) if checkpoint is not None else None
+    folder.update(launch={**folder.record["launch"], "backoff": marker["backoff"], "resume_from": resume_from},
+                  status="launched")
+    return step
+
+
+def _cut_history(folder: RunFolder, step: int | None) -> list[dict]:
+    """history.jsonl cut back to the rows up to `step` (None: none), as the relaunched workers go on from it."""
+    kept = [row for row in folder.history() if row.get("step", 0) <= step] if step is not None else []
+    folder.open_history(keep=kept)
+    folder.close()
+    return kept
 
 
 class _HistoryFollower:
@@ -268,7 +350,7 @@ class _HistoryFollower:
         return rows
 
 
-def _follow_once(folder, follower, reporter, history, info, started):
+def _follow_once(folder, follower, reporter, history, info, started, launch: Launch):
     """One look at the run folder: the start event once rank 0 said the run began (run.json names another
     process than this one, with the settings it chose), then each new row."""
     if not info.get("started"):
@@ -277,7 +359,7 @@ def _follow_once(folder, follower, reporter, history, info, started):
         if not (record.get("settings") and record.get("total_steps") and process.get("pid") != os.getpid()):
             return info
         info = {"started": True, "total_steps": record["total_steps"]}
-        reporter.start({"total_steps": record["total_steps"], "settings": record["settings"],
+        reporter.start({"total_steps": record["total_steps"], "settings": launch.shown(record["settings"]),
                         "run_dir": str(folder.path), "history": history})
     rows = follower.new_rows()
     history.extend(rows)  # first, so a Ctrl-C while they are shown loses none
@@ -301,9 +383,10 @@ def _end_workers(process):
             return
 
 
-def _failure_line(folder: RunFolder, code, log_path: Path) -> str:
-    """One line: what failed, the worker's last error line, what was kept, where the log is."""
-    cause = _last_error_line(log_path)
+def _failure_line(folder: RunFolder, code, log_path: Path, log_start: int = 0) -> str:
+    """One line: what failed, the worker's error line (in the log from `log_start`, where the last launch's part
+    begins), what was kept, where the log is."""
+    cause = _last_error_line(log_path, log_start)
     checkpoint = folder.latest_checkpoint()
     kept = (f"; step {checkpoint_step(checkpoint)} is kept (%qlora_train --resume {folder.path} carries it on)"
             if checkpoint is not None else "")
@@ -311,11 +394,14 @@ def _failure_line(folder: RunFolder, code, log_path: Path) -> str:
             f"see {log_path}")
 
 
-def _last_error_line(log_path: Path) -> str | None:
+def _last_error_line(log_path: Path, start: int = 0) -> str | None:
     """The first worker's error line in the log (qlora_magic.errors.ConfigError: ...), shortened; torchrun's
     own report of the failure (ChildFailedError) is not the cause."""
     with contextlib.suppress(OSError):
-        for line in log_path.read_text(errors="replace").splitlines():
+        with open(log_path, "rb") as log:
+            log.seek(start)
+            text = log.read().decode(errors="replace")
+        for line in text.splitlines():
             text = line.split("]:", 1)[-1].strip() if line.startswith("[rank") else line.strip()
             head = text.split(":", 1)[0]
             if (head and " " not in head and head.endswith(("Error", "Exception", "KeyboardInterrupt"))

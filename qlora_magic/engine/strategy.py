@@ -1,0 +1,60 @@
+"""Which torch.distributed strategy a `--gpus N` run takes when the user gave none: ddp when each rank can hold
+the whole quantized model and train it (the memory plan of one rank fits the smallest GPU), fsdp when it fits
+only with the weights sharded over the ranks, a one-line refusal with the numbers when neither fits.
+
+Decided in the kernel before anything is launched, from the model the session holds (its weight bytes are the
+same on any device) and the per-rank share of the effective batch, with speed.plan_batches: the plan that
+fits decides, so the smallest layout (micro-batch 1, checkpointing, offload) counts as fitting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..display.formatting import gb
+from ..errors import ConfigError
+from .speed import BatchPlan, host_budget, model_dims, output_head, plan_batches, plan_fits
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    """The strategy chosen and why, as the settings row shows it: "ddp (auto: fits one GPU)"."""
+
+    strategy: str
+    reason: str
+
+    def __str__(self):
+        return f"{self.strategy} ({self.reason})"
+
+
+def rank_plan(model, lengths: list[int], effective: int, budget: int, ranks: int, sharded: bool,
+              packing: bool = True, checkpointing: bool | None = None) -> BatchPlan:
+    """One rank's memory plan for its share of the effective batch: the whole model's weights and optimizer
+    state (ddp), or a 1/ranks share of them plus one layer gathered whole at a time (FSDP2 unshards a layer
+    for its forward and backward)."""
+    weights = int(model.get_memory_footprint())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dims = model_dims(model)
+    if sharded:
+        weights = weights // ranks + weights // max(1, dims["layers"])
+        trainable = -(-trainable // ranks)
+    return plan_batches(max(1, effective // ranks), lengths, packing, dims, budget, weights, trainable,
+                        checkpointing=checkpointing, chunked_loss=output_head(model) is not None,
+                        host_budget=host_budget())
+
+
+def choose_strategy(model, lengths: list[int], effective: int, budget: int, ranks: int, packing: bool = True,
+                    checkpointing: bool | None = None) -> StrategyChoice:
+    """ddp when one rank's plan fits `budget` (the smallest GPU's bytes), else fsdp when the sharded plan fits,
+    else ConfigError (one line: what each needs, what the GPU has, what to change)."""
+    whole = rank_plan(model, lengths, effective, budget, ranks, False, packing, checkpointing)
+    if plan_fits(whole, budget):
+        return StrategyChoice("ddp", "auto: fits one GPU")
+    sharded = rank_plan(model, lengths, effective, budget, ranks, True, packing, checkpointing)
+    if ranks > 1 and plan_fits(sharded, budget):
+        return StrategyChoice("fsdp", f"auto: fits only sharded over {ranks} GPUs")
+    weights = int(model.get_memory_footprint())
+    shards = f", {gb(sharded.estimate)} with the weights sharded over {ranks} GPUs (fsdp)" if ranks > 1 else ""
+    raise ConfigError(
+        f"--gpus {ranks}: the model does not fit: its weights take {gb(weights)}, and training at the smallest "
+        f"layout needs about {gb(whole.estimate)} per GPU with ddp{shards}; the smallest GPU has {gb(budget)}: "
+        "use more GPUs, lower --max-length, or load the model with --bits 4.")
