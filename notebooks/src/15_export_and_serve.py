@@ -55,9 +55,9 @@ eval_split: 4
 #
 # The check that follows answers the held-out rows of the last run with the adapter and with
 # the exported file; the row **checked by** says which runtime read the file. With `llama-cpp-python`
-# installed it is llama.cpp itself (`%pip install llama-cpp-python`: it builds llama.cpp from source where no
-# wheel serves, about 20 minutes on 2 CPU cores); without it, as here, the file's tensors are read back with
-# `gguf`'s reader into the merged model, which then answers.
+# installed it is llama.cpp itself, as when this copy of the notebook ran (`%pip install llama-cpp-python`: it
+# builds llama.cpp from source where no wheel serves, about 20 minutes on 2 CPU cores); without it the file's
+# tensors are read back with `gguf`'s reader into the merged model, which then answers.
 
 # %%
 f16 = qm.export("gguf", runs / "f16", ollama=True, max_new_tokens=12)   # %qlora_export gguf runs/export/f16 --ollama
