@@ -67,9 +67,10 @@ def word_tokenizer(vocab_size):
 
 
 def text_rows(n, vocab, max_length, seed=0):
-    """synthetic_rows as text: the prompt part and the response part of each example."""
+    """synthetic_rows as text: the prompt part and the response part of each example (one token shorter than
+    max_length, so the stop token the training appends is kept: the data check refuses rows that all lose it)."""
     rows = []
-    for row in synthetic_rows(n, vocab, max_length=max_length, seed=seed):
+    for row in synthetic_rows(n, vocab, max_length=max_length - 1, seed=seed):
         cut = row["labels"].count(-100)
         ids = row["input_ids"]
         rows.append({"prompt": " ".join(f"t{i}" for i in ids[:cut]) + " ",
@@ -153,6 +154,10 @@ def one_run(rows, workers, args, start, out_dir, strategy=None, model=None):
         options["strategy"] = strategy
     if model is not None:
         options["_model"] = model
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the in-kernel run's peak is this process's
     started = time.perf_counter()
     try:
         summary = qm.train(rows, **{k: v for k, v in options.items() if not k.startswith("_")})
@@ -167,9 +172,25 @@ def one_run(rows, workers, args, start, out_dir, strategy=None, model=None):
     return {"workers": workers, "strategy": strategy or ("ddp" if workers else "in-kernel"), "ok": True,
             "status": summary.status, "steps": summary.steps_done, "wall_s": round(wall, 1),
             "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
-            "s_per_step": step_seconds, "peak_rank0_gb": max((r.get("memory") or 0 for r in steps), default=0) / 1e9,
+            "s_per_step": step_seconds, "peak_rank0_gb": rank0_peak_gb(summary.run_dir, steps),
             "losses": [row["loss"] for row in steps], "settings": {k: str(v) for k, v in summary.settings.items()},
             "run_dir": summary.run_dir}
+
+
+def rank0_peak_gb(run_dir, steps) -> float:
+    """Rank 0's peak allocated memory as the worker printed it in workers.log (the history's memory is what is
+    allocated when a step is logged, not the peak); in-kernel, the process's own peak."""
+    import re
+
+    import torch
+
+    log_file = Path(run_dir or "") / "workers.log"
+    found = re.findall(r"rank 0: peak GPU memory allocated ([\d.]+) GB", log_file.read_text()) if log_file.is_file() else []
+    if found:
+        return float(found[-1])
+    if torch.cuda.is_available() and not log_file.is_file():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return max((r.get("memory") or 0 for r in steps), default=0) / 1e9
 
 
 def largest_difference(a, b):
@@ -250,7 +271,7 @@ def fsdp(args, tmp, out, gpus_there):
         speeds = [row["tokens_per_second"] for row in steps[1:] if row.get("tokens_per_second")]
         result.update(ok=True, status=summary.status, steps=summary.steps_done, wall_s=round(time.perf_counter() - started, 1),
                       tokens_per_s=sum(speeds) / len(speeds) if speeds else None,
-                      peak_rank0_gb=max((r.get("memory") or 0 for r in steps), default=0) / 1e9,
+                      peak_rank0_gb=rank0_peak_gb(written.folder.path, steps),
                       losses=[row["loss"] for row in steps], settings={k: str(v) for k, v in summary.settings.items()},
                       run_dir=str(written.folder.path))
     except Exception as error:  # noqa: BLE001
@@ -318,6 +339,7 @@ def main(argv=None):
     parser.add_argument("--max-length", type=int, default=None, help="default 512; 48 with --quick")
     parser.add_argument("--gpus-list", default="1,2", help="worker counts to compare (those above the GPUs there are skipped)")
     parser.add_argument("--skip-fsdp", action="store_true")
+    parser.add_argument("--skip-ddp", action="store_true", help="only the FSDP run")
     parser.add_argument("--fsdp-layers", type=int, default=80, help="layers of the 70B-width model (fewer if the disk is short)")
     parser.add_argument("--fsdp-dir", default=None, help="where to build (or find) the 70B-width checkpoint")
     parser.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -335,7 +357,7 @@ def main(argv=None):
     tmp = args.tmp or Path(tempfile.mkdtemp(prefix="qlora-multi-gpu-"))
     env = environment()
     log(f"multi_gpu: {env['device']} x{gpus_there}, scratch {tmp}")
-    runs = scaling(args, tmp, args.out, gpus_there)
+    runs = [] if args.skip_ddp else scaling(args, tmp, args.out, gpus_there)
     fsdp_result = None if args.skip_fsdp else fsdp(args, tmp, args.out, gpus_there)
     text = report(env, runs, fsdp_result, args)
     (args.out / "results.md").write_text(text)

@@ -81,6 +81,10 @@ def train_run_folder(path) -> int:
         summary = finetune(session, config, reporter=reporter, run_folder=folder, overrides=backoff)
     if me.is_writer:
         print(f"rank 0: the run ended {summary.status} at step {summary.steps_done}/{summary.steps_planned}", flush=True)
+    if str(device).startswith("cuda"):  # each rank's peak, for the log and benchmarks/multi_gpu.py
+        import torch
+
+        print(f"rank {me.rank}: peak GPU memory allocated {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB", flush=True)
     return 0
 
 
