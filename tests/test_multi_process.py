@@ -285,7 +285,7 @@ def out_of_memory_in_rank_1(tmp_path_factory, monkeypatch):
 
 def test_a_rank_out_of_memory_relaunches_every_rank_with_the_next_back_off(tiny_no_dropout, rows, out_of_memory_in_rank_1):
     reporter = Notes()
-    summary = qm.train(rows[:48], **{**TRAIN, "max_steps": 5}, processes=2, checkpoint_minutes=0.001, reporter=reporter)
+    summary = qm.train(rows[:48], **{**TRAIN, "max_steps": 5}, processes=2, checkpoint_minutes=1e-6, reporter=reporter)
     assert summary.status == "completed" and summary.steps_done == 5
     assert len(reporter.notes) == 1 and "step 3 on rank 1" in reporter.notes[0] and "relaunched from step 2" in reporter.notes[0]
     assert "micro-batch 1 x 4" in reporter.notes[0]  # per rank: 2x2 halved, the effective batch kept
