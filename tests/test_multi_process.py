@@ -198,8 +198,8 @@ def _smallest_estimates(model, lengths, monkeypatch):
     from qlora_magic.engine import strategy
 
     monkeypatch.setattr(strategy, "host_budget", lambda: 2**40)  # the CPU memory free now must not move the plan
-    whole = strategy.rank_plan(model, lengths, 8, 1, 2, sharded=False).estimate
-    sharded = strategy.rank_plan(model, lengths, 8, 1, 2, sharded=True).estimate
+    whole = strategy.rank_plan(model, int(model.get_memory_footprint()), lengths, 8, 1, 2, sharded=False).estimate
+    sharded = strategy.rank_plan(model, int(model.get_memory_footprint()), lengths, 8, 1, 2, sharded=True).estimate
     return whole, sharded
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from ..errors import ConfigError
 from .speed import BatchLayout
@@ -21,7 +22,7 @@ STOP_FILE = "STOP"  # in the run folder: the launcher's Stop (every rank ends af
 OUT_OF_MEMORY_FILE = "OUT_OF_MEMORY"  # in the run folder: a rank ran out of memory, and the back-off it needs
 OUT_OF_MEMORY_EXIT = 75  # a worker's exit status after it wrote OUT_OF_MEMORY_FILE
 # The settings speed.smaller_layout changes: a relaunch after an out-of-memory step fixes them all.
-BACKOFF_KEYS = ("batch", "gradient_checkpointing", "checkpointed_layers", "offload_checkpoints", "compile")
+BACKOFF_KEYS = ("batch", "gradient_checkpointing", "checkpointed_layers", "offload_checkpoints")
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def backoff_settings(settings: dict) -> dict:
 
 
 def leave_out_of_memory(run_dir: Path, step: int, backoff: dict | None, was: str, now: str | None = None,
-                        error: Exception | None = None):
+                        error: Exception | None = None) -> NoReturn:
     """End this worker after its step ran out of GPU memory: the other ranks wait for it in a collective, which
     only the launcher can end (torchrun ends them when this one exits), and anything more this process did (the
     run's last checkpoint, leaving the process group) would be a collective too, and hang. So the run folder is

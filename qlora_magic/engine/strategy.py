@@ -26,12 +26,11 @@ class StrategyChoice:
         return f"{self.strategy} ({self.reason})"
 
 
-def rank_plan(model, lengths: list[int], effective: int, budget: int, ranks: int, sharded: bool,
+def rank_plan(model, weights: int, lengths: list[int], effective: int, budget: int, ranks: int, sharded: bool,
               packing: bool = True, checkpointing: bool | None = None) -> BatchPlan:
-    """One rank's memory plan for its share of the effective batch: the whole model's weights and optimizer
-    state (ddp), or a 1/ranks share of them plus one layer gathered whole at a time (FSDP2 unshards a layer
-    for its forward and backward)."""
-    weights = int(model.get_memory_footprint())
+    """One rank's memory plan for its share of the effective batch: the whole model's `weights` (bytes) and
+    optimizer state (ddp), or a 1/ranks share of them plus one layer gathered whole at a time (FSDP2 unshards a
+    layer for its forward and backward)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dims = model_dims(model)
     if sharded:
@@ -46,13 +45,13 @@ def choose_strategy(model, lengths: list[int], effective: int, budget: int, rank
                     checkpointing: bool | None = None) -> StrategyChoice:
     """ddp when one rank's plan fits `budget` (the smallest GPU's bytes), else fsdp when the sharded plan fits,
     else ConfigError (one line: what each needs, what the GPU has, what to change)."""
-    whole = rank_plan(model, lengths, effective, budget, ranks, False, packing, checkpointing)
+    weights = int(model.get_memory_footprint())
+    whole = rank_plan(model, weights, lengths, effective, budget, ranks, False, packing, checkpointing)
     if plan_fits(whole, budget):
         return StrategyChoice("ddp", "auto: fits one GPU")
-    sharded = rank_plan(model, lengths, effective, budget, ranks, True, packing, checkpointing)
+    sharded = rank_plan(model, weights, lengths, effective, budget, ranks, True, packing, checkpointing)
     if ranks > 1 and plan_fits(sharded, budget):
         return StrategyChoice("fsdp", f"auto: fits only sharded over {ranks} GPUs")
-    weights = int(model.get_memory_footprint())
     shards = f", {gb(sharded.estimate)} with the weights sharded over {ranks} GPUs (fsdp)" if ranks > 1 else ""
     raise ConfigError(
         f"--gpus {ranks}: the model does not fit: its weights take {gb(weights)}, and training at the smallest "

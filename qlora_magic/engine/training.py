@@ -12,7 +12,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..config import TrainConfig, parse_trackers
 from ..display.formatting import Readout, gb
@@ -587,7 +587,7 @@ def _train_backing_off(attempts: list, make_trainer, settings: dict, reporter: R
             scratch.cleanup()
 
 
-def _leave_for_relaunch(trainer, settings: dict, step: int, smaller: dict | None, tried: int | None):
+def _leave_for_relaunch(trainer, settings: dict, step: int, smaller: dict | None, tried: int | None) -> NoReturn:
     """A worker's step ran out of memory: the run folder is told what the next back-off is (or, when there is
     none, the one-line error), and this process ends at once (distributed.leave_out_of_memory)."""
     from .distributed import backoff_settings, leave_out_of_memory
