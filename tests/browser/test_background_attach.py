@@ -110,10 +110,25 @@ class Notebook:
             nib.poll(lambda: self.cells() == index + 2, 20, what="the new cell")
             self.page.keyboard.press("Enter")
             index += 1
-        self.page.keyboard.type(code)
+        self.type_into(self.page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-InputArea-editor"), code)
         self.page.keyboard.press("Shift+Enter")
         self.wait_ran(index)
         return index
+
+    def type_into(self, editor, code: str):
+        """Type `code` into the focused `editor` and check it arrived whole: on a loaded machine the first keys can
+        land before the editor has focus (a cell then runs `qlora_attach`, a NameError). Retyped once if not."""
+        for attempt in range(2):
+            self.page.keyboard.type(code)
+            try:
+                nib.poll(lambda: editor.inner_text().strip() == code, 5, what=f"the cell to read {code!r}")
+                return
+            except TimeoutError:
+                if attempt:
+                    raise
+                editor.click()
+                self.page.keyboard.press("Control+a")
+                self.page.keyboard.press("Delete")
 
     def wait_ran(self, index, timeout=120):
         nib.poll(lambda: re.search(r"\[\d+\]", self.cell(index)["prompt"]), self.deadline.left(timeout),
@@ -121,11 +136,19 @@ class Notebook:
 
     def wait_for(self, index, check, what, timeout=120) -> dict:
         """The cell's outputs (JS_CELL) once `check` holds for them."""
+        seen = {}
+
         def passing():
-            cell = self.cell(index)
+            cell = seen["cell"] = self.cell(index)
             return cell if cell and check(cell) else None
 
-        return nib.poll(passing, self.deadline.left(timeout), 0.5, what)
+        try:
+            return nib.poll(passing, self.deadline.left(timeout), 0.5, what)
+        except TimeoutError as error:  # say what the cell showed instead, so a failure in CI can be read
+            cell = seen.get("cell") or {}
+            raise TimeoutError(f"{error}; cell {index} showed: input prompt {cell.get('prompt')!r}, image "
+                               f"{(cell.get('image') or {}).get('width')!r}, bar {cell.get('bar')!r}, text "
+                               f"{cell.get('text', '')[-600:]!r}") from None
 
 
 @contextlib.contextmanager
