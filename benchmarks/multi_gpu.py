@@ -26,6 +26,9 @@ rank takes its share of the accumulation), seed 0, every run from the same saved
    peak (the issue asks for under 80 GB per GPU on 2 GPUs), the loss curve. The kernel holds no 70B: the
    session loads a 2-layer model of the same width to write the run folder from, and the workers are pointed
    at the full checkpoint (the start adapter only holds LoRA weights, which have the same shapes per layer).
+   --fsdp-load host (the default) has each worker load the model into CPU memory, quantized on its GPU, and
+   FSDP move one layer's shard at a time onto the GPU: the path a model larger than one GPU takes; gpu loads a
+   whole copy onto each GPU first.
 
 Writes results.md and results.json to --out. Timings are for reading, never for test assertions.
 """
@@ -259,7 +262,12 @@ def fsdp(args, tmp, out, gpus_there):
         from qlora_magic.tasks import multi_process
 
         config = qm.config.TrainConfig(data=rows, **options)
+        if not args.quick:  # where the workers load: "host" is the path of weights larger than one GPU
+            import os
+
+            os.environ[multi_process.HOST_LOAD] = args.fsdp_load
         written = multi_process.write_workers_run(qm.get_session(), config)
+        result["load"] = written.folder.record["launch"].get("load")
         record = written.folder.record
         # The workers load the full-depth checkpoint: the session's 2-layer model only wrote the run folder.
         record["load_config"]["model"] = str(full)
@@ -341,6 +349,9 @@ def main(argv=None):
     parser.add_argument("--skip-fsdp", action="store_true")
     parser.add_argument("--skip-ddp", action="store_true", help="only the FSDP run")
     parser.add_argument("--fsdp-layers", type=int, default=80, help="layers of the 70B-width model (fewer if the disk is short)")
+    parser.add_argument("--fsdp-load", choices=("host", "gpu"), default="host",
+                        help="FSDP workers load the model into CPU memory and shard it onto the GPUs (host: what a model "
+                             "larger than one GPU takes), or whole onto each GPU first (gpu)")
     parser.add_argument("--fsdp-dir", default=None, help="where to build (or find) the 70B-width checkpoint")
     parser.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)

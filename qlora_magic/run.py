@@ -67,7 +67,7 @@ def train_run_folder(path) -> int:
     start = folder.path / resume_from if resume_from else folder.path / START_ADAPTER
     from .engine.loading import stored_for_sharding
 
-    with stored_for_sharding(launch.get("strategy") == "fsdp"):
+    with stored_for_sharding(launch.get("strategy") == "fsdp", host=launch.get("load") == "host"):
         api.load(adapter=str(start), device=device)
     session = get_session()
     reporter = choose_reporter("none")

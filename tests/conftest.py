@@ -64,6 +64,25 @@ def ip():
 
 
 @pytest.fixture
+def one_process_group():
+    """A torch.distributed group of this process alone (gloo) and its CPU mesh, for code that meets FSDP2's
+    DTensors; destroyed after, so later Trainers do not take the test process for a distributed one."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
 def tiny_loaded(tiny_model_dir):
     """The tiny model loaded 8-bit into the session."""
     qlora_magic.load(tiny_model_dir, bits=8)

@@ -7,6 +7,7 @@ loss; three steps of an effective batch of 8."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -168,6 +169,33 @@ def test_the_effective_batch_is_split_over_the_ranks():
         per_rank_layout(BatchLayout(4, 4), 3)
 
 
+AGREE = """
+import json, os, sys
+from qlora_magic.engine.distributed import agreed_memory
+rank = int(os.environ["RANK"])
+budget, host, in_use = [(8_000_000_000, 30_000_000_000, 3_000_000_000), (9_500_000_000, 20_000_000_000, 3_200_000_000)][rank]
+print(json.dumps(agreed_memory(budget, host, in_use)))
+"""
+
+
+def test_the_ranks_plan_with_the_smallest_budget_of_all():
+    """Rank 0 shares its GPU with the notebook's kernel (less free memory): every rank plans with the smallest GPU
+    and host budget and the largest memory in use, so all choose one layout (gloo on the CPU, as nccl on GPUs)."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    ranks = [subprocess.Popen([sys.executable, "-c", AGREE], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    agreed = [tuple(json.loads(out.strip().splitlines()[-1])) for out, _ in outputs]
+    assert agreed == [(8_000_000_000, 20_000_000_000, 3_200_000_000)] * 2
+
+
+def test_one_process_plans_with_its_own_memory():
+    from qlora_magic.engine.distributed import agreed_memory
+
+    assert agreed_memory(8, 30, 3) == (8, 30, 3)
+
+
 def test_worker_command_and_environment():
     launch = multi_process.Launch("cpu", 2)
     command = multi_process.worker_command(RunFolder("runs/x"), launch)
@@ -221,6 +249,24 @@ def test_the_strategy_is_ddp_when_one_gpu_holds_the_model_fsdp_when_only_shards_
     assert "fsdp" not in str(alone.value) and "--gpus 1: the model does not fit" in str(alone.value)
 
 
+def test_the_gpu_the_kernel_holds_counts_only_its_free_memory(monkeypatch):
+    """Rank 0 trains on the GPU where the kernel's session keeps its own copy of the model: the workers' budget
+    is what is free there, and the whole memory of a GPU the kernel has not touched."""
+    import types
+
+    import torch
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 20 * gib if i == 0 else 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (58 * gib, 80 * gib) if i == 0 else (80 * gib, 80 * gib))
+    assert multi_process.gpu_memory(2) == 58 * gib
+    assert multi_process.gpu_memory(2, "40GiB") == 40 * gib
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 0)  # the session's model is on the CPU
+    assert multi_process.gpu_memory(2) == 80 * gib
+
+
 def _two_fake_gpus(monkeypatch, memory):
     import torch
 
@@ -242,6 +288,83 @@ def test_a_gpus_run_writes_the_chosen_strategy_or_is_refused_before_anything(tin
     assert written.launch.shown({"strategy": "ddp"}) == {"strategy": "ddp (auto: fits one GPU)"}
     given = multi_process.write_workers_run(qm.get_session(), config.replace(strategy="fsdp"))
     assert given.folder.record["launch"]["strategy"] == "fsdp" and given.launch.shown({"strategy": "fsdp"}) == {"strategy": "fsdp"}
+
+
+class _Weights:
+    """A model as worker_load sees it: its weight bytes and whether they are 4-bit."""
+
+    def __init__(self, gib, four_bit=True):
+        self.bytes, self.is_loaded_in_4bit = int(gib * 2**30), four_bit
+
+    def get_memory_footprint(self):
+        return self.bytes
+
+
+def test_fsdp_workers_load_into_cpu_memory_a_model_one_gpu_cannot_hold(monkeypatch):
+    import types
+
+    import psutil
+
+    gib = 2**30
+    monkeypatch.delenv(multi_process.HOST_LOAD, raising=False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=256 * gib))
+    assert multi_process.worker_load(_Weights(20), 2, 80 * gib) == "gpu"  # a whole copy fits: load, then shard
+    assert multi_process.worker_load(_Weights(37), 2, 40 * gib) == "host"  # a 70B on two 40 GB cards
+    monkeypatch.setenv(multi_process.HOST_LOAD, "host")
+    assert multi_process.worker_load(_Weights(20), 2, 80 * gib) == "host"  # forced (benchmarks, on one GPU)
+    monkeypatch.delenv(multi_process.HOST_LOAD)
+    with pytest.raises(ConfigError) as eight_bit:
+        multi_process.worker_load(_Weights(70, four_bit=False), 2, 40 * gib)
+    assert "--bits 4" in str(eight_bit.value) and "\n" not in str(eight_bit.value)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=60 * gib))
+    with pytest.raises(ConfigError) as short:  # two copies of 37 GiB in RAM at once
+        multi_process.worker_load(_Weights(37), 2, 40 * gib)
+    message = str(short.value)
+    assert "RAM" in message and "87.40 GB" in message and "64.42 GB" in message and "fewer GPUs" in message and "\n" not in message
+
+
+def test_a_gpus_fsdp_run_records_where_its_workers_load(tiny_no_dropout, rows, tmp_path, monkeypatch):
+    config = qm.config.TrainConfig(data=rows[:32], **TRAIN, gpus=2, strategy="fsdp")
+    _two_fake_gpus(monkeypatch, 80 * 2**30)
+    written = multi_process.write_workers_run(qm.get_session(), config)
+    assert written.folder.record["launch"]["load"] == "gpu"
+    monkeypatch.setenv(multi_process.HOST_LOAD, "host")  # the tiny model is 8-bit: it cannot be loaded so
+    with pytest.raises(ConfigError, match="--bits 4"):
+        multi_process.write_workers_run(qm.get_session(), config)
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # the refused run wrote nothing
+    launch = multi_process.Launch("cuda", 2, "fsdp", reason="auto: fits only sharded over 2 GPUs", load="host")
+    assert launch.shown({"strategy": "fsdp"})["strategy"] == (
+        "fsdp (auto: fits only sharded over 2 GPUs; loaded in CPU memory, sharded onto the GPUs)")
+
+
+def test_weights_quantized_elsewhere_and_kept_in_cpu_memory_are_the_same_nf4(tiny_model_dir):
+    """quantized_on_gpu's path (quantize there, bring the bytes and the quant state back) keeps the NF4 bytes
+    and the state a direct load makes; here "there" is the CPU too, since this machine has no GPU."""
+    import torch
+    from bitsandbytes.nn import Params4bit
+    from transformers import AutoModelForCausalLM
+
+    from qlora_magic.engine.loading import quantization_config, quantized_on_gpu, stored_for_sharding
+
+    def load():
+        with stored_for_sharding():
+            quantization = quantization_config(4, "cpu")
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization,
+                                                    dtype=torch.float32, device_map={"": "cpu"})
+
+    direct = load()
+    original = Params4bit._quantize
+    with quantized_on_gpu("cpu"):
+        assert Params4bit._quantize is not original
+        moved = load()
+    assert Params4bit._quantize is original
+    pairs = [(a, b) for a, b in zip(direct.modules(), moved.modules()) if type(a).__name__ == "Linear4bit"]
+    assert pairs
+    for a, b in pairs:
+        assert b.weight.device.type == "cpu" and b.weight.dtype == torch.float32  # stored as the compute dtype
+        assert torch.equal(a.weight.data.view(torch.uint8), b.weight.data.view(torch.uint8))  # packed NF4 bytes
+        assert torch.equal(a.weight.quant_state.absmax, b.weight.quant_state.absmax)
+        assert b.quant_state is b.weight.quant_state  # the module's copy, which FSDP's sharded weight reads
 
 
 # --- A rank out of memory: every rank relaunched with the next back-off ---

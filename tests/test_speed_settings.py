@@ -313,6 +313,22 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_model_dir, num_i
     assert torch.allclose(embeddings.grad, reference, atol=1e-6)
 
 
+def test_chunked_loss_gathers_a_head_fsdp_left_sharded(one_process_group):
+    """Under FSDP2 the output head's weight can still be a sharded DTensor when the loss reads it: the loss
+    gathers it whole (one gloo process here; a real run shards it over its ranks)."""
+    import torch
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from qlora_magic.engine.speed import causal_lm_loss
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 9, 16), torch.randn(40, 16)
+    labels = torch.randint(0, 40, (2, 9))
+    sharded = distribute_tensor(weight, one_process_group, [Shard(0)])
+    assert hasattr(sharded, "full_tensor")
+    assert causal_lm_loss(hidden, sharded, labels).item() == pytest.approx(causal_lm_loss(hidden, weight, labels).item())
+
+
 def test_chunked_loss_is_only_for_plain_frozen_heads(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM

@@ -32,6 +32,7 @@ class World:
     rank: int = 0
     local_rank: int = 0
     size: int = 1
+    launched: bool = False  # started by torchrun (a worker of a run folder), even as its only rank
 
     @property
     def is_writer(self) -> bool:
@@ -51,7 +52,7 @@ def world() -> World:
         except ValueError:
             return default
 
-    return World(number("RANK", 0), number("LOCAL_RANK", 0), max(1, number("WORLD_SIZE", 1)))
+    return World(number("RANK", 0), number("LOCAL_RANK", 0), max(1, number("WORLD_SIZE", 1)), "WORLD_SIZE" in os.environ)
 
 
 def per_rank_layout(layout: BatchLayout, ranks: int) -> BatchLayout:
@@ -74,6 +75,28 @@ def per_rank_layout(layout: BatchLayout, ranks: int) -> BatchLayout:
         raise ConfigError(f"The effective batch ({layout.micro} x {layout.accum}) does not split over {ranks} workers: "
                           f"make batch_size x grad_accum a multiple of {ranks}.")
     return BatchLayout(layout.micro // rest, accum)
+
+
+def agreed_memory(budget: int, host: int, in_use: int) -> tuple[int, int, int]:
+    """The memory every rank plans its batch layout with: the smallest GPU budget and host budget of all ranks,
+    and the most any rank's model already holds. Each rank plans for itself from the same data; on budgets of
+    their own they could choose different layouts (rank 0 shares its GPU with the notebook's kernel, which
+    holds its own copy of the model), and ranks whose micro-batch counts differ wait for each other in
+    collectives that never come (FSDP reduces at every backward). One all-reduce, before the Trainer, on the
+    process group started here when there is none yet (the Trainer then takes it as it is)."""
+    if not world().distributed:
+        return budget, host, in_use
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # as the Trainer would start it (its ddp_timeout's default, 30 min)
+        from datetime import timedelta
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=1800))
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    values = torch.tensor([-budget, -host, in_use], dtype=torch.float64, device=device)  # bytes: exact below 2**53
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)  # the max of the negated budgets is their min
+    return int(-values[0].item()), int(-values[1].item()), int(values[2].item())
 
 
 def stop_callback(stop, stop_file: Path | None):

@@ -52,19 +52,48 @@ def resolve_model(name) -> str:
 
 
 #: Set while a worker of an FSDP run loads (`stored_for_sharding`): 4-bit weights are then stored in the compute
-#: dtype (bnb_4bit_quant_storage), so FSDP can flatten and shard them with the model's other parameters.
-_SHARDED_STORAGE = {"on": False}
+#: dtype (bnb_4bit_quant_storage), so FSDP can flatten and shard them with the model's other parameters; with
+#: "host", the model is placed in CPU memory (quantized on its GPU all the same), for FSDP to move each layer's
+#: shard to the GPU as it wraps it: a model whose weights do not fit one GPU never has to.
+_SHARDED_STORAGE = {"on": False, "host": False}
 
 
 @contextlib.contextmanager
-def stored_for_sharding(on: bool = True):
-    """4-bit loads inside this block store their packed weights in the compute dtype (for FSDP)."""
-    before = _SHARDED_STORAGE["on"]
-    _SHARDED_STORAGE["on"] = on
+def stored_for_sharding(on: bool = True, host: bool = False):
+    """4-bit loads inside this block store their packed weights in the compute dtype (for FSDP); with `host`,
+    in CPU memory (quantized_on_gpu)."""
+    before = dict(_SHARDED_STORAGE)
+    _SHARDED_STORAGE.update(on=on, host=on and host)
     try:
         yield
     finally:
-        _SHARDED_STORAGE["on"] = before
+        _SHARDED_STORAGE.update(before)
+
+
+@contextlib.contextmanager
+def quantized_on_gpu(gpu: str):
+    """Inside this block, 4-bit weights loading onto the CPU are quantized on `gpu` and brought back, one tensor
+    at a time: the same NF4 bytes as a load onto that GPU, in seconds, where bitsandbytes' CPU quantization takes
+    about 30 min for a 70B model on two cores (32M parameters/s measured here). As transformers 4.x did for
+    FSDP + QLoRA ("quantize on GPU, then move to CPU"), which transformers 5 no longer does."""
+    import torch
+    from bitsandbytes.nn import Params4bit
+
+    quantize = Params4bit._quantize
+
+    def quantize_there(self, device):
+        if torch.device(device).type != "cpu":
+            return quantize(self, device)
+        quantize(self, gpu)
+        self.data = self.data.to("cpu")
+        self.quant_state.to("cpu")  # in place: the module's quant_state is this same object
+        return self
+
+    Params4bit._quantize = quantize_there
+    try:
+        yield
+    finally:
+        Params4bit._quantize = quantize
 
 
 def quantization_config(bits: int, device: str, skip_modules=None):
@@ -222,9 +251,13 @@ def load_quantized(config: LoadConfig):
     head = {"num_labels": config.num_labels} if config.task == "seq-cls" else {}
     model_class = getattr(transformers, TASK_CLASSES[config.task][0])
     dtype = compute_dtype(device) if device.startswith("cuda") else torch.float32
+    # An FSDP worker whose model does not fit its GPU: in CPU memory, quantized on the GPU (stored_for_sharding).
+    on_host = _SHARDED_STORAGE["host"] and device.startswith("cuda") and config.bits == 4
+    placement = {"": "cpu"} if on_host else {"": device}
     adaptive_report = None
     try:
-        with no_progress_bars(), quiet_new_head_warning():
+        with no_progress_bars(), quiet_new_head_warning(), \
+                (quantized_on_gpu(device) if on_host else contextlib.nullcontext()):
             tokenizer = AutoTokenizer.from_pretrained(path)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
@@ -238,7 +271,7 @@ def load_quantized(config: LoadConfig):
                 quantization_config=quantization,
                 dtype=dtype,
                 # "auto": accelerate places whole layers on each GPU in turn (the CPU when none has room)
-                device_map="auto" if config.device_map == "auto" else {"": device},
+                device_map="auto" if config.device_map == "auto" else placement,
                 **head,
             )
     except OSError as error:

@@ -705,6 +705,8 @@ def causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
     and the output head's weight, without the batch's logits. Only tokens with a label are computed."""
     import torch
 
+    if hasattr(weight, "full_tensor"):  # a head FSDP2 left sharded (a DTensor): the whole of it, gathered
+        weight = weight.full_tensor()
     shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
     keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
@@ -747,9 +749,12 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
     # micro-batches. On the CPU memory is not what limits, so the model's own loss is kept there.
     chunked_loss = on_gpu and model is not None and output_head(model) is not None
     if on_gpu:
+        from .distributed import agreed_memory
+
+        budget, host, in_use = agreed_memory(budget, host_budget(), in_use)  # worker ranks: one plan for all
         plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
                             checkpointing=config.gradient_checkpointing, chunked_loss=chunked_loss,
-                            host_budget=host_budget())
+                            host_budget=host)
         check_budget(plan, budget, in_use, list(lengths or []), given=config.max_memory is not None,
                      four_bit=bool(getattr(model, "is_loaded_in_4bit", False)))
     else:

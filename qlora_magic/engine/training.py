@@ -362,7 +362,9 @@ def run_settings(config: TrainConfig, device: str, model, train_set, overrides: 
     settings.update(overrides or {})
     settings["batch"] = BatchLayout.of(settings["batch"])
     workers = world()
-    if workers.distributed:  # the effective batch is kept: each rank takes its share of the accumulation
+    # The effective batch is kept: each rank takes its share of the accumulation. FSDP runs sharded even as the
+    # only rank of a launch (one GPU then runs the code path of several).
+    if workers.distributed or (workers.launched and config.strategy == "fsdp"):
         settings["batch"] = per_rank_layout(settings["batch"], workers.size)
         settings["ranks"] = workers.size
         settings["strategy"] = config.strategy or "ddp"
@@ -420,8 +422,8 @@ def training_arguments(config: TrainConfig, settings: dict, run_dir: Path, devic
 def distributed_arguments(settings: dict) -> dict:
     """TrainingArguments for worker processes: DDP registers only the LoRA weights (the frozen base has no
     gradient to wait for); FSDP2 shards the model (its 4-bit weights stored in the compute dtype,
-    bnb_4bit_quant_storage, so FSDP can flatten them with the rest)."""
-    if settings.get("ranks", 1) <= 1:
+    bnb_4bit_quant_storage, so FSDP can flatten them with the rest), on one rank too."""
+    if settings.get("ranks", 1) <= 1 and settings.get("strategy") != "fsdp":
         return {}
     arguments = {"ddp_find_unused_parameters": False}
     if settings["device"] == "cpu":
@@ -656,17 +658,23 @@ def _end_run_folder(trainer, folder, status: str, error, steps_kept: int):
     folder.close()
 
 
+def _whole(weight):
+    """A weight as one tensor: FSDP2 leaves trained weights sharded over the ranks (DTensors), gathered here
+    (a collective: every rank calls this at the same point)."""
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
 def _trainable_weights(model) -> dict:
     """A copy of the weights the run trains (LoRA, a classifier's head): small, and kept on the CPU, so a
     diverged run can be put back without holding device memory."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+    return {name: _whole(p.detach()).to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _weights_diverged(model, step):
     """Whether the last step left a trainable weight NaN/inf (no loss was logged after it): one check per run."""
     import torch
 
-    weights = [p for p in model.parameters() if p.requires_grad]
+    weights = [_whole(p.detach()) for p in model.parameters() if p.requires_grad]
     if weights and not torch.stack([p.isfinite().all() for p in weights]).all():
         return ("adapter's weights became NaN or infinite", step)
     return None
@@ -677,7 +685,13 @@ def _put_back(model, weights: dict):
 
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name in weights:
+            if name not in weights:
+                continue
+            if hasattr(p, "full_tensor"):  # sharded by FSDP2: each rank takes its shard of the same copy
+                from torch.distributed.tensor import distribute_tensor
+
+                p.copy_(distribute_tensor(weights[name].to(p.device), p.device_mesh, p.placements))
+            else:
                 p.copy_(weights[name])
 
 

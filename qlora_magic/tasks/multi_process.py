@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TrainConfig
+from ..display.formatting import gb
 from ..engine.distributed import OUT_OF_MEMORY_FILE, read_out_of_memory
 from ..engine.run_folder import HISTORY_FILE, RunFolder, checkpoint_step
 from ..errors import ConfigError, OutOfMemory, WorkerError
@@ -44,15 +45,18 @@ class Launch:
     strategy: str = "ddp"
     visible: str | None = None  # CUDA_VISIBLE_DEVICES for the workers (None: as this process has it)
     reason: str | None = None  # why the strategy, when it was chosen for the user ("auto: fits one GPU")
+    load: str = "gpu"  # where each worker loads the model: "gpu", or "host" (CPU memory; FSDP moves its shards)
 
     def to_json(self) -> dict:
         return {"device": self.device, "workers": self.workers, "strategy": self.strategy,
-                "strategy_reason": self.reason}
+                "strategy_reason": self.reason, "load": self.load}
 
     def shown(self, settings: dict) -> dict:
         """The workers' settings as the settings row shows them: the strategy with why it was chosen."""
-        if self.reason and settings.get("strategy") == self.strategy:
-            return {**settings, "strategy": f"{self.strategy} ({self.reason})"}
+        notes = [self.reason, "loaded in CPU memory, sharded onto the GPUs" if self.load == "host" else None]
+        notes = [note for note in notes if note]
+        if notes and settings.get("strategy") == self.strategy:
+            return {**settings, "strategy": f"{self.strategy} ({'; '.join(notes)})"}
         return settings
 
 
@@ -119,6 +123,8 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
     examples = task_examples(session, config, rows)  # a bad template fails here, in one line, before anything starts
     if launch.device == "cuda" and config.strategy is None:
         launch.strategy, launch.reason = _auto_strategy(session, config, rows, examples, launch)
+    if launch.device == "cuda" and launch.strategy == "fsdp":
+        launch.load = worker_load(session.model, launch.workers, gpu_memory(launch.workers, config.max_memory))
     run, index = TrainRun.of(config), len(session.runs)
     folder = start_run_folder(session, config, rows, run, index).folder
     try:
@@ -132,14 +138,52 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
 
 def gpu_memory(count: int, max_memory=None) -> int:
     """Bytes each worker may plan with: the smallest of the `count` GPUs the workers use (the first ones this
-    process sees), capped by --max-memory. Read from the cards' properties, which opens no CUDA context there."""
+    process sees), capped by --max-memory. A GPU this kernel already uses (its session's model; rank 0 trains
+    beside it) counts what is free there now; the others count their whole memory, read from the cards'
+    properties, which opens no CUDA context on them."""
     import torch
 
     from ..config import parse_memory
 
-    smallest = min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+    def usable(index):
+        if torch.cuda.is_initialized() and torch.cuda.memory_reserved(index) > 0:
+            return torch.cuda.mem_get_info(index)[0]  # the kernel's copy of the model is not the workers'
+        return torch.cuda.get_device_properties(index).total_memory
+
+    smallest = min(usable(i) for i in range(count))
     limit = parse_memory(max_memory)
     return int(min(smallest, limit) if limit else smallest)
+
+
+#: Where FSDP workers load the model when the weights take more than this share of the smallest GPU: in CPU
+#: memory (quantized on the GPU all the same). A whole copy would not fit beside CUDA's own memory and the first
+#: layers' activations, and the shards are all each GPU has to hold.
+HOST_LOAD_SHARE = 0.8
+HOST_LOAD = "QLORA_WORKERS_LOAD"  # "host" or "gpu": forces the choice (benchmarks check the host path on one GPU)
+
+
+def worker_load(model, workers: int, gpu_bytes: int) -> str:
+    """Where the workers of an FSDP run load the model: "gpu" (each loads it whole onto its GPU, then FSDP
+    shards it), or "host" when its weights take more than HOST_LOAD_SHARE of the smallest GPU: each worker
+    loads it into CPU memory and FSDP moves one layer's shard at a time to the GPU. The workers of one machine
+    then hold a copy each in RAM for a while: too little RAM is a one-line refusal here, before anything starts."""
+    import psutil
+
+    weights = int(model.get_memory_footprint())
+    forced = os.environ.get(HOST_LOAD, "").strip().lower()
+    if forced in ("host", "gpu"):
+        load = forced
+    else:
+        load = "host" if weights > HOST_LOAD_SHARE * gpu_bytes else "gpu"
+    if load == "host" and not getattr(model, "is_loaded_in_4bit", False):
+        raise ConfigError(f"--strategy fsdp: the model's weights ({gb(weights)}) are too big to load whole onto one GPU "
+                          f"({gb(gpu_bytes)}), and only 4-bit weights can be loaded into CPU memory and sharded: load it with --bits 4.")
+    needed, available = int(1.1 * workers * weights), psutil.virtual_memory().available
+    if load == "host" and needed > available:
+        raise ConfigError(f"--strategy fsdp: the model's weights ({gb(weights)}) are too big to load whole onto one GPU "
+                          f"({gb(gpu_bytes)}), so each of the {workers} workers loads them into CPU memory first: that needs about {gb(needed)} "
+                          f"of RAM and {gb(available)} is free: free memory (%qlora_unload, other programs) or use fewer GPUs.")
+    return load
 
 
 def _auto_strategy(session, config: TrainConfig, rows, examples, launch: Launch) -> tuple[str, str]:
@@ -191,7 +235,7 @@ def resume_in_workers(point, reporter=None, stop=None, config: TrainConfig | Non
     before = folder.record["launch"]
     launch = plan_launch(TrainConfig(processes=before["workers"]) if before.get("device") == "cpu"
                          else TrainConfig(gpus=before["workers"], strategy=before.get("strategy")))
-    launch.reason = before.get("strategy_reason")
+    launch.reason, launch.load = before.get("strategy_reason"), before.get("load", "gpu")
     kept = _cut_history(folder, point.step)
     folder.update(launch={**before, **launch.to_json(), "resume_from": str(point.checkpoint.relative_to(folder.path))})
     display = config.display if config is not None else "auto"
