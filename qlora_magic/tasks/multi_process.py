@@ -110,9 +110,6 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
         raise ConfigError("No data given: pass data= (a file, Hub id, list of dicts, DataFrame or Dataset).")
     if session.task != "causal-lm":
         raise ConfigError(f"--gpus / --processes train causal-lm models for now; this one is {session.task}: drop the option.")
-    if session.load_config is not None and session.load_config.device_map:
-        raise ConfigError("--gpus / --processes train a whole copy of the model in each worker; this one was loaded with "
-                          "--device-map auto (spread over the GPUs): load it without, then train with --gpus.")
     names = adapter_names(session.model)
     if len(names) > 1:
         raise ConfigError(f"Worker runs train a model with one adapter; this one has {len(names)} ({', '.join(names)}): "
