@@ -657,6 +657,37 @@ def test_offloaded_checkpoints_of_compiled_layers_compile_the_layer_inside_the_h
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[False], grads[True]))
 
 
+def test_compiled_8bit_layers_compile_once_not_again_at_the_second_step(tiny_model_dir):
+    """bitsandbytes settles an 8-bit layer's state on its first call; compiled_layers settles it before
+    compiling, so the second step reuses the first step's graphs (it compiled every layer again), and the
+    gradients are those of the uncompiled layers."""
+    import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from qlora_magic.engine import speed
+
+    grads, frames = {}, []
+    ids = torch.arange(2, 34).reshape(2, 16) % 90
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        qlora_magic.load(tiny_model_dir, bits=8, dropout=0.0)
+        model = qlora_magic.get_session().model
+        model.train()
+        counter = CompileCounterWithBackend("eager")
+        with pytest.MonkeyPatch.context() as patch:  # count the graphs: nn.Module.compile calls torch.compile
+            real = torch.compile
+            patch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counter))
+            with speed.compiled_layers(model, compiled):
+                for _ in range(2):
+                    model.zero_grad()
+                    model(input_ids=ids, labels=ids).loss.backward()
+                    frames.append(counter.frame_count)
+        grads[compiled] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    torch._dynamo.reset()
+    assert frames[:2] == [0, 0] and frames[2] > 0 and frames[3] == frames[2]  # nothing compiled at step 2
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[False], grads[True]))
+
+
 @pytest.mark.parametrize("chunked_loss", [False, True])
 def test_a_micro_batch_over_the_token_cap_trains_as_pieces_with_the_same_steps(tiny_model_dir, chunked_loss):
     """The real run on the CPU (4-bit), packed and rounded as on the GPU, one of two layers checkpointed: with a

@@ -481,12 +481,24 @@ def compiled_layers(model, enabled: bool):
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
+        _settle_int8_state(layer)
         layer.compile()
     try:
         yield
     finally:
         for layer in layers:
             layer._compiled_call_impl = None
+
+
+def _settle_int8_state(module):
+    """bitsandbytes moves an 8-bit layer's int8 weight and scales into its matmul state on the layer's first
+    call, which changes what a compiled graph guards on: every layer compiled again at the second step (2 graphs
+    became 4 for the tiny model). Done here, before compiling, as that first call would do it."""
+    import bitsandbytes as bnb
+
+    for m in module.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt) and getattr(m.weight, "CB", None) is not None:
+            m.init_8bit_state()
 
 
 ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
