@@ -337,6 +337,28 @@ def test_a_gpus_fsdp_run_records_where_its_workers_load(tiny_no_dropout, rows, t
         "fsdp (auto: fits only sharded over 2 GPUs; loaded in CPU memory, sharded onto the GPUs)")
 
 
+def test_a_host_loaded_worker_trains_on_its_gpu_and_plans_only_its_shard(tiny_model_dir, monkeypatch):
+    """A model an FSDP worker loaded into CPU memory trains on the GPU it was loaded for (not where its weights
+    wait), and its memory plan counts the rank's shard: a 1/ranks share and one whole layer, never the copy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_magic.engine.distributed import TRAINS_ON, fsdp_weights_change, training_device
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    weights, layers = int(model.get_memory_footprint()), model.config.num_hidden_layers
+    assert training_device(model) == "cpu"
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert fsdp_weights_change(model) == 0  # the kernel: no shard to count
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    share = weights // 4 + weights // layers
+    assert fsdp_weights_change(model) == share - weights  # loaded whole onto the GPU: the copy goes
+    setattr(model, TRAINS_ON, "cuda:1")
+    assert training_device(model) == "cuda:1"
+    assert fsdp_weights_change(model) == share  # loaded into CPU memory: only the shard comes
+
+
 def test_weights_quantized_elsewhere_and_kept_in_cpu_memory_are_the_same_nf4(tiny_model_dir):
     """quantized_on_gpu's path (quantize there, bring the bytes and the quant state back) keeps the NF4 bytes
     and the state a direct load makes; here "there" is the CPU too, since this machine has no GPU."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import ConfigError
-from .speed import BatchLayout
+from .speed import BatchLayout, model_dims
 
 STOP_FILE = "STOP"  # in the run folder: the launcher's Stop (every rank ends after the step in flight)
 OUT_OF_MEMORY_FILE = "OUT_OF_MEMORY"  # in the run folder: a rank ran out of memory, and the back-off it needs
@@ -53,6 +53,33 @@ def world() -> World:
             return default
 
     return World(number("RANK", 0), number("LOCAL_RANK", 0), max(1, number("WORLD_SIZE", 1)), "WORLD_SIZE" in os.environ)
+
+
+#: Set on a model an FSDP worker loaded into CPU memory (loading.stored_for_sharding(host=True)): the GPU it
+#: trains on, where FSDP2 moves its shards when the Trainer wraps it.
+TRAINS_ON = "qlora_trains_on"
+
+
+def training_device(model) -> str:
+    """The device a run of `model` trains on: where its parameters are, or the GPU a host-loaded FSDP worker's
+    model is waiting in CPU memory for."""
+    return getattr(model, TRAINS_ON, None) or str(next(model.parameters()).device)
+
+
+def fsdp_share(weights: int, ranks: int, layers: int) -> int:
+    """The weight bytes one FSDP2 rank holds on its GPU: a 1/ranks share, and one layer gathered whole at a time."""
+    return weights // ranks + weights // max(1, layers)
+
+
+def fsdp_weights_change(model) -> int:
+    """How the GPU memory an FSDP worker holds before its run changes once the Trainer has sharded its model:
+    the whole copy it loaded onto the GPU goes (none when it loaded into CPU memory), its share comes."""
+    me = world()
+    if not me.launched:
+        return 0
+    weights = int(model.get_memory_footprint())
+    whole = 0 if getattr(model, TRAINS_ON, None) else weights
+    return fsdp_share(weights, me.size, model_dims(model)["layers"]) - whole
 
 
 def per_rank_layout(layout: BatchLayout, ranks: int) -> BatchLayout:

@@ -279,6 +279,10 @@ def load_quantized(config: LoadConfig):
             f"Cannot load model {config.model!r}: {str(error).splitlines()[0]} "
             "Give a local model folder, or a Hub id while online."
         ) from None
+    if on_host:
+        from .distributed import TRAINS_ON
+
+        setattr(model, TRAINS_ON, device)  # its run trains on the GPU (training_device), FSDP moving the shards there
     if config.bits == "auto":
         from .adaptive import to_int8
 

@@ -752,6 +752,10 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
     packing = on_gpu if config.packing is None else config.packing
     budget = gpu_budget(device, config.max_memory) if on_gpu else None
     in_use = torch.cuda.memory_allocated(device) if on_gpu else 0
+    if on_gpu and model is not None and getattr(config, "strategy", None) == "fsdp":
+        from .distributed import fsdp_weights_change
+
+        in_use += fsdp_weights_change(model)  # a worker's rank holds its shard of the weights, not the model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
     dims = model_dims(model) if model is not None else None
     if on_gpu and precision == "bf16" and model is not None:

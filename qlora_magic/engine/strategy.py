@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..display.formatting import gb
 from ..errors import ConfigError
+from .distributed import fsdp_share
 from .speed import BatchPlan, host_budget, model_dims, output_head, plan_batches, plan_fits
 
 
@@ -34,7 +35,7 @@ def rank_plan(model, weights: int, lengths: list[int], effective: int, budget: i
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dims = model_dims(model)
     if sharded:
-        weights = weights // ranks + weights // max(1, dims["layers"])
+        weights = fsdp_share(weights, ranks, dims["layers"])
         trainable = -(-trainable // ranks)
     return plan_batches(max(1, effective // ranks), lengths, packing, dims, budget, weights, trainable,
                         checkpointing=checkpointing, chunked_loss=output_head(model) is not None,

@@ -19,7 +19,7 @@ from ..display.formatting import Readout, gb
 from ..display.reporters import Reporter
 from ..errors import ConfigError, DivergedError, OutOfMemory
 from .data import PIECES
-from .distributed import per_rank_layout, world
+from .distributed import per_rank_layout, training_device, world
 from .speed import BatchLayout, choose_settings
 from .stopping import StopFlag, stop_on_interrupt
 from .trackers import PROJECT, trackers_for_run, trainer_report_to
@@ -310,7 +310,7 @@ def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, repo
 
     stop = stop if stop is not None else StopFlag()  # an unset StopFlag is falsy
     log = log if log is not None else RunLog()
-    device = str(next(model.parameters()).device)
+    device = training_device(model)
     settings = run_settings(config, device, model, data.train, overrides)
     if checkpointing is not None:
         run_dir = checkpointing.folder.path
