@@ -231,10 +231,11 @@ def _smallest_estimates(model, lengths, monkeypatch):
     return whole, sharded
 
 
-def test_the_strategy_is_ddp_when_one_gpu_holds_the_model_fsdp_when_only_shards_fit(tiny_no_dropout, monkeypatch):
+def test_the_strategy_is_ddp_when_one_gpu_holds_the_model_fsdp_when_only_shards_fit(tiny_model_dir, monkeypatch):
     from qlora_magic.engine.strategy import choose_strategy
 
-    model, lengths = tiny_no_dropout.model, [30] * 16
+    qm.load(tiny_model_dir, bits=4, dropout=0.0)
+    model, lengths = qm.get_session().model, [30] * 16
     whole, sharded = _smallest_estimates(model, lengths, monkeypatch)
     assert sharded < whole
     assert str(choose_strategy(model, lengths, 8, 80 * 2**30, 2)) == "ddp (auto: fits one GPU)"
@@ -247,6 +248,12 @@ def test_the_strategy_is_ddp_when_one_gpu_holds_the_model_fsdp_when_only_shards_
     with pytest.raises(ConfigError) as alone:  # one GPU: nothing to shard over
         choose_strategy(model, lengths, 8, between, 1)
     assert "fsdp" not in str(alone.value) and "--gpus 1: the model does not fit" in str(alone.value)
+    qm.load(tiny_model_dir, bits=8, dropout=0.0)  # 8-bit weights keep scales beside the int8 data: no shards
+    model = qm.get_session().model
+    whole, sharded = _smallest_estimates(model, lengths, monkeypatch)
+    with pytest.raises(ConfigError) as eight_bit:
+        choose_strategy(model, lengths, 8, int((whole + sharded) / 2 / 0.9), 2)
+    assert "load the model with --bits 4 (fsdp shards 4-bit weights only)" in str(eight_bit.value)
 
 
 def test_the_gpu_the_kernel_holds_counts_only_its_free_memory(monkeypatch):
@@ -286,15 +293,15 @@ def test_a_gpus_run_writes_the_chosen_strategy_or_is_refused_before_anything(tin
     launch = written.folder.record["launch"]
     assert launch["strategy"] == "ddp" and launch["strategy_reason"] == "auto: fits one GPU"
     assert written.launch.shown({"strategy": "ddp"}) == {"strategy": "ddp (auto: fits one GPU)"}
-    given = multi_process.write_workers_run(qm.get_session(), config.replace(strategy="fsdp"))
-    assert given.folder.record["launch"]["strategy"] == "fsdp" and given.launch.shown({"strategy": "fsdp"}) == {"strategy": "fsdp"}
+    given = multi_process.write_workers_run(qm.get_session(), config.replace(strategy="ddp"))
+    assert given.folder.record["launch"]["strategy"] == "ddp" and given.launch.shown({"strategy": "ddp"}) == {"strategy": "ddp"}
 
 
 class _Weights:
-    """A model as worker_load sees it: its weight bytes and whether they are 4-bit."""
+    """A model as worker_load sees it: its weight bytes."""
 
-    def __init__(self, gib, four_bit=True):
-        self.bytes, self.is_loaded_in_4bit = int(gib * 2**30), four_bit
+    def __init__(self, gib):
+        self.bytes = int(gib * 2**30)
 
     def get_memory_footprint(self):
         return self.bytes
@@ -313,9 +320,6 @@ def test_fsdp_workers_load_into_cpu_memory_a_model_one_gpu_cannot_hold(monkeypat
     monkeypatch.setenv(multi_process.HOST_LOAD, "host")
     assert multi_process.worker_load(_Weights(20), 2, 80 * gib) == "host"  # forced (benchmarks, on one GPU)
     monkeypatch.delenv(multi_process.HOST_LOAD)
-    with pytest.raises(ConfigError) as eight_bit:
-        multi_process.worker_load(_Weights(70, four_bit=False), 2, 40 * gib)
-    assert "--bits 4" in str(eight_bit.value) and "\n" not in str(eight_bit.value)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=60 * gib))
     with pytest.raises(ConfigError) as short:  # two copies of 37 GiB in RAM at once
         multi_process.worker_load(_Weights(37), 2, 40 * gib)
@@ -323,14 +327,16 @@ def test_fsdp_workers_load_into_cpu_memory_a_model_one_gpu_cannot_hold(monkeypat
     assert "RAM" in message and "87.40 GB" in message and "64.42 GB" in message and "fewer GPUs" in message and "\n" not in message
 
 
-def test_a_gpus_fsdp_run_records_where_its_workers_load(tiny_no_dropout, rows, tmp_path, monkeypatch):
+def test_a_gpus_fsdp_run_records_where_its_workers_load(tiny_model_dir, rows, tmp_path, monkeypatch):
+    qm.load(tiny_model_dir, bits=4, dropout=0.0)
     config = qm.config.TrainConfig(data=rows[:32], **TRAIN, gpus=2, strategy="fsdp")
     _two_fake_gpus(monkeypatch, 80 * 2**30)
     written = multi_process.write_workers_run(qm.get_session(), config)
     assert written.folder.record["launch"]["load"] == "gpu"
-    monkeypatch.setenv(multi_process.HOST_LOAD, "host")  # the tiny model is 8-bit: it cannot be loaded so
-    with pytest.raises(ConfigError, match="--bits 4"):
+    qm.load(tiny_model_dir, bits=8, dropout=0.0, device="cpu")
+    with pytest.raises(ConfigError) as eight_bit:  # bitsandbytes' 8-bit weights keep scales a shard would lose
         multi_process.write_workers_run(qm.get_session(), config)
+    assert "--bits 4" in str(eight_bit.value) and "\n" not in str(eight_bit.value)
     assert len(list((tmp_path / "runs").iterdir())) == 1  # the refused run wrote nothing
     launch = multi_process.Launch("cuda", 2, "fsdp", reason="auto: fits only sharded over 2 GPUs", load="host")
     assert launch.shown({"strategy": "fsdp"})["strategy"] == (

@@ -51,10 +51,22 @@ def choose_strategy(model, lengths: list[int], effective: int, budget: int, rank
     if plan_fits(whole, budget):
         return StrategyChoice("ddp", "auto: fits one GPU")
     sharded = rank_plan(model, weights, lengths, effective, budget, ranks, True, packing, checkpointing)
-    if ranks > 1 and plan_fits(sharded, budget):
+    if ranks > 1 and plan_fits(sharded, budget) and shardable(model):
         return StrategyChoice("fsdp", f"auto: fits only sharded over {ranks} GPUs")
     shards = f", {gb(sharded.estimate)} with the weights sharded over {ranks} GPUs (fsdp)" if ranks > 1 else ""
+    fix = "use more GPUs, lower --max-length, or load the model with --bits 4."
+    if ranks > 1 and plan_fits(sharded, budget):  # 8-bit layers: only a 4-bit load can be sharded
+        fix = "load the model with --bits 4 (fsdp shards 4-bit weights only), or lower --max-length."
     raise ConfigError(
         f"--gpus {ranks}: the model does not fit: its weights take {gb(weights)}, and training at the smallest "
-        f"layout needs about {gb(whole.estimate)} per GPU with ddp{shards}; the smallest GPU has {gb(budget)}: "
-        "use more GPUs, lower --max-length, or load the model with --bits 4.")
+        f"layout needs about {gb(whole.estimate)} per GPU with ddp{shards}; the smallest GPU has {gb(budget)}: {fix}")
+
+
+def shardable(model) -> bool:
+    """Whether FSDP2 can shard the model: 4-bit weights stored as floats (bnb_4bit_quant_storage) flatten with
+    the rest, but bitsandbytes' 8-bit weights (--bits 8, and the 8-bit layers of --bits auto) keep their scales
+    beside the int8 data, which a shard would lose."""
+    import bitsandbytes as bnb
+
+    return bool(getattr(model, "is_loaded_in_4bit", False)) and not any(
+        isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())

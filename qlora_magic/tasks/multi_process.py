@@ -121,6 +121,11 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
     if launch.device == "cuda" and config.strategy is None:
         launch.strategy, launch.reason = _auto_strategy(session, config, rows, examples, launch)
     if launch.device == "cuda" and launch.strategy == "fsdp":
+        from ..engine.strategy import shardable
+
+        if not shardable(session.model):
+            raise ConfigError("--strategy fsdp shards 4-bit weights only; this model has 8-bit layers: load it with "
+                              "--bits 4, or train it with --strategy ddp.")
         launch.load = worker_load(session.model, launch.workers, gpu_memory(launch.workers, config.max_memory))
     run, index = TrainRun.of(config), len(session.runs)
     folder = start_run_folder(session, config, rows, run, index).folder
@@ -172,9 +177,6 @@ def worker_load(model, workers: int, gpu_bytes: int) -> str:
         load = forced
     else:
         load = "host" if weights > HOST_LOAD_SHARE * gpu_bytes else "gpu"
-    if load == "host" and not getattr(model, "is_loaded_in_4bit", False):
-        raise ConfigError(f"--strategy fsdp: the model's weights ({gb(weights)}) are too big to load whole onto one GPU "
-                          f"({gb(gpu_bytes)}), and only 4-bit weights can be loaded into CPU memory and sharded: load it with --bits 4.")
     needed, available = int(1.1 * workers * weights), psutil.virtual_memory().available
     if load == "host" and needed > available:
         raise ConfigError(f"--strategy fsdp: the model's weights ({gb(weights)}) are too big to load whole onto one GPU "
