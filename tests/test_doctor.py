@@ -168,3 +168,27 @@ def test_torch_rows_for_a_gpu_and_for_a_cuda_build_that_sees_none(monkeypatch):
     weights = {"name": "an 8B model", "linear": 7_000_000_000, "other": 1_000_000_000, "loaded": False}
     memory = doctor.memory_check(qm.get_session(), "cuda", weights)
     assert memory.level == "problem" and "GPU memory: 1.00 GB free of 141.00 GB" in memory.found
+
+
+def test_several_gpus_say_how_to_use_them_and_what_stops_them(monkeypatch):
+    """Two GPUs (simulated): --gpus with NCCL's version; a model too big for one GPU gets the spread-then-fsdp
+    way; a torch without NCCL is a warning; one GPU or the CPU has no row."""
+    import torch
+    import torch.distributed as dist
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(total_memory=int(48e9)))
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 27, 7))
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    small = {"name": "an 8B model", "linear": 7_000_000_000, "other": 1_000_000_000, "loaded": False}
+    found = doctor.gpus_check("cuda", small)
+    assert found.level == "ok" and found.found == "2 GPUs (NCCL 2.27.7): %%qlora_train --gpus 2 trains on all of them"
+    big = {"name": "a 70B model", "linear": 68_000_000_000, "other": 2_000_000_000, "loaded": False}
+    found = doctor.gpus_check("cuda", big)
+    assert "a 70B model in 4-bit does not fit one of them (48.00 GB)" in found.found and "--device-map auto" in found.found
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    found = doctor.gpus_check("cuda", small)
+    assert found.level == "warning" and "no NCCL" in found.found and "WSL" in found.fix
+    assert doctor.gpus_check("cpu", small) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert doctor.gpus_check("cuda", small) is None

@@ -74,7 +74,9 @@ def diagnose(session, model=None, bits=None) -> DoctorReport:
     torch_finding, device = torch_check()
     findings += [torch_finding, bitsandbytes_check(device)]
     weights = model_weights(session, model)
-    findings += [memory_check(session, device, weights, bits), merge_room_check(weights), hub_check(), tracker_check()]
+    findings += [memory_check(session, device, weights, bits)]
+    findings += [found for found in [gpus_check(device, weights)] if found is not None]
+    findings += [merge_room_check(weights), hub_check(), tracker_check()]
     return DoctorReport(findings)
 
 
@@ -264,6 +266,29 @@ def memory_check(session, device: str, weights, bits=None) -> Finding:
         return Finding("warning", "memory", f"{head} needs {need_text} to train; {where}", f"load it with --bits {min(fits)}")
     return Finding("problem", "memory", f"{head} needs {need_text} to train; {where}",
                    "free memory (%qlora_unload, restart other kernels), use a larger GPU, or a smaller model")
+
+
+def gpus_check(device: str, weights) -> Finding | None:
+    """With several GPUs: whether `%%qlora_train --gpus N` can use them (NCCL, which torch.distributed needs
+    between GPUs), and the way to train a model whose 4-bit weights no single GPU holds. None with one GPU."""
+    import torch
+
+    count = torch.cuda.device_count() if device == "cuda" else 0
+    if count < 2:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_nccl_available()):
+        return Finding("warning", "several GPUs", f"{count} GPUs, but this torch build has no NCCL, which --gpus needs between them",
+                       "train on Linux (WSL on Windows) with a CUDA build of torch; one GPU still works")
+    smallest = min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+    version = torch.cuda.nccl.version()  # (2, 27, 7) in torch 2.x
+    version = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    found = f"{count} GPUs (NCCL {version}): %%qlora_train --gpus {count} trains on all of them"
+    if weights and not weights.get("missing") and weights_bytes(weights, 4) * TRAINING_MARGIN > smallest:
+        return Finding("ok", "several GPUs", f"{found}; {weights['name']} in 4-bit does not fit one of them ({gb(smallest)}), "
+                       "so load it spread (%qlora_load MODEL --bits 4 --device-map auto) and train with --gpus: fsdp shards it")
+    return Finding("ok", "several GPUs", found)
 
 
 def merge_room_check(weights) -> Finding:
