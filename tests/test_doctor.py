@@ -168,6 +168,7 @@ def test_torch_rows_for_a_gpu_and_for_a_cuda_build_that_sees_none(monkeypatch):
     weights = {"name": "an 8B model", "linear": 7_000_000_000, "other": 1_000_000_000, "loaded": False}
     memory = doctor.memory_check(qm.get_session(), "cuda", weights)
     assert memory.level == "problem" and "GPU memory: 1.00 GB free of 141.00 GB" in memory.found
+    assert memory.fix.startswith("spread it over the 2 GPUs (the several GPUs row), or free memory")
 
 
 def test_several_gpus_say_how_to_use_them_and_what_stops_them(monkeypatch):

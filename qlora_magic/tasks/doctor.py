@@ -264,8 +264,10 @@ def memory_check(session, device: str, weights, bits=None) -> Finding:
         return Finding("ok", "memory", f"{head} needs {need_text} to train; {where}")
     if fits:
         return Finding("warning", "memory", f"{head} needs {need_text} to train; {where}", f"load it with --bits {min(fits)}")
-    return Finding("problem", "memory", f"{head} needs {need_text} to train; {where}",
-                   "free memory (%qlora_unload, restart other kernels), use a larger GPU, or a smaller model")
+    fix = "free memory (%qlora_unload, restart other kernels), use a larger GPU, or a smaller model"
+    if device == "cuda" and torch.cuda.device_count() > 1:  # the sizes are one GPU's; together they may hold it
+        fix = f"spread it over the {torch.cuda.device_count()} GPUs (the several GPUs row), or {fix}"
+    return Finding("problem", "memory", f"{head} needs {need_text} to train; {where}", fix)
 
 
 def gpus_check(device: str, weights) -> Finding | None:
