@@ -256,9 +256,9 @@ def test_the_strategy_is_ddp_when_one_gpu_holds_the_model_fsdp_when_only_shards_
     assert "load the model with --bits 4 (fsdp shards 4-bit weights only)" in str(eight_bit.value)
 
 
-def test_the_gpu_the_kernel_holds_counts_only_its_free_memory(monkeypatch):
-    """Rank 0 trains on the GPU where the kernel's session keeps its own copy of the model: the workers' budget
-    is what is free there, and the whole memory of a GPU the kernel has not touched."""
+def test_the_gpu_the_kernel_holds_counts_only_its_free_memory_and_goes_last(monkeypatch):
+    """The kernel's session keeps its own copy of the model on a GPU: workers use other GPUs first when there are
+    more than they need; one that trains there plans with what is free, the others with their whole memory."""
     import types
 
     import torch
@@ -268,10 +268,20 @@ def test_the_gpu_the_kernel_holds_counts_only_its_free_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 20 * gib if i == 0 else 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (58 * gib, 80 * gib) if i == 0 else (80 * gib, 80 * gib))
-    assert multi_process.gpu_memory(2) == 58 * gib
-    assert multi_process.gpu_memory(2, "40GiB") == 40 * gib
+    assert multi_process.gpu_memory((0, 1)) == 58 * gib
+    assert multi_process.gpu_memory((0, 1), "40GiB") == 40 * gib
+    assert multi_process.gpu_memory((1,)) == 80 * gib
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    two = multi_process.plan_launch(qm.config.TrainConfig(gpus=2))  # the kernel's GPU 0 is left out
+    assert two.gpus == (1, 2) and two.visible == "1,2"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # ids as the kernel was given them
+    assert multi_process.plan_launch(qm.config.TrainConfig(gpus=3)).visible == "5,6,7"
+    assert multi_process.plan_launch(qm.config.TrainConfig(gpus=4)).gpus == (0, 1, 2, 3)  # all: the kernel's too
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 0)  # the session's model is on the CPU
-    assert multi_process.gpu_memory(2) == 80 * gib
+    assert multi_process.gpu_memory((0, 1)) == 80 * gib
+    assert multi_process.plan_launch(qm.config.TrainConfig(gpus=2)).visible == "4,5"  # the first ones again
 
 
 def _two_fake_gpus(monkeypatch, memory):
@@ -279,7 +289,7 @@ def _two_fake_gpus(monkeypatch, memory):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(multi_process, "gpu_memory", lambda count, max_memory=None: memory)
+    monkeypatch.setattr(multi_process, "gpu_memory", lambda gpus, max_memory=None: memory)
 
 
 def test_a_gpus_run_writes_the_chosen_strategy_or_is_refused_before_anything(tiny_no_dropout, rows, tmp_path, monkeypatch):

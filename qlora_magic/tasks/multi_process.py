@@ -44,6 +44,7 @@ class Launch:
     workers: int
     strategy: str = "ddp"
     visible: str | None = None  # CUDA_VISIBLE_DEVICES for the workers (None: as this process has it)
+    gpus: tuple = ()  # the GPUs the workers use, as this process numbers them
     reason: str | None = None  # why the strategy, when it was chosen for the user ("auto: fits one GPU")
     load: str = "gpu"  # where each worker loads the model: "gpu", or "host" (CPU memory; FSDP moves its shards)
 
@@ -75,12 +76,21 @@ def plan_launch(config: TrainConfig) -> Launch:
     if wanted > count:
         raise ConfigError(f"--gpus {config.gpus}: this machine has {count} GPU{'s' if count > 1 else ''}: "
                           f"give --gpus {count} (or --gpus all).")
-    visible = None
+    visible, gpus = None, tuple(range(count))
     if wanted < count:
+        # GPUs where this kernel holds memory (its session's model) go last: a worker there trains beside that copy
+        gpus = tuple(sorted(sorted(range(count), key=kernel_holds)[:wanted]))
         shown = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = shown.split(",") if shown else [str(i) for i in range(count)]
-        visible = ",".join(ids[:wanted])
-    return Launch("cuda", wanted, strategy, visible)
+        visible = ",".join(ids[i] for i in gpus)
+    return Launch("cuda", wanted, strategy, visible, gpus=gpus)
+
+
+def kernel_holds(index: int) -> bool:
+    """Whether this process holds memory on GPU `index` (asked only where it has a CUDA context already)."""
+    import torch
+
+    return torch.cuda.is_initialized() and torch.cuda.memory_reserved(index) > 0
 
 
 @dataclass
@@ -126,7 +136,7 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
         if not shardable(session.model):
             raise ConfigError("--strategy fsdp shards 4-bit weights only; this model has 8-bit layers: load it with "
                               "--bits 4, or train it with --strategy ddp.")
-        launch.load = worker_load(session.model, launch.workers, gpu_memory(launch.workers, config.max_memory))
+        launch.load = worker_load(session.model, launch.workers, gpu_memory(launch.gpus, config.max_memory))
     run, index = TrainRun.of(config), len(session.runs)
     folder = start_run_folder(session, config, rows, run, index).folder
     try:
@@ -138,21 +148,21 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
     return WorkersRun(folder, launch, run, index)
 
 
-def gpu_memory(count: int, max_memory=None) -> int:
-    """Bytes each worker may plan with: the smallest of the `count` GPUs the workers use (the first ones this
-    process sees), capped by --max-memory. A GPU this kernel already uses (its session's model; rank 0 trains
-    beside it) counts what is free there now; the others count their whole memory, read from the cards'
-    properties, which opens no CUDA context on them."""
+def gpu_memory(gpus, max_memory=None) -> int:
+    """Bytes each worker may plan with: the smallest of the GPUs the workers use (`gpus`, as this process numbers
+    them), capped by --max-memory. A GPU this kernel already uses (its session's model; a worker trains beside
+    it) counts what is free there now; the others count their whole memory, read from the cards' properties,
+    which opens no CUDA context on them."""
     import torch
 
     from ..config import parse_memory
 
     def usable(index):
-        if torch.cuda.is_initialized() and torch.cuda.memory_reserved(index) > 0:
+        if kernel_holds(index):
             return torch.cuda.mem_get_info(index)[0]  # the kernel's copy of the model is not the workers'
         return torch.cuda.get_device_properties(index).total_memory
 
-    smallest = min(usable(i) for i in range(count))
+    smallest = min(usable(i) for i in gpus)
     limit = parse_memory(max_memory)
     return int(min(smallest, limit) if limit else smallest)
 
@@ -194,7 +204,7 @@ def _auto_strategy(session, config: TrainConfig, rows, examples, launch: Launch)
     train_set, _, _ = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
     lengths = [len(ids) for ids in train_set["input_ids"]]
     choice = choose_strategy(session.model, lengths, config.batch_size * config.grad_accum,
-                             gpu_memory(launch.workers, config.max_memory), launch.workers,
+                             gpu_memory(launch.gpus, config.max_memory), launch.workers,
                              packing=True if config.packing is None else config.packing,
                              checkpointing=config.gradient_checkpointing)
     return choice.strategy, choice.reason
