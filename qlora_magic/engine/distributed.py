@@ -126,6 +126,14 @@ def agreed_memory(budget: int, host: int, in_use: int) -> tuple[int, int, int]:
     return int(-values[0].item()), int(-values[1].item()), int(values[2].item())
 
 
+def rank_memory(model, config, budget: int, host: int, in_use: int) -> tuple[int, int, int]:
+    """The memory a worker's rank plans with (speed.choose_settings' `rank_memory`): with fsdp, its shard of the
+    weights in place of the copy it loaded (fsdp_weights_change); then the budgets all ranks agree on."""
+    if model is not None and getattr(config, "strategy", None) == "fsdp":
+        in_use += fsdp_weights_change(model)
+    return agreed_memory(budget, host, in_use)
+
+
 def stop_callback(stop, stop_file: Path | None):
     """A TrainerCallback, added after the others, that at each step's end agrees across the ranks (one
     all-reduce of two numbers) on whether to stop (the StopFlag set, or the launcher's STOP file there) and

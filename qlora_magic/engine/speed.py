@@ -732,8 +732,10 @@ def causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
 
 # --- the layout policy: what a run uses, decided from the device and its memory
 
-def choose_settings(config, device: str, n_train: int, model=None, lengths=None) -> dict:
+def choose_settings(config, device: str, n_train: int, model=None, lengths=None, rank_memory=None) -> dict:
     """Settings the user did not fix, decided from the device and its free memory. Shown in the readout.
+    `rank_memory(model, config, budget, host, in_use)`, for worker ranks, returns the memory to plan with
+    (distributed.rank_memory).
 
     The effective batch (batch_size x grad_accum) is kept; how it is split into micro-batches, packing
     and gradient checkpointing are chosen for speed within the memory budget (see speed.py).
@@ -752,10 +754,6 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
     packing = on_gpu if config.packing is None else config.packing
     budget = gpu_budget(device, config.max_memory) if on_gpu else None
     in_use = torch.cuda.memory_allocated(device) if on_gpu else 0
-    if on_gpu and model is not None and getattr(config, "strategy", None) == "fsdp":
-        from .distributed import fsdp_weights_change
-
-        in_use += fsdp_weights_change(model)  # a worker's rank holds its shard of the weights, not the model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
     dims = model_dims(model) if model is not None else None
     if on_gpu and precision == "bf16" and model is not None:
@@ -765,9 +763,9 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None)
     # micro-batches. On the CPU memory is not what limits, so the model's own loss is kept there.
     chunked_loss = on_gpu and model is not None and output_head(model) is not None
     if on_gpu:
-        from .distributed import agreed_memory
-
-        budget, host, in_use = agreed_memory(budget, host_budget(), in_use)  # worker ranks: one plan for all
+        host = host_budget()
+        if rank_memory is not None:  # a worker's rank: its shard of FSDP weights, and one plan for all ranks
+            budget, host, in_use = rank_memory(model, config, budget, host, in_use)
         plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
                             checkpointing=config.gradient_checkpointing, chunked_loss=chunked_loss,
                             host_budget=host)

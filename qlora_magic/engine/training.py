@@ -19,7 +19,7 @@ from ..display.formatting import Readout, gb
 from ..display.reporters import Reporter
 from ..errors import ConfigError, DivergedError, OutOfMemory
 from .data import PIECES
-from .distributed import per_rank_layout, training_device, world
+from .distributed import per_rank_layout, rank_memory, training_device, world
 from .speed import BatchLayout, choose_settings
 from .stopping import StopFlag, stop_on_interrupt
 from .trackers import PROJECT, trackers_for_run, trainer_report_to
@@ -358,7 +358,7 @@ def run_settings(config: TrainConfig, device: str, model, train_set, overrides: 
     """What the run uses: `choose_settings`' choice for this model and data, with `overrides` forced over it
     (a "batch" override may be a BatchLayout or its "4x4" form)."""
     lengths = [len(ids) for ids in train_set["input_ids"]]
-    settings = choose_settings(config, device, len(train_set), model=model, lengths=lengths)
+    settings = choose_settings(config, device, len(train_set), model=model, lengths=lengths, rank_memory=rank_memory)
     settings.update(overrides or {})
     settings["batch"] = BatchLayout.of(settings["batch"])
     workers = world()
