@@ -711,14 +711,19 @@ class _LinearCrossEntropy:
         return cls._function.apply(hidden, weight, labels, chunk)
 
 
+def whole_tensor(tensor):
+    """`tensor` as one tensor: FSDP2 leaves weights sharded over the ranks (DTensors), gathered here (a
+    collective: every rank calls this at the same point); any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
     """The causal-LM loss transformers computes (labels shifted by one, -100 ignored; summed and divided by
     `num_items_in_batch` when given, else the mean), from the final hidden states (batch, tokens, hidden)
     and the output head's weight, without the batch's logits. Only tokens with a label are computed."""
     import torch
 
-    if hasattr(weight, "full_tensor"):  # a head FSDP2 left sharded (a DTensor): the whole of it, gathered
-        weight = weight.full_tensor()
+    weight = whole_tensor(weight)  # a head FSDP2 left sharded
     shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
     keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)

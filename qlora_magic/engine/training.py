@@ -20,7 +20,7 @@ from ..display.reporters import Reporter
 from ..errors import ConfigError, DivergedError, OutOfMemory
 from .data import PIECES
 from .distributed import per_rank_layout, rank_memory, training_device, world
-from .speed import BatchLayout, choose_settings
+from .speed import BatchLayout, choose_settings, whole_tensor
 from .stopping import StopFlag, stop_on_interrupt
 from .trackers import PROJECT, trackers_for_run, trainer_report_to
 
@@ -658,23 +658,17 @@ def _end_run_folder(trainer, folder, status: str, error, steps_kept: int):
     folder.close()
 
 
-def _whole(weight):
-    """A weight as one tensor: FSDP2 leaves trained weights sharded over the ranks (DTensors), gathered here
-    (a collective: every rank calls this at the same point)."""
-    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
-
-
 def _trainable_weights(model) -> dict:
     """A copy of the weights the run trains (LoRA, a classifier's head): small, and kept on the CPU, so a
     diverged run can be put back without holding device memory."""
-    return {name: _whole(p.detach()).to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+    return {name: whole_tensor(p.detach()).to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _weights_diverged(model, step):
     """Whether the last step left a trainable weight NaN/inf (no loss was logged after it): one check per run."""
     import torch
 
-    weights = [_whole(p.detach()) for p in model.parameters() if p.requires_grad]
+    weights = [whole_tensor(p.detach()) for p in model.parameters() if p.requires_grad]
     if weights and not torch.stack([p.isfinite().all() for p in weights]).all():
         return ("adapter's weights became NaN or infinite", step)
     return None

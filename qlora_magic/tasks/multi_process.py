@@ -128,15 +128,16 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
     check_split(config, launch.workers)
     rows = load_rows(config.data, config.split)
     examples = task_examples(session, config, rows)  # a bad template fails here, in one line, before anything starts
-    if launch.device == "cuda" and config.strategy is None:
-        launch.strategy, launch.reason = _auto_strategy(session, config, rows, examples, launch)
-    if launch.device == "cuda" and launch.strategy == "fsdp":
+    budget = gpu_memory(launch.gpus, config.max_memory) if launch.device == "cuda" else None
+    if budget is not None and config.strategy is None:
+        launch.strategy, launch.reason = _auto_strategy(session, config, rows, examples, launch, budget)
+    if budget is not None and launch.strategy == "fsdp":
         from ..engine.strategy import shardable
 
         if not shardable(session.model):
             raise ConfigError("--strategy fsdp shards 4-bit weights only; this model has 8-bit layers: load it with "
                               "--bits 4, or train it with --strategy ddp.")
-        launch.load = worker_load(session.model, launch.workers, gpu_memory(launch.gpus, config.max_memory))
+        launch.load = worker_load(session.model, launch.workers, budget)
     run, index = TrainRun.of(config), len(session.runs)
     folder = start_run_folder(session, config, rows, run, index).folder
     try:
@@ -195,7 +196,7 @@ def worker_load(model, workers: int, gpu_bytes: int) -> str:
     return load
 
 
-def _auto_strategy(session, config: TrainConfig, rows, examples, launch: Launch) -> tuple[str, str]:
+def _auto_strategy(session, config: TrainConfig, rows, examples, launch: Launch, budget: int) -> tuple[str, str]:
     """ddp or fsdp from the per-rank memory plan of the data's tokenized lengths (engine/strategy.py); a run
     that fits neither way is refused here, before anything is written."""
     from ..engine.data import prepare_datasets
@@ -204,7 +205,7 @@ def _auto_strategy(session, config: TrainConfig, rows, examples, launch: Launch)
     train_set, _, _ = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
     lengths = [len(ids) for ids in train_set["input_ids"]]
     choice = choose_strategy(session.model, lengths, config.batch_size * config.grad_accum,
-                             gpu_memory(launch.gpus, config.max_memory), launch.workers,
+                             budget, launch.workers,
                              packing=True if config.packing is None else config.packing,
                              checkpointing=config.gradient_checkpointing)
     return choice.strategy, choice.reason
