@@ -99,6 +99,67 @@ def test_mlflow_store_holds_the_sessions_history(tiny_loaded, rows, tmp_path, mo
     assert (folder / "tensorboard").is_dir()
 
 
+@pytest.fixture
+def local_mlflow(monkeypatch):
+    """MLflow with no store chosen yet, as in a new kernel: the run's folder decides it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setattr(trackers, "_our_mlflow_uri", None)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+
+
+def _stopped_after(step):
+    """A StopFlag and a callback that sets it during step `step` (the run stops at that step's end)."""
+    from transformers import TrainerCallback
+
+    from qlora_magic.engine.stopping import StopFlag
+
+    flag = StopFlag()
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step - 1:
+                flag.set("test")
+
+    return flag, StopAt()
+
+
+@pytest.mark.skipif(mlflow is None, reason="mlflow is not installed")
+def test_a_resumed_run_carries_on_its_mlflow_run(tiny_loaded, rows, tmp_path, local_mlflow):
+    from qlora_magic.engine.run_folder import list_runs
+    from qlora_magic.tasks.finetune import finetune
+
+    config = TrainConfig(data=rows, prompt="Q: {question}\nA: ", response="{answer}", max_steps=4, batch_size=4,
+                         grad_accum=1, output_dir=str(tmp_path / "runs"), name="kept", report_to="mlflow", display="none")
+    flag, stop_at = _stopped_after(2)
+    stopped = finetune(qlora_magic.get_session(), config, stop=flag, callbacks=[stop_at])
+    assert stopped.status == "interrupted" and stopped.steps_done == 2
+    (folder,) = list_runs(tmp_path / "runs")
+    client = mlflow.tracking.MlflowClient(trackers.mlflow_store(tmp_path / "runs"))
+    (first,) = client.search_runs([client.get_experiment_by_name("qlora_magic").experiment_id])
+    assert folder.record["trackers"] == {"mlflow": first.info.run_id}
+
+    qlora_magic.reset_session()  # as a new kernel
+    trackers._our_mlflow_uri = None
+    mlflow.tracking._tracking_service.utils._tracking_uri = None
+    resumed = qlora_magic.train(resume=str(folder.path), display="none")
+    assert resumed.status == "completed" and resumed.steps_done == 4
+    (run,) = client.search_runs([client.get_experiment_by_name("qlora_magic").experiment_id])  # still one
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    history = {row["step"]: row["loss"] for row in qlora_magic.get_session().history if row.get("loss") is not None}
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert sorted(history) == [1, 2, 3, 4] and logged == pytest.approx(history)
+    assert mlflow.active_run() is None and "MLFLOW_RUN_ID" not in __import__("os").environ
+
+
+@pytest.mark.skipif(mlflow is None, reason="mlflow is not installed")
+def test_a_resumed_run_whose_mlflow_run_is_elsewhere_logs_a_new_one_and_says_so(tmp_path, local_mlflow):
+    notes = []
+    with trackers.trackers_for_run(("mlflow",), tmp_path, note=notes.append, resume={"mlflow": "0" * 32}):
+        assert "MLFLOW_RUN_ID" not in __import__("os").environ
+    assert len(notes) == 1 and "not in this store" in notes[0] and "new MLflow run" in notes[0]
+
+
 @pytest.mark.skipif(mlflow is None, reason="mlflow is not installed")
 def test_tune_trials_are_nested_runs_of_one_parent(tiny_loaded, rows, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -137,9 +198,20 @@ def test_trackio_gets_the_runs_losses_through_the_trainers_integration(tiny_load
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
-def test_wandb_offline_run(tiny_loaded, rows, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_wandb_without_a_key_logs_a_real_run_offline_and_asks_nothing(tiny_loaded, rows, tmp_path, monkeypatch):
+    """A notebook with no W&B login: the run goes offline with a note (no prompt waits for input; pytest's stdin
+    raises if anything reads it), and run.json keeps the W&B run's id for --resume."""
+    from qlora_magic.engine.run_folder import list_runs
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    qlora_magic.train(data=rows, prompt="Q: {question}\nA: ", response="{answer}", max_steps=2, batch_size=4,
-                      grad_accum=1, output_dir=str(tmp_path / "runs"), report_to="wandb", display="none")
-    assert list(tmp_path.glob("wandb/offline-run-*"))
+    summary = qlora_magic.train(data=rows, prompt="Q: {question}\nA: ", response="{answer}", max_steps=2,
+                                batch_size=4, grad_accum=1, output_dir=str(tmp_path / "runs"), report_to="wandb",
+                                display="none")
+    assert summary.status == "completed" and "WANDB_MODE" not in __import__("os").environ
+    (offline,) = tmp_path.glob("wandb/offline-run-*")
+    (folder,) = list_runs(tmp_path / "runs")
+    assert offline.name.endswith("-" + folder.record["trackers"]["wandb"])
+    assert list(offline.glob("*.wandb"))  # the run's own log, for `wandb sync`

@@ -83,15 +83,23 @@ def wandb_configured() -> bool:
 
 
 @contextlib.contextmanager
-def trackers_for_run(trackers, output_root: Path, note=None):
+def trackers_for_run(trackers, output_root: Path, note=None, resume: dict | None = None):
     """The environment the Trainer's integrations read, for one run; `note(text)` gets one-line notices.
+    `resume`: the tracker runs of the run this one carries on (run.json's "trackers", from `recorder`), which
+    the integrations then continue: one MLflow run and one W&B run hold the whole history of a resumed run.
     Yields a `Trainers` to watch each Trainer of the run with. A run that ends in an error leaves no MLflow run
     open behind it."""
     check_installed(trackers)
-    env = {}
+    env, resume = {}, resume or {}
     if "mlflow" in trackers:
         _point_mlflow(output_root)
         env.setdefault("MLFLOW_EXPERIMENT_NAME", os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT)
+        if resume.get("mlflow"):
+            if _mlflow_run_here(resume["mlflow"]):
+                env["MLFLOW_RUN_ID"] = resume["mlflow"]
+            elif note:
+                note(f"mlflow: the run's MLflow run {resume['mlflow']} is not in this store "
+                     f"({_mlflow_uri()}), so the resumed steps are logged as a new MLflow run")
     if "wandb" in trackers:
         env["WANDB_PROJECT"] = os.environ.get("WANDB_PROJECT") or PROJECT
         if not os.environ.get("WANDB_MODE") and not wandb_configured():
@@ -99,6 +107,8 @@ def trackers_for_run(trackers, output_root: Path, note=None):
             if note:
                 note("wandb: no API key here, so the run is logged offline in ./wandb (`wandb sync` uploads it; "
                      "set WANDB_API_KEY or run `wandb login` to log online)")
+        if resume.get("wandb"):
+            env["WANDB_RUN_ID"], env["WANDB_RESUME"] = resume["wandb"], "allow"
     parent = _mlflow_active_run() if "mlflow" in trackers else None
     watched = Trainers()
     with _environment(env):
@@ -123,6 +133,49 @@ class Trainers:
     def disarm(self):
         for callback in self.callbacks:
             callback._auto_end_run = False
+
+
+def recorder(trackers, folder):
+    """A TrainerCallback that, once the Trainer's integrations have started their runs (their on_train_begin
+    comes before it), writes their ids into the run folder's record (run.json "trackers"), for --resume."""
+    from transformers import TrainerCallback
+
+    class RecordTrackerRuns(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            ids = _tracker_run_ids(trackers) if state.is_world_process_zero else {}
+            if ids and ids != folder.record.get("trackers"):
+                folder.update(trackers=ids)
+
+    return RecordTrackerRuns()
+
+
+def _tracker_run_ids(trackers) -> dict:
+    ids = {}
+    if "mlflow" in trackers and (run_id := _mlflow_active_run()):
+        ids["mlflow"] = run_id
+    if "wandb" in trackers:
+        import wandb
+
+        if wandb.run is not None:
+            ids["wandb"] = wandb.run.id
+    return ids
+
+
+def _mlflow_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _mlflow_run_here(run_id: str) -> bool:
+    """Whether the MLflow store in use holds the run `run_id` (MLFLOW_TRACKING_URI may name another since)."""
+    import mlflow
+
+    try:
+        mlflow.tracking.MlflowClient().get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001 - MlflowException (not found), or a store that cannot be reached
+        return False
 
 
 def _mlflow_active_run():

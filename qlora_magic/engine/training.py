@@ -22,7 +22,7 @@ from .data import PIECES
 from .distributed import per_rank_layout, rank_memory, training_device, world
 from .speed import BatchLayout, choose_settings, whole_tensor
 from .stopping import StopFlag, stop_on_interrupt
-from .trackers import PROJECT, trackers_for_run, trainer_report_to
+from .trackers import PROJECT, recorder, trackers_for_run, trainer_report_to
 
 
 def _make_callback(reporter: Reporter, log: RunLog, stop: StopFlag, device: str, folder=None):
@@ -326,7 +326,8 @@ def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, repo
     # The store of a tracker like MLflow sits beside the run folders, so it holds every run of this output_dir.
     output_root = run_dir.parent if checkpointing is not None else Path(config.output_dir or "runs")
     with contextlib.ExitStack() as stack:
-        tracked = stack.enter_context(trackers_for_run(trackers, output_root, note=reporter.note))
+        resumed = checkpointing.folder.record.get("trackers") if checkpointing and checkpointing.resume_from else None
+        tracked = stack.enter_context(trackers_for_run(trackers, output_root, note=reporter.note, resume=resumed))
         extra = []
         if "tensorboard" in trackers:
             writer = stack.enter_context(contextlib.closing(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
@@ -336,6 +337,7 @@ def run_training(model, tokenizer, config: TrainConfig, data: TrainingData, repo
         if checkpointing is not None:
             every = checkpointing.every_minutes
             extra.append(_checkpoint_callback(every * 60 if every else None))
+            extra.append(recorder(trackers, checkpointing.folder))
         extra += list(callbacks or [])
         if settings.get("ranks", 1) > 1:  # last: the ranks agree on what the callbacks before asked for
             from .distributed import STOP_FILE, stop_callback
