@@ -285,3 +285,40 @@ def test_the_doctor_line_under_the_memory_bars():
     assert p.last_error is None, p.status_text
     assert p.doctor_line.value.count("Doctor: ") == 1 and "qlora-doctor" in p.doctor_info.value
     assert p.status_text.startswith("Doctor: ")
+
+
+def test_the_save_tab_exports_a_checked_gguf_with_its_modelfile_or_a_merged_folder(tiny_loaded, rows, tmp_path):
+    qlora_magic.train(rows, prompt="Q: {question}\nA: ", response="{answer}", max_steps=2, batch_size=4, grad_accum=1,
+                      eval_split=8, display="none")
+    p = qlora_magic.panel()
+    assert p.export_format.value == "gguf" and p.export_quant.value == "f16" and p.export_quant.layout.display is None
+    p.export_path.value = str(tmp_path / "gguf")
+    p.export_quant.value, p.export_ollama.value = "q8_0", True
+    click(p, p.export_button)
+    assert p.last_error is None, p.status_text
+    (file,) = (tmp_path / "gguf").glob("*.gguf")
+    assert (tmp_path / "gguf" / "Modelfile").read_text().startswith(f"FROM ./{file.name}")
+    assert p.status_text.startswith(f"Exported to {file}") and "answers as the adapter's, perplexity drift " in p.status_text
+    assert "GGUF export" in p.export_info.value and "ollama create" in p.export_info.value
+
+    p.export_format.value = "merged"  # a folder for vLLM / transformers: no GGUF type, no Modelfile
+    assert p.export_quant.layout.display == "none" and p.export_ollama.layout.display == "none"
+    p.export_path.value = str(tmp_path / "merged")
+    click(p, p.export_button)
+    assert p.last_error is None, p.status_text
+    assert (tmp_path / "merged" / "config.json").is_file() and p.status_text.startswith(f"Merged to {tmp_path / 'merged'}")
+    assert "Merged model" in p.export_info.value
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("export_path", "", "needs a format and a folder to write to"),
+    ("report_to", "mlflow, nonsense", "nonsense"),
+])
+def test_bad_export_and_tracker_fields_are_one_red_line_and_change_nothing(tiny_loaded, tmp_path, monkeypatch, field, value, message):
+    monkeypatch.chdir(tmp_path)
+    p = qlora_magic.panel(data=[{"q": "a", "a": "b"}] * 4, prompt="{q}", response="{a}")
+    getattr(p, field).value = value
+    history = list(qlora_magic.get_session().history)
+    click(p, p.export_button if field == "export_path" else p.train_button)
+    assert isinstance(p.last_error, QloraError) and message in p.status_text and "\n" not in p.status_text
+    assert qlora_magic.get_session().history == history and list(tmp_path.iterdir()) == []

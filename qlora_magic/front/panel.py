@@ -1,10 +1,12 @@
-"""The widget dashboard: Load, Train, Generate and Save tabs over a live Memory readout.
+"""The widget dashboard: Load, Train, Generate and Save tabs over a live Memory readout. The Save tab also exports
+the merged model (a GGUF file for llama.cpp/Ollama, or a safetensors folder for vLLM/transformers).
 
     >>> import qlora_magic as qm
     >>> qm.panel()            # or %qlora_panel
 
 Every button builds the same config dataclass a magic builds and calls the same Python API
-(`api.load`, `api.train`, `api.generate`, `api.save`, `api.memory`); nothing is reachable only here.
+(`api.load`, `api.train`, `api.generate`, `api.save`, `api.export`, `api.merge`, `api.memory`); nothing is
+reachable only here.
 
 How Stop reaches the training loop: an action runs in a background thread, so the kernel stays free
 to receive widget messages while the model trains. Stop sets the `api.StopFlag` given to
@@ -31,7 +33,7 @@ import html
 import threading
 
 from .. import api
-from ..config import GenerateConfig, LoadConfig, TrainConfig
+from ..config import EXPORT_QUANTS, ExportConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig
 from ..errors import BusyError, ConfigError
 from ..display.formatting import gb
 from ..display.widget_reporter import WidgetReporter, require_ipywidgets
@@ -40,7 +42,8 @@ from .parsing import config_default, lookup_variable
 GIVEN_ROWS = "(the rows given to panel())"  # shown in the data field when panel(data=rows) got objects
 # What each action is called while it holds the session lock, and how it is stopped (a refused cell says so).
 ACTIVITIES = {"load": ("Loading a model", None), "train": ("Training", "the panel's Stop button"),
-              "generate": ("Generating", None), "save": ("Saving", None), "check": ("Checking the data", None),
+              "generate": ("Generating", None), "save": ("Saving", None), "export": ("Exporting", None),
+              "check": ("Checking the data", None),
               "doctor": ("Checking the environment", None)}
 
 
@@ -127,6 +130,9 @@ class Panel:
         self.lr = w.FloatText(description="learning rate", value=train_default("lr"), style=short)
         self.batch_size = w.BoundedIntText(description="batch size", value=train_default("batch_size"), min=1, max=4096, style=short)
         self.grad_accum = w.BoundedIntText(description="grad accum", value=train_default("grad_accum"), min=1, max=4096, style=short)
+        self.report_to = w.Text(description="trackers", value=train_default("report_to"), style=short, layout=wide,
+                                placeholder="tensorboard, mlflow, trackio, wandb or none (comma-separated)",
+                                tooltip="where the run is logged besides its run folder (--report-to)")
         self.eval_split = w.BoundedFloatText(description="eval split", value=train_default("eval_split") or 0, min=0, max=10**6, style=short,
                                              tooltip="0: none; a fraction (0.1) or a row count")
         self.train_button = w.Button(description="Train", button_style="primary", icon="play")
@@ -139,7 +145,7 @@ class Panel:
         train_tab = w.VBox([
             self.data, self.prompt, self.response, self.label,
             w.HBox([self.epochs, self.max_steps]), w.HBox([self.lr, self.eval_split]),
-            w.HBox([self.batch_size, self.grad_accum]), self.chat,
+            w.HBox([self.batch_size, self.grad_accum]), self.chat, self.report_to,
             w.HBox([self.check_button, self.train_button, self.stop_button]), self.check_info, self.reporter.widget,
         ])
 
@@ -162,9 +168,26 @@ class Panel:
         # --- Save
         self.save_path = w.Text(description="folder", value="adapters/panel-adapter", style=short, layout=wide)
         self.save_button = w.Button(description="Save", button_style="primary", icon="save")
+        # Export: the adapter merged into the original 16-bit weights, for a server (%qlora_export, %qlora_merge).
+        self.export_format = w.Dropdown(description="export as", options=[
+            ("GGUF file (llama.cpp, Ollama, LM Studio)", "gguf"), ("merged safetensors (vLLM, transformers)", "merged")],
+            value="gguf", style=short, layout=w.Layout(width="95%"))
+        self.export_path = w.Text(description="folder", value="exported/panel-model", style=short, layout=wide)
+        self.export_quant = w.Dropdown(description="weights", options=list(EXPORT_QUANTS),
+                                       value=ExportConfig.__dataclass_fields__["quant"].default, style=short,
+                                       tooltip="f16 keeps the merge as is; q8_0 is half the file, q4_0 a quarter (the check reports the drift)")
+        self.export_ollama = w.Checkbox(description="Ollama Modelfile", value=False, style=short)
+        self.export_button = w.Button(description="Export", button_style="primary", icon="share-square")
+        self.export_info = w.HTML()
+        self.export_format.observe(lambda _: self._show_export_fields(), names="value")
         save_tab = w.VBox([self.save_path, self.save_button,
                            w.HTML("<span style='color:#555'>Writes the adapter (PEFT format), tokenizer, run "
-                                  "configs and metrics; restore with the Load tab's adapter field.</span>")])
+                                  "configs and metrics; restore with the Load tab's adapter field.</span>"),
+                           w.HTML("<hr style='margin:6px 0'>"), self.export_format, self.export_path,
+                           w.HBox([self.export_quant, self.export_ollama]), self.export_button,
+                           w.HTML("<span style='color:#555'>Merges the adapter into the original 16-bit weights "
+                                  "and checks the result's answers and perplexity against the adapter's.</span>"),
+                           self.export_info])
 
         # --- Memory (always visible) and status line
         self.memory_bars = {
@@ -191,17 +214,19 @@ class Panel:
         self.widget = w.VBox([w.HTML("<b>qlora_magic</b>"), self.tabs, self.status, self.memory_box])
 
         self._action_buttons = [self.load_button, self.train_button, self.generate_button, self.save_button,
-                                self.check_button, self.doctor_button]
+                                self.export_button, self.check_button, self.doctor_button]
         self.load_button.on_click(lambda _: self._start("load", self._load))
         self.train_button.on_click(lambda _: self._start("train", self._train))
         self.generate_button.on_click(lambda _: self._start("generate", self._generate))
         self.save_button.on_click(lambda _: self._start("save", self._save))
+        self.export_button.on_click(lambda _: self._start("export", self._export))
         self.check_button.on_click(lambda _: self._start("check", self._check))
         self.doctor_button.on_click(lambda _: self._start("doctor", self._doctor))
         self.stop_button.on_click(lambda _: self.stop())
         self.memory_refresh.on_click(lambda _: self._guarded(self.refresh_memory))
         self._say("Load a model to start." if api.get_session().model is None else "A model is loaded.")
         self._show_task_fields()
+        self._show_export_fields()
         self._guarded(self.refresh_memory)
 
     # --- the actions: each reads the controls into a config and makes one API call
@@ -224,7 +249,14 @@ class Panel:
             epochs=self.epochs.value, max_steps=_none_if_zero(self.max_steps.value), lr=self.lr.value,
             batch_size=self.batch_size.value, grad_accum=self.grad_accum.value,
             eval_split=None if not split else (int(split) if split >= 1 else split), display="none",
+            report_to=self.report_to.value.strip() or config_default(TrainConfig, "report_to"),
         )
+
+    def export_config(self) -> ExportConfig | MergeConfig:
+        path = self.export_path.value.strip()
+        if self.export_format.value == "merged":
+            return MergeConfig(path=path)
+        return ExportConfig(format="gguf", path=path, quant=self.export_quant.value, ollama=self.export_ollama.value)
 
     def generate_config(self) -> GenerateConfig:
         return GenerateConfig(
@@ -312,6 +344,25 @@ class Panel:
             raise ConfigError("Give a folder to save the adapter to.")
         saved = api.save(path)
         self._say(f"Saved the adapter, tokenizer and run record to {saved}/")
+
+    def _export(self):
+        config = self.export_config()
+        gguf = isinstance(config, ExportConfig)
+        self.export_info.value = ""
+        self._say("Exporting: merging, writing and checking…" if gguf else "Merging, saving and checking…")
+        report = api.export(config=config) if gguf else api.merge(config=config)
+        self.export_info.value = report._repr_html_()
+        checked = ""
+        if report.verified:
+            checked = (f"; {report.answers_matching}/{len(report.prompts)} answers as the adapter's"
+                       + (f", perplexity drift {report.perplexity_drift:+.1%}" if report.perplexity_drift is not None else ""))
+        self._say(f"{'Exported' if gguf else 'Merged'} to {report.path} ({gb(report.size)}){checked}.")
+
+    def _show_export_fields(self):
+        """The GGUF weights type and the Modelfile only for a GGUF export."""
+        gguf = self.export_format.value == "gguf"
+        for control in (self.export_quant, self.export_ollama):
+            control.layout.display = None if gguf else "none"
 
     def refresh_memory(self):
         """Measure memory now and redraw the bars (after every action too)."""
