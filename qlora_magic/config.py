@@ -232,7 +232,7 @@ def _type_hints(config) -> dict:
 
 
 #: The LoRA settings of a new adapter; a saved adapter brings its own.
-LORA_OPTIONS = ("r", "alpha", "dropout", "targets")
+LORA_OPTIONS = ("r", "alpha", "dropout", "targets", "seed")
 
 
 def check_adapter_options(options: dict):
@@ -241,7 +241,7 @@ def check_adapter_options(options: dict):
     given = [name for name in LORA_OPTIONS if options.get(name) is not None]
     if options.get("adapter") is not None and given:
         raise ConfigError(f"--{given[0]} does not apply with --adapter: a saved adapter keeps its own LoRA settings "
-                          f"(r, alpha, dropout, targets). For a new rank, load the base alone (%qlora_load --{given[0]} ...) "
+                          f"and weights (r, alpha, dropout, targets). For new ones, load the base alone (%qlora_load --{given[0]} ...) "
                           f"or add an adapter beside it (%qlora_adapters add new --{given[0]} ...).")
 
 
@@ -258,6 +258,7 @@ class LoadConfig(_Config):
     alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     targets: list[str] | str | None = field(default=None, metadata={"help": "module names, 'all-linear', or None for the architecture's attention q/v"})
+    seed: int = field(default=42, metadata={"help": "seed of the new weights' random start (the LoRA matrices, a classifier's head): the same seed, the same adapter before training"})
     task: str = field(default="causal-lm", metadata={"help": "causal-lm (a decoder), seq-cls (text classification) or seq2seq (an encoder-decoder, e.g. summarization)"})
     num_labels: int = field(default=2, metadata={"help": "classes of a seq-cls model (its head is made this size)"})
     adapter: str | None = field(default=None, metadata={"help": "folder of a saved adapter to restore"})
@@ -280,6 +281,7 @@ class LoadConfig(_Config):
         for name, value in (("--keep-8bit", self.keep_8bit), ("layers_8bit", self.layers_8bit), ("calibration", self.calibration)):
             if value is not None and self.bits not in ("auto", None):
                 raise ConfigError(f"{name} chooses layers for --bits auto, not --bits {self.bits}: add --bits auto or drop {name}.")
+        _seed("--seed", self.seed)
         _positive("--r", self.r, most=MAX_RANK, why=" (the adapter would outweigh the model); ranks of 4 to 64 are usual")
         _positive("--alpha", self.alpha)
         if not (0 <= self.dropout < 1):

@@ -26,6 +26,45 @@ def test_load_quantizes_and_adds_lora(tiny_model_dir, bits, layer):
     assert "footprint" in repr(report) and "<table>" in report._repr_html_()
 
 
+def _start_weights(model_dir, **options):
+    """The new weights of a fresh load (LoRA, a classifier's head), copied."""
+    qm.load(model_dir, bits=8, **options)
+    return {name: p.detach().clone() for name, p in qm.get_session().model.named_parameters()
+            if "lora_" in name or "score" in name}
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
+def test_a_load_is_repeatable_its_seed_chooses_the_start_and_the_notebooks_random_state_is_kept(tiny_model_dir, task):
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = _start_weights(tiny_model_dir, task=task)
+    assert torch.equal(torch.rand(3), expected)  # the load drew from its own seed, not the notebook's generator
+    again = _start_weights(tiny_model_dir, task=task)
+    other = _start_weights(tiny_model_dir, task=task, seed=7)
+    assert first.keys() == again.keys() == other.keys() and any("lora_A" in name for name in first)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    changed = {name for name in first if not torch.equal(first[name], other[name])}
+    assert {name for name in first if "lora_A" in name} <= changed  # (lora_B starts at zero whatever the seed)
+    if task == "seq-cls":
+        assert any("score" in name for name in changed)  # the classifier's new head is drawn from the seed too
+    assert qm.get_session().load_config.seed == 7
+
+
+def test_an_added_adapter_starts_from_the_loads_seed(tiny_model_dir):
+    import torch
+
+    added = []
+    for _ in range(2):
+        qm.load(tiny_model_dir, bits=8, seed=5)
+        torch.rand(10)  # the notebook's own draws in between change nothing
+        qm.add_adapter("extra", r=4)
+        added.append({n: p.detach().clone() for n, p in qm.get_session().model.named_parameters() if ".extra." in n})
+    assert added[0] and all(torch.equal(added[0][name], added[1][name]) for name in added[0])
+
+
 def test_4bit_is_smaller_than_8bit(tiny_model_dir):
     eight = qm.load(tiny_model_dir, bits=8).footprint
     four = qm.load(tiny_model_dir, bits=4).footprint

@@ -72,7 +72,7 @@ def add_adapter(session, name, *, r=None, alpha=None, dropout=None, targets=None
     from peft import LoraConfig
 
     from ..config import LoadConfig
-    from .loading import TASK_CLASSES, check_targets
+    from .loading import TASK_CLASSES, check_targets, seeded
 
     model = session.require_model("adding an adapter")
     _new_name(model, name)
@@ -84,7 +84,8 @@ def add_adapter(session, name, *, r=None, alpha=None, dropout=None, targets=None
     lora = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                       target_modules=options.targets, bias="none", task_type=TASK_CLASSES[loaded.task][1])
     try:
-        model.add_adapter(name, lora)
+        with seeded(loaded.seed):  # the load's seed: adapters added alike start alike (tuning's trials compare fairly)
+            model.add_adapter(name, lora)
     except ValueError as error:
         raise ConfigError(f"Cannot add adapter {name!r}: {str(error).splitlines()[0]}") from None
     if activate:

@@ -197,7 +197,10 @@ def load_model(config: LoadConfig) -> LoadedModel:
     if folder is not None:
         config = settings_from_adapter(config, folder)
     config = config.replace(bits=config.bits or 8)
-    model, tokenizer, config, adaptive_report = load_quantized(config)
+    with seeded(config.seed if folder is None else None):  # a restored adapter brings its own weights
+        model, tokenizer, config, adaptive_report = load_quantized(config)
+        if folder is None:
+            model, config = add_lora(model, config)
     if folder is not None:
         try:
             model, config = restore_adapter(model, config, folder)
@@ -205,10 +208,23 @@ def load_model(config: LoadConfig) -> LoadedModel:
             model = error.__traceback__ = error.__context__ = None
             release_memory()
             raise error
-    else:
-        model, config = add_lora(model, config)
     report = LoadReport.measure(model, config, time.perf_counter() - started, adaptive_report)
     return LoadedModel(model, tokenizer, config, report, folder)
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """The new weights made in the block (LoRA matrices, a classifier's head) drawn from `seed` (None: as the
+    process's random state has it), so the same seed gives the same start. The CPU's random state is put back
+    after: a load does not change what the notebook's own torch.rand() calls draw next."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the GPUs' generators too (a head made on the GPU): not put back, as set_seed
+        yield
 
 
 def settings_from_adapter(config: LoadConfig, folder: AdapterFolder) -> LoadConfig:

@@ -59,6 +59,7 @@ def _bits(text):
 @argument("--alpha", type=float, default=None, help=f"LoRA alpha; the update is scaled by alpha/r {_default(LoadConfig, 'alpha')}")
 @argument("--dropout", type=float, default=None, help=f"LoRA dropout {_default(LoadConfig, 'dropout')}")
 @argument("--targets", default=None, help="comma-separated module names, or all-linear (default: the architecture's attention q/v)")
+@argument("--seed", type=int, default=None, help=f"seed of the new LoRA weights' random start (and a classifier's new head): the same seed, the same adapter before training {_default(LoadConfig, 'seed')}")
 @argument("--task", default=None, help=f"causal-lm: a decoder-only language model; seq-cls: text classification; seq2seq: an encoder-decoder model, e.g. summarization {_default(LoadConfig, 'task')}")
 @argument("--num-labels", type=int, default=None, help=f"seq-cls: number of classes {_default(LoadConfig, 'num_labels')}")
 @argument("--adapter", default=None, help="restore a saved adapter folder (and the base model it names)")
