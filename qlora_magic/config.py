@@ -337,6 +337,7 @@ class TrainConfig(_Config):
     background: bool = field(default=False, metadata={"help": "start the run and return at once; %qlora_attach shows it, %qlora_stop stops it"})
     gpus: int | str | None = field(default=None, metadata={"help": "train in worker processes, one per GPU, through torch.distributed: a number of GPUs or 'all'; None: in this process"})
     processes: int | None = field(default=None, metadata={"help": "train in this many worker processes on the CPU (torch.distributed's gloo backend: tests, the course); None: in this process"})
+    unload: bool = field(default=False, metadata={"help": "with gpus/processes: the session's model leaves memory while the workers train (its GPU memory goes to them) and is loaded back after, with the trained adapter (as long as a load takes)"})
     strategy: str | None = field(default=None, metadata={"help": "with gpus/processes: ddp (each rank holds the model, LoRA gradients all-reduced) or fsdp (FSDP2: the 4-bit weights sharded over the ranks); None: chosen from the memory plan (ddp when one GPU holds the model; always ddp with processes)"})
     report_to: str | list = field(default="tensorboard", metadata={"help": "experiment trackers, comma-separated: tensorboard (in the run folder), mlflow (a local sqlite store, <output-dir>/mlflow.db, unless MLFLOW_TRACKING_URI is set), trackio (local), wandb (offline unless an API key is set up); none: no tracker"})
     display: str = field(default="auto", metadata={"help": "auto, html, widget, text or none"})
@@ -406,6 +407,9 @@ class TrainConfig(_Config):
                               "ddp: drop --strategy fsdp, or use --gpus N.")
         if self.strategy is not None and not workers:
             raise ConfigError("--strategy is for worker processes: add --gpus N (or --processes N on the CPU), or drop --strategy.")
+        if self.unload and not workers:
+            raise ConfigError("--unload frees the session's model for worker processes: add --gpus N (or --processes N on "
+                              "the CPU), or drop --unload (a run in this kernel trains the session's model itself).")
 
     @property
     def in_workers(self) -> bool:
@@ -416,7 +420,7 @@ class TrainConfig(_Config):
     def from_dict(cls, values: dict[str, Any]):
         # A saved run's record: its output_dir says where that run wrote, which need not be writable here.
         config = super().from_dict({**values, "output_dir": None, "resume": None, "background": False,
-                                    "gpus": None, "processes": None, "strategy": None})
+                                    "gpus": None, "processes": None, "strategy": None, "unload": False})
         config.output_dir = values.get("output_dir")
         return config
 

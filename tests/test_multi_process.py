@@ -70,6 +70,31 @@ def test_two_workers_train_what_one_process_trains(ip, tiny_no_dropout, rows):
     assert losses(single.history) == pytest.approx(workers, rel=1e-4, abs=1e-5)
 
 
+class ModelSeen(NullReporter):
+    """Records, at every logged row, whether the session had a model while the workers trained."""
+
+    def __init__(self):
+        self.models = []
+
+    def log(self, row, progress, history):
+        self.models.append(qm.get_session().model)
+
+
+def test_unload_frees_the_sessions_model_while_the_workers_train_and_brings_it_back_trained(tiny_no_dropout, rows):
+    session = qm.get_session()
+    load_config, old_model = session.load_config, session.model
+    seen = ModelSeen()
+    summary = qm.train(rows[:32], **TRAIN, processes=2, unload=True, reporter=seen)
+    assert summary.status == "completed" and seen.models and all(model is None for model in seen.models)
+    session = qm.get_session()
+    assert session.model is not None and session.model is not old_model and session.load_config is load_config
+    assert len(session.runs) == 1 and losses(session.history) == losses(RunFolder(summary.run_dir).history())
+    trained = lora_weights(session.model)
+    qm.load(adapter=str(RunFolder(summary.run_dir).latest_checkpoint()))
+    for name, weight in lora_weights(qm.get_session().model).items():
+        assert (weight - trained[name]).abs().max() < 1e-6, name
+
+
 class InterruptAt(NullReporter):
     """A Ctrl-C (KeyboardInterrupt in the cell's thread) once a row of `step` is logged; the launcher turns it into
     the run's StopFlag (the panel's Stop sets that flag directly)."""
@@ -116,10 +141,14 @@ class KillWorkerAt(NullReporter):
 
 def test_a_killed_worker_is_one_line_and_the_run_resumes(tiny_no_dropout, rows):
     reporter = KillWorkerAt(2)
+    before = lora_weights(tiny_no_dropout.model)
     with pytest.raises(multi_process.WorkerError) as failed:
         # checkpoint_minutes 0.001: a checkpoint at every step, so one is there when the worker dies
-        qm.train(rows, **{**TRAIN, "max_steps": 40}, processes=2, checkpoint_minutes=0.001, reporter=reporter)
+        qm.train(rows, **{**TRAIN, "max_steps": 40}, processes=2, checkpoint_minutes=0.001, reporter=reporter, unload=True)
     assert reporter.killed is not None
+    # --unload: the session's model is back, as it was before the run (the failed run's weights did not go in)
+    back = lora_weights(qm.get_session().model)
+    assert back.keys() == before.keys() and all((back[n] - before[n]).abs().max() == 0 for n in before)
     message = str(failed.value)
     assert "\n" not in message and "workers.log" in message and "--resume" in message
     folder = RunFolder(message.rsplit("see ", 1)[1].rsplit("/", 1)[0])
@@ -271,6 +300,7 @@ def test_the_gpu_the_kernel_holds_counts_only_its_free_memory_and_goes_last(monk
     assert multi_process.gpu_memory((0, 1)) == 58 * gib
     assert multi_process.gpu_memory((0, 1), "40GiB") == 40 * gib
     assert multi_process.gpu_memory((1,)) == 80 * gib
+    assert multi_process.gpu_memory((0, 1), kernel_leaves=True) == 78 * gib  # --unload: the model's 20 GiB too
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -289,7 +319,7 @@ def _two_fake_gpus(monkeypatch, memory):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(multi_process, "gpu_memory", lambda gpus, max_memory=None: memory)
+    monkeypatch.setattr(multi_process, "gpu_memory", lambda gpus, max_memory=None, kernel_leaves=False: memory)
 
 
 def test_a_gpus_run_writes_the_chosen_strategy_or_is_refused_before_anything(tiny_no_dropout, rows, tmp_path, monkeypatch):

@@ -10,7 +10,11 @@ runs as a child process (the kernel cannot fork its CUDA context, so each worker
 its output in RUN_FOLDER/workers.log. The cell follows history.jsonl, which rank 0 appends to, and feeds the
 rows to the reporter the in-kernel run would have had; Stop (a StopFlag, Ctrl-C) writes the STOP file every
 rank checks after each step. A worker that fails ends the cell in one line naming workers.log, never a hang;
-a run that ends well leaves its adapter in the session, as if it had trained here."""
+a run that ends well leaves its adapter in the session, as if it had trained here.
+
+With `--unload` the session's model leaves memory once the run folder is written (its GPU memory goes to the
+workers, and the plan counts it as theirs) and is loaded back when the workers end, however they end, from the
+same base and start/ adapter; then the trained adapter goes into it as without --unload."""
 
 from __future__ import annotations
 
@@ -128,7 +132,7 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
     check_split(config, launch.workers)
     rows = load_rows(config.data, config.split)
     examples = task_examples(session, config, rows)  # a bad template fails here, in one line, before anything starts
-    budget = gpu_memory(launch.gpus, config.max_memory) if launch.device == "cuda" else None
+    budget = gpu_memory(launch.gpus, config.max_memory, kernel_leaves=config.unload) if launch.device == "cuda" else None
     if budget is not None and config.strategy is None:
         launch.strategy, launch.reason = _auto_strategy(session, config, rows, examples, launch, budget)
     if budget is not None and launch.strategy == "fsdp":
@@ -149,18 +153,19 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
     return WorkersRun(folder, launch, run, index)
 
 
-def gpu_memory(gpus, max_memory=None) -> int:
+def gpu_memory(gpus, max_memory=None, kernel_leaves=False) -> int:
     """Bytes each worker may plan with: the smallest of the GPUs the workers use (`gpus`, as this process numbers
     them), capped by --max-memory. A GPU this kernel already uses (its session's model; a worker trains beside
-    it) counts what is free there now; the others count their whole memory, read from the cards' properties,
-    which opens no CUDA context on them."""
+    it) counts what is free there now, plus with `kernel_leaves` (--unload) what this process's allocator holds
+    there (the model's memory, given back before the workers start); the others count their whole memory, read
+    from the cards' properties, which opens no CUDA context on them."""
     import torch
 
     from ..config import parse_memory
 
     def usable(index):
-        if kernel_holds(index):
-            return torch.cuda.mem_get_info(index)[0]  # the kernel's copy of the model is not the workers'
+        if kernel_holds(index):  # the kernel's copy of the model is not the workers' (unless it leaves)
+            return torch.cuda.mem_get_info(index)[0] + (torch.cuda.memory_reserved(index) if kernel_leaves else 0)
         return torch.cuda.get_device_properties(index).total_memory
 
     smallest = min(usable(i) for i in gpus)
@@ -227,7 +232,8 @@ def train_in_workers(session, config: TrainConfig, reporter=None, stop=None):
     written = write_workers_run(session, config)
     folder, run, index = written.folder, written.run, written.index
     reporter = reporter or choose_reporter(config.display)
-    summary = follow_workers(folder, written.launch, reporter, stop, history=list(session.history))
+    with model_away(session, folder) if config.unload else contextlib.nullcontext():
+        summary = follow_workers(folder, written.launch, reporter, stop, history=list(session.history))
     _take_adapter(session, folder, summary)
     session.runs.append(run)
     session.history.extend(row for row in folder.history() if row.get("run") == index)
@@ -462,6 +468,47 @@ def _last_error_line(log_path: Path, start: int = 0) -> str | None:
                     and not head.startswith("torch.distributed.elastic")):
                 return " ".join(text.split())[:200]  # one line, whatever the error's text holds
     return None
+
+
+@contextlib.contextmanager
+def model_away(session, folder: RunFolder):
+    """The session's model out of memory for the block (--unload), and back after it however it ends: the same
+    base loaded as the session had it, with the run's start/ adapter (the session's adapter as it was when the
+    workers were launched), so the session is as before the run until the trained weights go in. The session's
+    history, runs and settings are kept. A reload that fails is one line saying how to load the model again
+    (and what ended the run, if it did not end well)."""
+    from ..engine.memory_usage import release_memory
+
+    load_config = session.load_config
+    session.model = None
+    release_memory(workspaces=True)
+    try:
+        yield
+    except BaseException as error:
+        _load_back(session, load_config, folder, ended_by=error)
+        raise
+    _load_back(session, load_config, folder)
+
+
+def _load_back(session, load_config, folder: RunFolder, ended_by: BaseException | None = None):
+    from ..engine.loading import load_model
+
+    start = folder.path / START_ADAPTER
+    try:
+        loaded = load_model(load_config.replace(adapter=str(start)))
+    except Exception as error:  # noqa: BLE001 - any failure leaves the session without a model: say how to recover
+        session.tokenizer = session.load_config = session.last_load_report = None
+        run = f"; the run had ended with {type(ended_by).__name__}: {_first_line(ended_by)}" if ended_by else ""
+        checkpoint = folder.latest_checkpoint()
+        raise ConfigError(f"--unload: the session's model could not be loaded back after the workers ended "
+                          f"({type(error).__name__}: {_first_line(error)}){run}. The run is kept in {str(folder.path)!r}: "
+                          f"%qlora_load --adapter {checkpoint or start} loads its adapter with its base.") from None
+    session.model, session.tokenizer = loaded.model, loaded.tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _take_adapter(session, folder: RunFolder, summary):
