@@ -10,6 +10,7 @@ from qlora_magic.config import TrainConfig
 from qlora_magic.engine import trackers
 from qlora_magic.errors import ConfigError
 from qlora_magic.front import parsing
+from test_run_folders import _stop_at  # a Stop click during a given step
 
 BODY = 'data: $rows\nprompt: "Q: {question}\\nA: "\nresponse: "{answer}"\n'
 ROWS = {"rows": [{"question": "q", "answer": "a"}]}
@@ -108,22 +109,6 @@ def local_mlflow(monkeypatch):
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
 
 
-def _stopped_after(step):
-    """A StopFlag and a callback that sets it during step `step` (the run stops at that step's end)."""
-    from transformers import TrainerCallback
-
-    from qlora_magic.engine.stopping import StopFlag
-
-    flag = StopFlag()
-
-    class StopAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step - 1:
-                flag.set("test")
-
-    return flag, StopAt()
-
-
 @pytest.mark.skipif(mlflow is None, reason="mlflow is not installed")
 def test_a_resumed_run_carries_on_its_mlflow_run(tiny_loaded, rows, tmp_path, local_mlflow):
     from qlora_magic.engine.run_folder import list_runs
@@ -131,7 +116,7 @@ def test_a_resumed_run_carries_on_its_mlflow_run(tiny_loaded, rows, tmp_path, lo
 
     config = TrainConfig(data=rows, prompt="Q: {question}\nA: ", response="{answer}", max_steps=4, batch_size=4,
                          grad_accum=1, output_dir=str(tmp_path / "runs"), name="kept", report_to="mlflow", display="none")
-    flag, stop_at = _stopped_after(2)
+    flag, stop_at = _stop_at(2)
     stopped = finetune(qlora_magic.get_session(), config, stop=flag, callbacks=[stop_at])
     assert stopped.status == "interrupted" and stopped.steps_done == 2
     (folder,) = list_runs(tmp_path / "runs")
