@@ -85,7 +85,9 @@ for step, (a, b) in enumerate(zip(workers, single), 1):
 # ddp when one GPU holds the model and its smallest batch layout, fsdp (the 4-bit weights sharded over the GPUs)
 # when only a shard fits, one line with the numbers when neither does; the settings row says which and why
 # (`strategy=ddp (auto: fits one GPU)`). A rank whose step runs out of memory has every rank relaunched from the
-# last checkpoint with a smaller layout. Asked for GPUs where there are none, the cell says so in one line:
+# last checkpoint with a smaller layout. `--unload` frees the session's own copy of the model while the workers
+# train (its GPU memory goes to them) and loads it back, with the trained adapter, when they end. Asked for GPUs
+# where there are none, the cell says so in one line:
 
 # %% tags=["raises-exception"]
 # %%qlora_train --gpus 2 --max-steps 4
