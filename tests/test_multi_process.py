@@ -203,7 +203,9 @@ import json, os, sys
 from qlora_magic.engine.distributed import agreed_memory
 rank = int(os.environ["RANK"])
 budget, host, in_use = [(8_000_000_000, 30_000_000_000, 3_000_000_000), (9_500_000_000, 20_000_000_000, 3_200_000_000)][rank]
-print(json.dumps(agreed_memory(budget, host, in_use)))
+print(json.dumps(agreed_memory(budget, host, in_use)), flush=True)
+import torch.distributed as dist
+dist.destroy_process_group()  # as qlora_magic.run does: gloo's threads left running abort the exit (status -6)
 """
 
 
