@@ -298,7 +298,7 @@ def test_the_save_tab_exports_a_checked_gguf_with_its_modelfile_or_a_merged_fold
     assert p.last_error is None, p.status_text
     (file,) = (tmp_path / "gguf").glob("*.gguf")
     assert (tmp_path / "gguf" / "Modelfile").read_text().startswith(f"FROM ./{file.name}")
-    assert p.status_text.startswith(f"Exported to {file}") and "answers as the adapter's, perplexity drift " in p.status_text
+    assert p.status_text.startswith(f"Exported to {file}") and "answers the same, perplexity drift " in p.status_text
     assert "GGUF export" in p.export_info.value and "ollama create" in p.export_info.value
 
     p.export_format.value = "merged"  # a folder for vLLM / transformers: no GGUF type, no Modelfile

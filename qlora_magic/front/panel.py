@@ -354,7 +354,8 @@ class Panel:
         self.export_info.value = report._repr_html_()
         checked = ""
         if report.verified:
-            checked = (f"; {report.answers_matching}/{len(report.prompts)} answers as the adapter's"
+            verdict = "matches the adapter" if report.within_tolerance else "differs from the adapter (see the report)"
+            checked = (f"; check: {verdict}, {report.answers_matching}/{len(report.prompts)} answers the same"
                        + (f", perplexity drift {report.perplexity_drift:+.1%}" if report.perplexity_drift is not None else ""))
         self._say(f"{'Exported' if gguf else 'Merged'} to {report.path} ({gb(report.size)}){checked}.")
 

@@ -145,6 +145,7 @@ def held_out(session, run: TrainRun) -> HeldOut:
     made them: the same rows, split, templates, max_length and seed. Raises ConfigError (one line) when there are
     none to make (`why_no_held_out`): nothing held out, or in-memory rows not saved with the adapter."""
     from ..engine.data import load_rows, prepare_datasets
+    from ..engine.quiet import no_progress_bars
 
     reason = why_no_held_out(run)
     if reason:
@@ -153,7 +154,8 @@ def held_out(session, run: TrainRun) -> HeldOut:
     indexed = rows.add_column(ROW_INDEX, list(range(len(rows))))
     examples = keeping_row_index(task_examples(session, run.config, indexed))
     _, eval_set, _ = prepare_datasets(indexed, examples, run.config.eval_split, seed=run.config.seed)
-    return HeldOut(rows.select(eval_set[ROW_INDEX]), eval_set.remove_columns(ROW_INDEX))
+    with no_progress_bars():  # dropping a column of a split flattens its indices, with a bar of its own
+        return HeldOut(rows.select(eval_set[ROW_INDEX]), eval_set.remove_columns(ROW_INDEX))
 
 
 def why_no_held_out(run: TrainRun) -> str | None:
