@@ -322,3 +322,14 @@ def test_bad_export_and_tracker_fields_are_one_red_line_and_change_nothing(tiny_
     click(p, p.export_button if field == "export_path" else p.train_button)
     assert isinstance(p.last_error, QloraError) and message in p.status_text and "\n" not in p.status_text
     assert qlora_magic.get_session().history == history and list(tmp_path.iterdir()) == []
+
+
+def test_hiding_a_field_hides_no_other():
+    """Each field has a Layout of its own: the Train tab hides the label column for a causal-lm model, which once
+    hid every field that shared its Layout (data, model, targets, adapter) in the browser."""
+    p = qlora_magic.panel()
+    shown = [p.model, p.targets, p.adapter, p.data, p.report_to, p.save_path, p.export_path]
+    assert p.label.layout.display == "none"
+    assert all(field.layout.display != "none" for field in shown)
+    layouts = [field.layout for field in shown + [p.label, p.response, p.num_labels, p.export_quant]]
+    assert len({id(layout) for layout in layouts}) == len(layouts)

@@ -81,20 +81,22 @@ class Panel:
         load_default, train_default, generate_default = (
             functools.partial(config_default, config) for config in (LoadConfig, TrainConfig, GenerateConfig))
         short = {"description_width": "110px"}
-        wide = w.Layout(width="95%")
+
+        def wide():  # a Layout of its own for each field: hiding one (display "none") must not hide the others
+            return w.Layout(width="95%")
 
         # --- Load
         self.model = w.Text(description="model", placeholder="default: embedded SmolLM2-135M-Instruct",
-                            style=short, layout=wide)
+                            style=short, layout=wide())
         self.bits = w.Dropdown(description="bits", options=[("8 (LLM.int8)", None), ("4 (NF4)", 4), ("16 (none)", 16), ("auto (per layer)", "auto")],
                                value=load_default("bits"), style=short)  # None: 8, or the bits a restored adapter was trained with
         self.r = w.BoundedIntText(description="LoRA r", value=load_default("r"), min=1, max=1024, style=short)
         self.alpha = w.FloatText(description="LoRA alpha", value=load_default("alpha"), style=short)
         self.dropout = w.BoundedFloatText(description="LoRA dropout", value=load_default("dropout"), min=0, max=0.99, step=0.01, style=short)
         self.targets = w.Text(description="targets", placeholder="default: attention q,v (or all-linear)",
-                              style=short, layout=wide)
+                              style=short, layout=wide())
         self.adapter = w.Text(description="adapter", placeholder="optional: a saved adapter folder to restore",
-                              style=short, layout=wide)
+                              style=short, layout=wide())
         self.task = w.Dropdown(description="task", options=[("causal-lm (answers)", "causal-lm"),
                                                              ("seq-cls (classifier)", "seq-cls"),
                                                              ("seq2seq (encoder-decoder)", "seq2seq")],
@@ -115,14 +117,14 @@ class Panel:
         if data is not None and not isinstance(data, str):
             self._data_object = data
             data = GIVEN_ROWS
-        self.data = w.Text(description="data", value=data or "", style=short, layout=wide,
+        self.data = w.Text(description="data", value=data or "", style=short, layout=wide(),
                            placeholder="a .jsonl/.json/.csv/.parquet path, a Hub id, or $variable")
         self.prompt = w.Textarea(description="prompt", value=prompt or "", style=short, layout=w.Layout(width="95%", height="70px"),
                                  placeholder="template with {field} placeholders")
         self.response = w.Textarea(description="response", value=response or "", style=short,
                                    layout=w.Layout(width="95%", height="40px"), placeholder="{answer}")
         # A classifier (task seq-cls) trains on a label column instead of a response template.
-        self.label = w.Text(description="label column", style=short, layout=wide, placeholder="e.g. sentiment")
+        self.label = w.Text(description="label column", style=short, layout=wide(), placeholder="e.g. sentiment")
         self.chat = w.Checkbox(description="chat template", value=train_default("chat"), style=short)
         self.epochs = w.BoundedFloatText(description="epochs", value=train_default("epochs"), min=0.01, max=1000, style=short)
         self.max_steps = w.BoundedIntText(description="max steps", value=train_default("max_steps") or 0, min=0, max=10**7, style=short,
@@ -130,7 +132,7 @@ class Panel:
         self.lr = w.FloatText(description="learning rate", value=train_default("lr"), style=short)
         self.batch_size = w.BoundedIntText(description="batch size", value=train_default("batch_size"), min=1, max=4096, style=short)
         self.grad_accum = w.BoundedIntText(description="grad accum", value=train_default("grad_accum"), min=1, max=4096, style=short)
-        self.report_to = w.Text(description="trackers", value=train_default("report_to"), style=short, layout=wide,
+        self.report_to = w.Text(description="trackers", value=train_default("report_to"), style=short, layout=wide(),
                                 placeholder="tensorboard, mlflow, trackio, wandb or none (comma-separated)",
                                 tooltip="where the run is logged besides its run folder (--report-to)")
         self.eval_split = w.BoundedFloatText(description="eval split", value=train_default("eval_split") or 0, min=0, max=10**6, style=short,
@@ -166,13 +168,13 @@ class Panel:
                                w.HBox([self.greedy, self.raw]), self.which, self.generate_button, self.answer])
 
         # --- Save
-        self.save_path = w.Text(description="folder", value="adapters/panel-adapter", style=short, layout=wide)
+        self.save_path = w.Text(description="folder", value="adapters/panel-adapter", style=short, layout=wide())
         self.save_button = w.Button(description="Save", button_style="primary", icon="save")
         # Export: the adapter merged into the original 16-bit weights, for a server (%qlora_export, %qlora_merge).
         self.export_format = w.Dropdown(description="export as", options=[
             ("GGUF file (llama.cpp, Ollama, LM Studio)", "gguf"), ("merged safetensors (vLLM, transformers)", "merged")],
             value="gguf", style=short, layout=w.Layout(width="95%"))
-        self.export_path = w.Text(description="folder", value="exported/panel-model", style=short, layout=wide)
+        self.export_path = w.Text(description="folder", value="exported/panel-model", style=short, layout=wide())
         self.export_quant = w.Dropdown(description="weights", options=list(EXPORT_QUANTS),
                                        value=ExportConfig.__dataclass_fields__["quant"].default, style=short,
                                        tooltip="f16 keeps the merge as is; q8_0 is half the file, q4_0 a quarter (the check reports the drift)")
