@@ -1,6 +1,13 @@
 """Errors a user can fix: one line that says what is wrong and how to fix it."""
 
 
+def one_line(error: BaseException) -> str:
+    """'Type: first line' of an error, as the panel's status, a failed run's view and a failed reload show it (the
+    type's own description when the error says nothing)."""
+    text = str(error).strip() or (type(error).__doc__ or "").strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 class QloraError(Exception):
     """A problem the user can fix. IPython shows it as one line, without a traceback.
 

@@ -98,8 +98,10 @@ def trackers_for_run(trackers, output_root: Path, note=None, resume: dict | None
             if _mlflow_run_here(resume["mlflow"]):
                 env["MLFLOW_RUN_ID"] = resume["mlflow"]
             elif note:
+                import mlflow
+
                 note(f"mlflow: the run's MLflow run {resume['mlflow']} is not in this store "
-                     f"({_mlflow_uri()}), so the resumed steps are logged as a new MLflow run")
+                     f"({mlflow.get_tracking_uri()}), so the resumed steps are logged as a new MLflow run")
     if "wandb" in trackers:
         env["WANDB_PROJECT"] = os.environ.get("WANDB_PROJECT") or PROJECT
         if not os.environ.get("WANDB_MODE") and not wandb_configured():
@@ -159,12 +161,6 @@ def _tracker_run_ids(trackers) -> dict:
         if wandb.run is not None:
             ids["wandb"] = wandb.run.id
     return ids
-
-
-def _mlflow_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
 
 
 def _mlflow_run_here(run_id: str) -> bool:

@@ -34,7 +34,7 @@ import threading
 
 from .. import api
 from ..config import EXPORT_QUANTS, ExportConfig, GenerateConfig, LoadConfig, MergeConfig, TrainConfig
-from ..errors import BusyError, ConfigError
+from ..errors import BusyError, ConfigError, one_line
 from ..display.formatting import gb
 from ..display.widget_reporter import WidgetReporter, require_ipywidgets
 from .parsing import config_default, lookup_variable
@@ -173,10 +173,10 @@ class Panel:
         # Export: the adapter merged into the original 16-bit weights, for a server (%qlora_export, %qlora_merge).
         self.export_format = w.Dropdown(description="export as", options=[
             ("GGUF file (llama.cpp, Ollama, LM Studio)", "gguf"), ("merged safetensors (vLLM, transformers)", "merged")],
-            value="gguf", style=short, layout=w.Layout(width="95%"))
+            value="gguf", style=short, layout=wide())
         self.export_path = w.Text(description="folder", value="exported/panel-model", style=short, layout=wide())
         self.export_quant = w.Dropdown(description="weights", options=list(EXPORT_QUANTS),
-                                       value=ExportConfig.__dataclass_fields__["quant"].default, style=short,
+                                       value=config_default(ExportConfig, "quant"), style=short,
                                        tooltip="f16 keeps the merge as is; q8_0 is half the file, q4_0 a quarter (the check reports the drift)")
         self.export_ollama = w.Checkbox(description="Ollama Modelfile", value=False, style=short)
         self.export_button = w.Button(description="Export", button_style="primary", icon="share-square")
@@ -432,7 +432,7 @@ class Panel:
 
     def _fail(self, error):
         self.last_error = error
-        self._say(f"{type(error).__name__}: {_one_line(error)}", error=True)
+        self._say(one_line(error), error=True)
 
     def _say(self, text, error=False):
         self._status = (text, error)
@@ -487,11 +487,6 @@ def _span(text, color) -> str:
 
 def _pre(text) -> str:
     return f"<pre style='white-space:pre-wrap;margin:0'>{html.escape(text)}</pre>"
-
-
-def _one_line(error) -> str:
-    text = str(error).strip() or type(error).__doc__ or ""
-    return text.splitlines()[0] if text else ""
 
 
 def panel(data=None, prompt=None, response=None) -> Panel:

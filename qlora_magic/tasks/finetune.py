@@ -154,8 +154,10 @@ def held_out(session, run: TrainRun) -> HeldOut:
     indexed = rows.add_column(ROW_INDEX, list(range(len(rows))))
     examples = keeping_row_index(task_examples(session, run.config, indexed))
     _, eval_set, _ = prepare_datasets(indexed, examples, run.config.eval_split, seed=run.config.seed)
-    with no_progress_bars():  # dropping a column of a split flattens its indices, with a bar of its own
-        return HeldOut(rows.select(eval_set[ROW_INDEX]), eval_set.remove_columns(ROW_INDEX))
+    # Tables of their own (the held-out rows are few): rows picked from a larger table are flattened by the first
+    # change of their columns (a check adds one), and datasets shows a progress bar for that in the cell.
+    with no_progress_bars():
+        return HeldOut(rows.select(eval_set[ROW_INDEX]).flatten_indices(), eval_set.remove_columns(ROW_INDEX))
 
 
 def why_no_held_out(run: TrainRun) -> str | None:

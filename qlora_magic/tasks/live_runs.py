@@ -16,6 +16,7 @@ from typing import Callable
 from ..display.broadcast import Broadcast
 from ..engine.run_folder import RunFolder, RunInfo
 from ..engine.stopping import StopFlag
+from ..errors import one_line
 
 STOP_WITH = "%qlora_stop"  # how a background run is stopped, as a refused cell and the view say
 _WAIT_SECONDS = 0.05  # how often `start` looks whether the thread began training or ended
@@ -123,7 +124,3 @@ def live_runs() -> list[LiveRun]:
         return [run for run in reversed(_runs) if run.broadcast.started.is_set()]
 
 
-def one_line(error: BaseException) -> str:
-    """'Type: first line' of an error, as the panel and a failed run's view show it."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -32,7 +32,7 @@ from ..config import TrainConfig
 from ..display.formatting import gb
 from ..engine.distributed import OUT_OF_MEMORY_FILE, read_out_of_memory
 from ..engine.run_folder import HISTORY_FILE, RunFolder, checkpoint_step
-from ..errors import ConfigError, OutOfMemory, WorkerError
+from ..errors import ConfigError, OutOfMemory, WorkerError, one_line
 
 START_ADAPTER = "start"  # the run folder's adapter the workers start from (the session's when launched)
 LOG_FILE = "workers.log"  # what the workers print
@@ -498,17 +498,12 @@ def _load_back(session, load_config, folder: RunFolder, ended_by: BaseException 
         loaded = load_model(load_config.replace(adapter=str(start)))
     except Exception as error:  # noqa: BLE001 - any failure leaves the session without a model: say how to recover
         session.tokenizer = session.load_config = session.last_load_report = None
-        run = f"; the run had ended with {type(ended_by).__name__}: {_first_line(ended_by)}" if ended_by else ""
+        run = f"; the run had ended with {one_line(ended_by)}" if ended_by else ""
         checkpoint = folder.latest_checkpoint()
         raise ConfigError(f"--unload: the session's model could not be loaded back after the workers ended "
-                          f"({type(error).__name__}: {_first_line(error)}){run}. The run is kept in {str(folder.path)!r}: "
+                          f"({one_line(error)}){run}. The run is kept in {str(folder.path)!r}: "
                           f"%qlora_load --adapter {checkpoint or start} loads its adapter with its base.") from None
     session.model, session.tokenizer = loaded.model, loaded.tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _take_adapter(session, folder: RunFolder, summary):
