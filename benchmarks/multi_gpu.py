@@ -2,7 +2,7 @@
 training on one GPU, and FSDP of a 70B-shaped 4-bit model split over the GPUs.
 
     python benchmarks/multi_gpu.py --out benchmarks/results/DATE-h200x2-multi     # 2 GPUs (~25 min; ~140 GB disk for 70B)
-    python benchmarks/multi_gpu.py --skip-fsdp --out /tmp/multi-1gpu               # 1 GPU: launcher vs in-kernel
+    python benchmarks/multi_gpu.py --skip-fsdp --unload --out /tmp/multi-1gpu      # 1 GPU: launcher vs in-kernel, --unload
     python benchmarks/multi_gpu.py --quick --out /tmp/multi-quick                  # CPU: tiny random Llama, gloo workers
 
 Everything goes through the public API, as a notebook would: `qlora_magic.load` in this process (the "kernel"),
@@ -36,6 +36,7 @@ Writes results.md and results.json to --out. Timings are for reading, never for 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -142,9 +143,10 @@ def disk_layers(folder: Path, shape: dict, wanted: int) -> int:
     return max(1, min(wanted, int((free - fixed) // per_layer)))
 
 
-def one_run(rows, workers, args, start, out_dir, strategy=None, model=None):
+def one_run(rows, workers, args, start, out_dir, strategy=None, model=None, unload=False):
     """One training run from the saved start adapter: in-kernel (workers 0) or with `workers` GPUs (or CPU
-    processes with --quick). Returns its numbers."""
+    processes with --quick). Returns its numbers; with `unload` (--unload) also the kernel's own memory while
+    the workers train and how long the model took to load back."""
     import qlora_magic as qm
 
     qm.load(adapter=str(start))
@@ -155,19 +157,23 @@ def one_run(rows, workers, args, start, out_dir, strategy=None, model=None):
         options["processes" if args.quick else "gpus"] = workers
     if strategy:
         options["strategy"] = strategy
+    if unload:
+        options["unload"] = True
     if model is not None:
         options["_model"] = model
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the in-kernel run's peak is this process's
+    watch = KernelMemoryWatch() if unload else contextlib.nullcontext()
     started = time.perf_counter()
     try:
-        summary = qm.train(rows, **{k: v for k, v in options.items() if not k.startswith("_")})
+        with watch:
+            summary = qm.train(rows, **{k: v for k, v in options.items() if not k.startswith("_")})
     except Exception as error:  # noqa: BLE001 - the report says what failed, the other runs go on
         traceback.print_exc()
         return {"workers": workers, "strategy": strategy or ("ddp" if workers else "in-kernel"), "ok": False,
-                "error": (str(error).splitlines() or [type(error).__name__])[0]}
+                "error": (str(error).splitlines() or [type(error).__name__])[0], "unload": unload}
     wall = time.perf_counter() - started
     steps = [row for row in summary.history if "loss" in row]
     speeds = [row["tokens_per_second"] for row in steps[1:] if row.get("tokens_per_second")]
@@ -177,7 +183,61 @@ def one_run(rows, workers, args, start, out_dir, strategy=None, model=None):
             "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
             "s_per_step": step_seconds, "peak_rank0_gb": rank0_peak_gb(summary.run_dir, steps),
             "losses": [row["loss"] for row in steps], "settings": {k: str(v) for k, v in summary.settings.items()},
-            "run_dir": summary.run_dir}
+            "run_dir": summary.run_dir, "unload": unload, **(watch.numbers() if unload else {})}
+
+
+class KernelMemoryWatch:
+    """While a --unload run trains: this process's GPU memory (allocated and reserved, sampled every 0.2 s) at
+    its lowest, against what it held before; and the seconds `_load_back` took to load the model again."""
+
+    def __init__(self):
+        import threading
+
+        self.before = self.lowest = None
+        self.reload_s = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _held():
+        import torch
+
+        return (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) if torch.cuda.is_available() else (0, 0)
+
+    def _sample(self):
+        while not self._done.wait(0.2):
+            now = self._held()
+            self.lowest = now if self.lowest is None else tuple(map(min, self.lowest, now))
+
+    def __enter__(self):
+        from qlora_magic.tasks import multi_process
+
+        self.before = self._held()
+        self._original = multi_process._load_back
+
+        def timed(*args, **kwargs):
+            self._done.set()  # the workers have ended: what follows is the reload
+            began = time.perf_counter()
+            try:
+                return self._original(*args, **kwargs)
+            finally:
+                self.reload_s = time.perf_counter() - began
+
+        multi_process._load_back = timed
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        from qlora_magic.tasks import multi_process
+
+        self._done.set()
+        self._thread.join()
+        multi_process._load_back = self._original
+
+    def numbers(self):
+        gb = lambda pair: None if pair is None else [round(v / 1e9, 2) for v in pair]  # noqa: E731
+        return {"kernel_gb_before": gb(self.before), "kernel_gb_lowest_while_workers": gb(self.lowest),
+                "reload_s": None if self.reload_s is None else round(self.reload_s, 1)}
 
 
 def rank0_peak_gb(run_dir, steps) -> float:
@@ -218,6 +278,8 @@ def scaling(args, tmp, out, gpus_there):
     runs = [one_run(rows, 0, args, start, tmp / "runs")]
     for n in counts:
         runs.append(one_run(rows, n, args, start, tmp / "runs"))
+    if args.unload and counts:
+        runs.append(one_run(rows, counts[0], args, start, tmp / "runs", unload=True))
     one = next((r for r in runs if r["workers"] == 1 and r["ok"]), None)
     kernel = runs[0] if runs[0]["ok"] else None
     for run in runs:
@@ -325,6 +387,7 @@ def report(env, runs, fsdp_result, args) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         name = "in-kernel" if not run["workers"] else f"{run['workers']} {'proc' if args.quick else 'GPU'} {run['strategy']}"
+        name += " --unload" if run.get("unload") else ""
         if not run["ok"]:
             lines.append(f"| {name} | failed: {run['error']} | | | | | | | |")
             continue
@@ -332,6 +395,11 @@ def report(env, runs, fsdp_result, args) -> str:
         lines.append(f"| {name} | {run['status']} {run['steps']} | {run['settings'].get('batch')} | {fmt(run['tokens_per_s'], ',.0f')} | "
                      f"{fmt(run.get('speedup_vs_1'), '.2f')} | {fmt(run['s_per_step'], '.2f')} | {run['wall_s']} | "
                      f"{run['peak_rank0_gb']:.1f} | {fmt(run.get('max_loss_diff_vs_1'), '.2e')} / {fmt(run.get('max_loss_diff_vs_in_kernel'), '.2e')} |")
+    for run in runs:
+        if run.get("unload") and run["ok"]:
+            lines.append(f"\n--unload: the kernel's GPU memory (allocated, reserved GB) {run.get('kernel_gb_before')} before the "
+                         f"run, {run.get('kernel_gb_lowest_while_workers')} at its lowest while the workers trained; "
+                         f"the model loaded back in {run.get('reload_s')} s.")
     if fsdp_result:
         lines += ["", "## FSDP", "", "```", json.dumps({k: v for k, v in fsdp_result.items() if k != "losses"}, indent=1, default=str),
                   "```", f"losses: {fsdp_result.get('losses')}"]
@@ -347,6 +415,8 @@ def main(argv=None):
     parser.add_argument("--max-length", type=int, default=None, help="default 512; 48 with --quick")
     parser.add_argument("--gpus-list", default="1,2", help="worker counts to compare (those above the GPUs there are skipped)")
     parser.add_argument("--skip-fsdp", action="store_true")
+    parser.add_argument("--unload", action="store_true",
+                        help="also the first worker count with --unload: the kernel's memory meanwhile, the reload time")
     parser.add_argument("--skip-ddp", action="store_true", help="only the FSDP run")
     parser.add_argument("--fsdp-layers", type=int, default=80, help="layers of the 70B-width model (fewer if the disk is short)")
     parser.add_argument("--fsdp-load", choices=("host", "gpu"), default="host",
