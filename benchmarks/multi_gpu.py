@@ -240,6 +240,15 @@ class KernelMemoryWatch:
                 "reload_s": None if self.reload_s is None else round(self.reload_s, 1)}
 
 
+def sharded_modules(run_dir) -> int | None:
+    """How many modules FSDP2 sharded, as rank 0 printed it in workers.log (None: not printed)."""
+    import re
+
+    log_file = Path(run_dir) / "workers.log"
+    found = re.findall(r"rank 0: (\d+) modules sharded by FSDP2", log_file.read_text()) if log_file.is_file() else []
+    return int(found[-1]) if found else None
+
+
 def rank0_peak_gb(run_dir, steps) -> float:
     """Rank 0's peak allocated memory as the worker printed it in workers.log (the history's memory is what is
     allocated when a step is logged, not the peak); in-kernel, the process's own peak."""
@@ -342,6 +351,7 @@ def fsdp(args, tmp, out, gpus_there):
         result.update(ok=True, status=summary.status, steps=summary.steps_done, wall_s=round(time.perf_counter() - started, 1),
                       tokens_per_s=sum(speeds) / len(speeds) if speeds else None,
                       peak_rank0_gb=rank0_peak_gb(written.folder.path, steps),
+                      sharded_modules=sharded_modules(written.folder.path),
                       losses=[row["loss"] for row in steps], settings={k: str(v) for k, v in summary.settings.items()},
                       run_dir=str(written.folder.path))
     except Exception as error:  # noqa: BLE001

@@ -145,13 +145,22 @@ def ours_side(args, path, rows, out, results, header):
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     variants = [(label + (", compiled" if compiled else ""), budget, compiled)
                 for compiled in compiles for label, budget in variants]
-    for label, budget, compiled in variants:
+    # --caps: the smallest budgets' layout forced (16x1, every layer checkpointed into CPU memory) with each token
+    # cap and no budget: the real peaks that calibrate the planner's estimate, also where it refuses.
+    small = {"batch": "16x1", "gradient_checkpointing": True, "offload_checkpoints": True}
+    variants = [(label, budget, compiled, None) for label, budget, compiled in variants]
+    variants += [(f"--bits 4, 16x1 offloaded, cap forced to {cap}" + (", compiled" if compiled else ""),
+                  None, compiled, {**small, "max_tokens": cap})
+                 for compiled in compiles for cap in args.caps]
+    for label, budget, compiled, overrides in variants:
         mine = []
+        in_use = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         row = guarded(mine, ours, rows, args.steps, args.warmup, tmp, label, max_memory=budget,
-                      config_values={"compile": compiled})
-        row["side"] = "qlora_magic"
+                      config_values={"compile": compiled}, overrides=overrides)
+        row["side"], row["in_use"] = "qlora_magic", in_use
         if "peak" in row and torch.cuda.is_available():  # what a real cap of the process has to hold
-            row["settings"] += f", peak reserved {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB"
+            row["settings"] += (f", peak reserved {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB, "
+                                f"allocated before {in_use / 2**30:.2f} GiB")
         results.append(row)
         print(row_text(row), flush=True)
         save(out, results, header)
@@ -171,6 +180,8 @@ def main(argv=None):
     parser.add_argument("--budgets", type=float, nargs="*", default=[],
                         help="ours: more --max-memory budgets (GiB) besides Unsloth's measured peaks")
     parser.add_argument("--budgets-only", action="store_true", help="ours: only the --max-memory rows")
+    parser.add_argument("--caps", type=int, nargs="*", default=[],
+                        help="ours: token caps to force on the 16x1 offloaded layout (no budget)")
     parser.add_argument("--headroom-min", type=float, default=None,
                         help="ours: the planner's headroom floor in MiB (default speed.HEADROOM_MIN, 256)")
     args = parser.parse_args(argv)

@@ -81,11 +81,20 @@ def train_run_folder(path) -> int:
         summary = finetune(session, config, reporter=reporter, run_folder=folder, overrides=backoff)
     if me.is_writer:
         print(f"rank 0: the run ended {summary.status} at step {summary.steps_done}/{summary.steps_planned}", flush=True)
+        if launch.get("strategy") == "fsdp":  # the proof that FSDP2 sharded the model, for the log and benchmarks
+            print(f"rank 0: {_sharded_modules(session.model)} modules sharded by FSDP2", flush=True)
     if str(device).startswith("cuda"):  # each rank's peak, for the log and benchmarks/multi_gpu.py
         import torch
 
         print(f"rank {me.rank}: peak GPU memory allocated {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB", flush=True)
     return 0
+
+
+def _sharded_modules(model) -> int:
+    """How many of the model's modules FSDP2's fully_shard turned into FSDPModules (it changes their class)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return sum(isinstance(module, FSDPModule) for module in model.modules()) if model is not None else 0
 
 
 def main(argv=None) -> int:

@@ -102,6 +102,39 @@ def test_activation_estimate_is_calibrated_on_the_measured_peaks(checkpointing, 
     assert measured_gb <= estimate <= 1.2 * measured_gb
 
 
+# 16x1 with every layer checkpointed into CPU memory and the token cap forced (H200, 2026-12-04,
+# benchmarks/peers.py --caps; results/2026-12-04-h200/caps.md): (compiled, cap, peak GB of the whole process).
+# The model held 3.883 GB before its first run (cuBLAS's workspace comes with the first matmul).
+OFFLOADED_PEAKS = [(False, 512, 4.210), (False, 1024, 4.325), (False, 1536, 4.441), (False, 2048, 4.559),
+                   (False, 3072, 4.800), (False, 4096, 5.047), (True, 512, 4.223), (True, 1024, 4.277),
+                   (True, 1536, 4.373), (True, 2048, 4.470), (True, 3072, 4.668), (True, 4096, 4.873)]
+
+
+@pytest.mark.parametrize("compiled, cap, peak_gb", OFFLOADED_PEAKS)
+def test_offloaded_estimate_is_at_or_above_the_peak_measured_compiled_or_not(compiled, cap, peak_gb):
+    """The smallest budgets' layout: never under the measured peak, and within 0.5 GB of it."""
+    plan = plan_batches(16, [cap] + [24] * 15, True, LLAMA_7B, 10**15, int(3.883e9), LORA_Q_V, checkpointing=True,
+                        chunked_loss=True, host_budget=10**12, compiled=compiled)
+    forced = (int(3.883e9) + 16 * LORA_Q_V + workspace_bytes(LLAMA_7B)
+              + activation_bytes(LLAMA_7B, cap, True, True, cap * cap, offload=True, compiled=compiled))
+    assert plan.estimate >= forced - 1  # the planner adds what activation_bytes says
+    assert peak_gb * 1e9 <= forced <= (peak_gb + 0.5) * 1e9
+
+
+def test_a_compiled_run_at_the_smallest_budget_takes_longer_forwards():
+    """4.7 GiB on the 4-bit 7B, a second run in the kernel (cuBLAS's workspace held): uncompiled a 1,536-token cap
+    (measured 3,783 tok/s compiled at that cap), compiled 2,048 (5,491 tok/s, peak reserved 4.67 GB of the 5.05):
+    the compiled recompute keeps less."""
+    budget, in_use = int(4.7 * GiB), int(3.950e9)
+    lengths = list(range(24, 513, 8)) * 4  # benchmarks/gpu_speed.py's rows: 24-512 tokens
+    plain = plan_batches(16, lengths, True, LLAMA_7B, budget, in_use, LORA_Q_V, chunked_loss=True, host_budget=10**12)
+    compiled = plan_batches(16, lengths, True, LLAMA_7B, budget, in_use, LORA_Q_V, chunked_loss=True,
+                            host_budget=10**12, compiled=True)
+    assert (plain.layout, plain.offload, plain.max_tokens) == (BatchLayout(16, 1), True, 1536)
+    assert (compiled.layout, compiled.offload, compiled.max_tokens) == (BatchLayout(16, 1), True, 2048)
+    assert plan_fits(compiled, budget) and compiled.estimate >= 4.470e9
+
+
 PLANS = [  # bits, budget GiB, data, (micro, accum, checkpointing, checkpointed layers, token cap)
     (4, 10, "mixed", (16, 1, True, 28, 5120)), (4, 10, "512", (16, 1, True, 30, None)),
     (4, 24, "mixed", (16, 1, True, 10, 4608)), (4, 24, "512", (16, 1, True, 22, None)),

@@ -48,6 +48,11 @@ MASK_BYTES, MASK_BYTES_PER_LAYER = 1, 2
 # up to 1.46 x on a 3B shape with a wide MLP (Qwen2.5-3B: intermediate 5.4 x hidden; benchmarks/memory_shapes.py).
 CKPT_HIDDEN = 2
 RECOMPUTE = 1.5
+# The same recompute with the checkpoints in CPU memory and the layer's forward compiled (fused elementwise work
+# keeps fewer temporaries): on the 7B shape 1.06 x a layer's activations per token against 1.30 uncompiled
+# (16x1 with token caps of 512-4,096 forced, H200, benchmarks/peers.py --caps; docs/benchmarks.md). The same
+# margin over the measurement as RECOMPUTE's (1.5 / 1.30), for the wider-MLP shapes.
+COMPILED_RECOMPUTE = 1.25
 # The loss: the model's own keeps bf16 logits, their fp32 copy, log-softmax and its gradient at once (14 bytes
 # per token and vocabulary entry; 0.45 MB/token at a 32k vocabulary); the chunked loss keeps the hidden states
 # and their gradient (bf16) plus one chunk of logits at a time (rows of 12 bytes per vocabulary entry: the bf16
@@ -154,11 +159,13 @@ def checkpoint_bytes(dims: dict, tokens: int, layers: int | None = None) -> int:
 
 
 def activation_bytes(dims: dict, tokens: int, checkpointing: bool, chunked_loss: bool = False,
-                     mask_pairs: int | None = None, offload: bool = False, checkpointed_layers: int | None = None) -> int:
+                     mask_pairs: int | None = None, offload: bool = False, checkpointed_layers: int | None = None,
+                     compiled: bool = False) -> int:
     """Estimated activation memory at the peak of one micro-batch of `tokens` tokens (forward + backward).
     `mask_pairs`: query-key pairs in its attention mask (tokens squared when packed into one sequence,
     the default; micro-batch x longest squared when padded). `offload`: the checkpoints wait in CPU memory.
-    `checkpointed_layers`: with checkpointing, how many layers are (the first ones; None: all).
+    `checkpointed_layers`: with checkpointing, how many layers are (the first ones; None: all). `compiled`: the
+    run compiles the layers (counted where measured: the recompute of offloaded layers, COMPILED_RECOMPUTE).
 
     The layers that are not checkpointed keep all their activations until the backward reaches them: the peak
     is at the loss's backward with all of them held, or, with checkpointing, while one layer is recomputed (by
@@ -173,7 +180,8 @@ def activation_bytes(dims: dict, tokens: int, checkpointing: bool, chunked_loss:
     checkpointed = 0 if not checkpointing else dims["layers"] if checkpointed_layers is None else checkpointed_layers
     kept = (dims["layers"] - checkpointed) * (tokens * per_layer + pairs * MASK_BYTES_PER_LAYER)
     inputs = 0 if offload else checkpoint_bytes(dims, tokens, checkpointed)
-    recompute = tokens * RECOMPUTE * per_layer + pairs * MASK_BYTES_PER_LAYER if checkpointed else 0
+    factor = COMPILED_RECOMPUTE if compiled and offload else RECOMPUTE
+    recompute = tokens * factor * per_layer + pairs * MASK_BYTES_PER_LAYER if checkpointed else 0
     return int(inputs + pairs * MASK_BYTES + max(kept + tokens * loss_per_token + loss_fixed, recompute))
 
 
@@ -227,7 +235,7 @@ def forwards_per_micro_batch(lengths: list[int], micro: int, max_tokens: int | N
 
 def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict | None,
                  budget: int | None, in_use: int, trainable: int = 0, checkpointing: bool | None = None,
-                 chunked_loss: bool = False, host_budget: int = 0) -> BatchPlan:
+                 chunked_loss: bool = False, host_budget: int = 0, compiled: bool = False) -> BatchPlan:
     """The fastest (micro-batch, accumulation, checkpointing) that keeps the effective batch and whose
     estimated peak fits `budget` bytes. `in_use`: bytes the model already holds; `checkpointing`: None to
     choose, or fixed by the user. Without a budget (the CPU) the layout is one micro-batch per step.
@@ -238,7 +246,7 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
     share of a second forward), and, when packed, a token cap (`max_tokens`) under which the rare micro-batch
     over it is trained as several forwards (each costs a micro-batch's overhead). The checkpoints may wait in CPU
     memory (at most `host_budget` bytes of it; OFFLOAD_COST): on a small budget that beats many small forwards.
-    A plan fits when its estimate leaves the budget its headroom (fits()).
+    A plan fits when its estimate leaves the budget its headroom (fits()). `compiled`: the run compiles its layers.
     """
     divisors = [m for m in range(effective, 0, -1) if effective % m == 0]
     if budget is None or not dims or not dims.get("layers"):
@@ -257,7 +265,7 @@ def plan_batches(effective: int, lengths: list[int], packing: bool, dims: dict |
             worst, pairs = max_tokens, max_tokens * max_tokens if micro > 1 else 0
         else:
             pairs = pairs_of[micro]
-        return fixed + activation_bytes(dims, worst, checkpointed > 0, chunked_loss, pairs, offload, checkpointed)
+        return fixed + activation_bytes(dims, worst, checkpointed > 0, chunked_loss, pairs, offload, checkpointed, compiled)
 
     def largest_cap(micro, checkpointed, offload):
         """The longest token cap (a multiple of PACKED_LENGTH_MULTIPLE) whose estimate fits, or None."""
@@ -767,13 +775,14 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None,
     # model, two thirds of a checkpointed step's activations), which lets a memory budget take bigger
     # micro-batches. On the CPU memory is not what limits, so the model's own loss is kept there.
     chunked_loss = on_gpu and model is not None and output_head(model) is not None
+    compiled = on_gpu and should_compile(config.compile, total)
     if on_gpu:
         host = host_budget()
         if rank_memory is not None:  # a worker's rank: its shard of FSDP weights, and one plan for all ranks
             budget, host, in_use = rank_memory(model, config, budget, host, in_use)
         plan = plan_batches(effective, list(lengths or []), packing, dims, budget, in_use, trainable,
                             checkpointing=config.gradient_checkpointing, chunked_loss=chunked_loss,
-                            host_budget=host)
+                            host_budget=host, compiled=compiled)
         check_budget(plan, budget, in_use, list(lengths or []), given=config.max_memory is not None,
                      four_bit=bool(getattr(model, "is_loaded_in_4bit", False)))
     else:
@@ -797,7 +806,7 @@ def choose_settings(config, device: str, n_train: int, model=None, lengths=None,
         settings["max_tokens"] = plan.max_tokens
     if on_gpu:
         settings["optimizer"] = "adamw_torch_fused"  # one kernel for all LoRA tensors
-        settings["compile"] = should_compile(config.compile, total)
+        settings["compile"] = compiled
         if packing:
             settings["pad_packed_to"] = PACKED_LENGTH_MULTIPLE
         settings["memory_plan"] = memory_plan_text(plan, budget, four_bit=bool(getattr(model, "is_loaded_in_4bit", False)))
