@@ -339,6 +339,41 @@ def test_a_gpus_run_writes_the_chosen_strategy_or_is_refused_before_anything(tin
     assert given.folder.record["launch"]["strategy"] == "ddp" and given.launch.shown({"strategy": "ddp"}) == {"strategy": "ddp"}
 
 
+def test_a_run_that_fits_only_without_the_sessions_copy_unloads_it_by_itself(tiny_no_dropout, rows, tmp_path, monkeypatch):
+    """No --unload, no --strategy: when neither strategy fits beside the kernel's copy of the model on GPU 0 but
+    one fits once it leaves, the run unloads it (and says so in the strategy's reason) instead of being refused;
+    when the kernel holds no GPU the workers use, or not even the whole GPU is enough, it is refused as before."""
+    import torch
+
+    config = qm.config.TrainConfig(data=rows[:32], **TRAIN, gpus=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(multi_process, "kernel_holds", lambda index: index == 0)
+    asked = []
+
+    def memory(gpus, max_memory=None, kernel_leaves=False):
+        asked.append(kernel_leaves)
+        return 80 * 2**30 if kernel_leaves else 1000
+
+    monkeypatch.setattr(multi_process, "gpu_memory", memory)
+    written = multi_process.write_workers_run(qm.get_session(), config)
+    assert written.unload is True and asked == [False, True]
+    reason = written.folder.record["launch"]["strategy_reason"]
+    assert reason == "auto: fits one GPU, once the session's model leaves the GPU: unloaded meanwhile"
+    assert written.launch.shown({"strategy": "ddp"})["strategy"] == f"ddp ({reason})"
+    assert multi_process.write_workers_run(qm.get_session(), config.replace(unload=True)).unload is True
+    monkeypatch.setattr(multi_process, "gpu_memory", lambda gpus, max_memory=None, kernel_leaves=False: 1000)
+    with pytest.raises(ConfigError, match="does not fit") as refused:  # not even the whole GPU
+        multi_process.write_workers_run(qm.get_session(), config)
+    assert "\n" not in str(refused.value)
+    monkeypatch.setattr(multi_process, "kernel_holds", lambda index: False)  # nothing of the kernel's to give
+    monkeypatch.setattr(multi_process, "gpu_memory", memory)
+    with pytest.raises(ConfigError, match="does not fit"):
+        multi_process.write_workers_run(qm.get_session(), config)
+    given = multi_process.write_workers_run(qm.get_session(), config.replace(strategy="ddp"))
+    assert given.unload is False  # a strategy given: the user's plan, nothing chosen for it
+
+
 class _Weights:
     """A model as worker_load sees it: its weight bytes."""
 

@@ -106,7 +106,7 @@ def qlora_load(line=""):
 @argument("--background", action="store_true", default=None, help="start the run and return the cell at once; %%qlora_attach shows it, %%qlora_stop stops it")
 @argument("--gpus", default=None, help="train in worker processes, one per GPU (torch.distributed): a number, or all (default: in this kernel)")
 @argument("--processes", type=int, default=None, help="train in N worker processes on the CPU (torch.distributed's gloo backend: tests, the course)")
-@argument("--unload", action="store_true", default=None, help="with --gpus/--processes: the session's model leaves memory while the workers train (its GPU memory goes to them) and is loaded back after, with the trained adapter")
+@argument("--unload", action="store_true", default=None, help="with --gpus/--processes: the session's model leaves memory while the workers train (its GPU memory goes to them) and is loaded back after, with the trained adapter; without it, done anyway when the run fits only that way")
 @argument("--strategy", default=None, choices=["ddp", "fsdp"], help="with --gpus: ddp (each GPU holds the model) or fsdp (FSDP2: the 4-bit weights sharded over the GPUs); default: chosen from the memory plan")
 @argument("--report-to", default=None, help=f"experiment trackers, comma-separated: tensorboard, mlflow (a local store, <output-dir>/mlflow.db, unless MLFLOW_TRACKING_URI is set), trackio (local), wandb (offline unless an API key is set up), or none {_default(TrainConfig, 'report_to')}")
 @argument("--display", default=None, choices=["auto", "html", "widget", "text", "none"], help=f"how to show progress {_default(TrainConfig, 'display')}")

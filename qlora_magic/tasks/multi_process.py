@@ -106,6 +106,7 @@ class WorkersRun:
     launch: Launch
     run: object  # adapter_folder.TrainRun
     index: int
+    unload: bool = False  # the session's model leaves memory while the workers train (--unload, or chosen for it)
 
 
 def write_workers_run(session, config: TrainConfig) -> WorkersRun:
@@ -133,8 +134,9 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
     rows = load_rows(config.data, config.split)
     examples = task_examples(session, config, rows)  # a bad template fails here, in one line, before anything starts
     budget = gpu_memory(launch.gpus, config.max_memory, kernel_leaves=config.unload) if launch.device == "cuda" else None
+    unload = config.unload
     if budget is not None and config.strategy is None:
-        launch.strategy, launch.reason = _auto_strategy(session, config, rows, examples, launch, budget)
+        launch.strategy, launch.reason, budget, unload = _auto_strategy(session, config, rows, examples, launch, budget)
     if budget is not None and launch.strategy == "fsdp":
         from ..engine.strategy import shardable
 
@@ -150,7 +152,7 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
     except BaseException:
         folder.update(status="failed")
         raise
-    return WorkersRun(folder, launch, run, index)
+    return WorkersRun(folder, launch, run, index, unload)
 
 
 def gpu_memory(gpus, max_memory=None, kernel_leaves=False) -> int:
@@ -201,19 +203,31 @@ def worker_load(model, workers: int, gpu_bytes: int) -> str:
     return load
 
 
-def _auto_strategy(session, config: TrainConfig, rows, examples, launch: Launch, budget: int) -> tuple[str, str]:
-    """ddp or fsdp from the per-rank memory plan of the data's tokenized lengths (engine/strategy.py); a run
-    that fits neither way is refused here, before anything is written."""
+def _auto_strategy(session, config: TrainConfig, rows, examples, launch: Launch, budget: int):
+    """(strategy, why, budget, unload): ddp or fsdp from the per-rank memory plan of the data's tokenized lengths
+    (engine/strategy.py). A run that fits neither way beside the session's copy of the model, but fits once that
+    copy leaves the GPU, unloads it as --unload does (a reload after the run is cheaper than no run); one that
+    fits neither way even then is refused here, before anything is written."""
     from ..engine.data import prepare_datasets
     from ..engine.strategy import choose_strategy
 
     train_set, _, _ = prepare_datasets(rows, examples, config.eval_split, seed=config.seed)
     lengths = [len(ids) for ids in train_set["input_ids"]]
-    choice = choose_strategy(session.model, lengths, config.batch_size * config.grad_accum,
-                             budget, launch.workers,
-                             packing=True if config.packing is None else config.packing,
-                             checkpointing=config.gradient_checkpointing)
-    return choice.strategy, choice.reason
+
+    def choose(memory):
+        return choose_strategy(session.model, lengths, config.batch_size * config.grad_accum, memory, launch.workers,
+                               packing=True if config.packing is None else config.packing,
+                               checkpointing=config.gradient_checkpointing)
+
+    try:
+        choice = choose(budget)
+    except ConfigError:
+        if config.unload or not any(kernel_holds(index) for index in launch.gpus):
+            raise
+        freed = gpu_memory(launch.gpus, config.max_memory, kernel_leaves=True)
+        choice = choose(freed)  # not even then: its one line counts the whole GPU
+        return choice.strategy, f"{choice.reason}, once the session's model leaves the GPU: unloaded meanwhile", freed, True
+    return choice.strategy, choice.reason, budget, config.unload
 
 
 def check_split(config: TrainConfig, workers: int):
@@ -232,7 +246,7 @@ def train_in_workers(session, config: TrainConfig, reporter=None, stop=None):
     written = write_workers_run(session, config)
     folder, run, index = written.folder, written.run, written.index
     reporter = reporter or choose_reporter(config.display)
-    with model_away(session, folder) if config.unload else contextlib.nullcontext():
+    with model_away(session, folder) if written.unload else contextlib.nullcontext():
         summary = follow_workers(folder, written.launch, reporter, stop, history=list(session.history))
     _take_adapter(session, folder, summary)
     session.runs.append(run)
