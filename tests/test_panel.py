@@ -186,8 +186,10 @@ def test_widget_reporter_draws_events():
     r.log(history[0], {"step": 1, "total_steps": 4, "elapsed": 1.0, "eta": 3.0}, history)
     assert r.bar.value == 0.25
     assert "2.5000" in r.readout.value and r.chart.value[:4] == b"\x89PNG"
+    assert "<b>ETA</b> 00:03" in r.readout.value
     r.end(TrainSummary(status="failed", steps_done=1, steps_planned=4, seconds=1.0, run_dir="x", history=history))
     assert r.bar.bar_style == "danger" and r.bar.description == "failed"
+    assert "<b>ETA</b> -" in r.readout.value  # an ended run waits for nothing (it showed the last step's ETA)
 
 
 def test_display_widget_chooses_the_widget_reporter():

@@ -73,7 +73,7 @@ class WidgetReporter(Reporter):
         self.status = summary.status
         self.bar.bar_style = BAR_STYLES.get(summary.status, "info")
         self.bar.description = summary.status
-        self._progress = {**self._progress, "step": summary.steps_done}
+        self._progress = {**self._progress, "step": summary.steps_done, "eta": None}  # ended: nothing left to wait for
         self.history = summary.history or self.history
         self._draw_readout()
         self._draw_chart()
