@@ -5,6 +5,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 import qlora_magic as qm
 from qlora_magic.errors import ConfigError, DataError, ModelNotFoundError, QloraError
@@ -197,6 +198,27 @@ def test_save_refuses_a_folder_with_other_files(tiny_loaded, tmp_path):
     with pytest.raises(QloraError, match="already holds other files"):
         qm.save(folder)
     assert os.listdir(folder) == ["notes.txt"]
+
+
+def test_saving_over_an_earlier_save_keeps_the_files_it_does_not_write(tiny_loaded, tmp_path):
+    """A user's notes and results beside a saved adapter, or a checkpoint's optimizer state, outlive a new save
+    into that folder; the adapter's own files are the new ones."""
+    folder = tmp_path / "adapter"
+    qm.save(folder)
+    (folder / "notes.txt").write_text("keep me")
+    (folder / "results").mkdir()
+    (folder / "results" / "eval.csv").write_text("loss\n1.0\n")
+    (folder / "optimizer.pt").write_bytes(b"state")
+    before = (folder / "adapter_model.safetensors").read_bytes()
+    model = tiny_loaded.model
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+    qm.save(folder)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert (folder / "results" / "eval.csv").read_text() == "loss\n1.0\n"
+    assert (folder / "optimizer.pt").read_bytes() == b"state"
+    assert (folder / "adapter_model.safetensors").read_bytes() != before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qlora-staging-")]
 
 
 @pytest.mark.parametrize("data, options, error, message", [

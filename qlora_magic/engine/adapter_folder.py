@@ -341,7 +341,8 @@ def save_adapter(session, path) -> Path:
     """Write adapter_model.safetensors + adapter_config.json (loadable by plain PeftModel.from_pretrained), the
     tokenizer, and qlora_magic.json (load config, training runs, history, the base's fingerprint), all at once:
     they go into a staging folder beside `path` that then takes its place, so an earlier save there stays whole
-    until the new one is complete, and a bad path fails in one line before anything is written."""
+    until the new one is complete, and a bad path fails in one line before anything is written. Files of the
+    earlier save's folder that the new save does not write (a user's notes, a checkpoint's optimizer state) stay."""
     from .folder_writing import check_folder_path, folder_written
     from .quiet import no_progress_bars
 
@@ -349,7 +350,7 @@ def save_adapter(session, path) -> Path:
     if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
         raise ConfigError(f"{str(path)!r} already holds other files: choose a new folder, so nothing of yours is overwritten.")
     record = run_record(session)
-    with folder_written(path, "the adapter") as staging, no_progress_bars():
+    with folder_written(path, "the adapter", keep_others=True) as staging, no_progress_bars():
         session.model.save_pretrained(str(staging))
         write_beside_adapter(session, staging, record)
     return path

@@ -30,10 +30,12 @@ def check_folder_path(path, what: str) -> Path:
 
 
 @contextlib.contextmanager
-def folder_written(target: Path, what: str):
+def folder_written(target: Path, what: str, keep_others: bool = False):
     """Yields an empty staging folder beside `target`; when the block ends, its files are synced to disk and the
     folder takes `target`'s place at once (the old `target` is removed after). On any error the staging folder is
-    removed and `target` stays as it was; an OSError (a full disk, a permission) becomes one line."""
+    removed and `target` stays as it was; an OSError (a full disk, a permission) becomes one line.
+    `keep_others`: what `target` holds that the new folder does not (a user's notes, a checkpoint's optimizer
+    state beside a saved adapter) is kept, linked into the staging folder before the swap."""
     created = _make_parents(target.parent, what)
     _remove_abandoned_staging(target.parent)
     staging = None
@@ -41,6 +43,8 @@ def folder_written(target: Path, what: str):
         staging = target.parent / f"{STAGING}{os.getpid()}-{secrets.token_hex(4)}"
         staging.mkdir()  # not mkdtemp: its 0700 would become the saved folder's mode
         yield staging
+        if keep_others and target.is_dir():
+            _keep_others(target, staging)
         _sync(staging)
         old = _swap_in(staging, target)
         _sync_folder(target.parent)
@@ -56,6 +60,26 @@ def folder_written(target: Path, what: str):
             raise ConfigError(f"Cannot write {what} to {str(target)!r}: {error.strerror or error}. Nothing was changed: "
                               "choose another folder, or free the space.") from None
         raise
+
+
+def _keep_others(old: Path, new: Path):
+    """Link (or, across file systems, copy) into `new` every entry of `old` that `new` does not have."""
+    for entry in old.iterdir():
+        if (new / entry.name).exists() or (new / entry.name).is_symlink():
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(source, destination):
+    try:
+        os.link(source, destination)  # no second copy: the old folder is removed after the swap
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def _make_parents(parent: Path, what: str) -> list[Path]:
