@@ -226,6 +226,8 @@ def test_saving_over_an_earlier_save_keeps_the_files_it_does_not_write(tiny_load
     ([], {}, DataError, "The dataset is empty"),
     ("missing.jsonl", {}, DataError, "No file 'missing.jsonl'"),
     ("rows", dict(prompt="{question"), ConfigError, "malformed"),
+    ("rows", dict(prompt="Q: {question:d} "), DataError, "The template's {question:d} cannot show"),
+    ("rows", dict(response="{answer:.1f}"), DataError, "Use {answer} without a format spec"),
     ("rows", dict(eval_split=48), DataError, "eval_split=48 leaves 0 training"),
     (42, {}, DataError, "data cannot be '42' (of type int)"),
     ("nobody/no-such-dataset", {}, DataError, "Cannot load dataset 'nobody/no-such-dataset'"),

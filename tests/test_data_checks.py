@@ -170,3 +170,24 @@ def test_seq2seq_and_classifier_rows_are_checked_too(tiny_t5_dir, tiny_model_dir
                                                           ["neg", "pos"], max_length=16))
     assert classes.columns == ["text", "label"] and not classes.problems and not any(classes.response_lengths)
     assert "stop token" not in {f.topic for f in classes.findings}
+
+
+def test_a_template_error_names_the_users_columns_only():
+    """The row index qlora_magic adds to find rows again is not one of the user's columns."""
+    from qlora_magic.engine.data import ROW_INDEX, check_templates
+
+    with pytest.raises(DataError) as missing:
+        check_templates("{questoin} ", "{answer}", ["question", "answer", ROW_INDEX])
+    assert str(missing.value).endswith("its columns are: question, answer.")
+
+
+def test_a_format_spec_that_does_not_suit_the_value_is_one_line():
+    from qlora_magic.engine.data import ROW_INDEX, render
+
+    assert render("{n:>4}|{x!r}", {"n": 7, "x": "a"}) == "   7|'a'"
+    with pytest.raises(DataError) as wrong:
+        render("id {id:s} score {score:.1f}", {"id": 3, "score": 1.0, ROW_INDEX: 12})
+    message = str(wrong.value)
+    assert "\n" not in message and "{id:s} cannot show 3 (int) of a row (row 12)" in message and "without a format spec" in message
+    with pytest.raises(DataError, match=r"\{score:.1f\} cannot show '' \(str\)"):  # an empty cell reads as ''
+        render("{score:.1f}", {"score": None})

@@ -17,6 +17,7 @@ FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "p
 FORMATS_HINT = "a .jsonl, .json, .csv or .parquet file"
 ROW_EXAMPLE = '{"question": "...", "answer": "..."}'
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+ROW_INDEX = "qlora_row"  # carried through tokenization, so tokenized rows can be found again among the raw rows
 
 
 def load_rows(source, split="train"):
@@ -244,7 +245,7 @@ def template_fields(template: str, what: str) -> list[str]:
 
 def check_templates(prompt: str, response: str, columns) -> None:
     """Fail before training if a template names a column the data does not have."""
-    columns = list(columns)
+    columns = [column for column in columns if column != ROW_INDEX]  # ours, not the user's
     for template, what in ((prompt, "prompt"), (response, "response")):
         if template is None:  # a classifier has no response template
             continue
@@ -255,7 +256,32 @@ def check_templates(prompt: str, response: str, columns) -> None:
 
 
 def render(template: str, row: dict) -> str:
-    return template.format(**{k: "" if v is None else v for k, v in row.items()})
+    """The template filled from the row (an empty cell reads as ''); a placeholder whose format spec or
+    conversion does not suit its value ({n:.1f} on text, {id:s} on a number) is a one-line DataError."""
+    values = {k: "" if v is None else v for k, v in row.items()}
+    try:
+        return template.format(**values)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        raise DataError(_render_failure(template, values, error)) from None
+
+
+def _render_failure(template: str, values: dict, error: Exception) -> str:
+    """Which placeholder of `template` cannot show its value, and how to fix it."""
+    formatter = string.Formatter()
+    where = f" (row {values[ROW_INDEX]})" if ROW_INDEX in values else ""
+    for _, name, spec, conversion in formatter.parse(template):
+        if name is None:
+            continue
+        placeholder = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        try:
+            formatter.format_field(formatter.convert_field(values[name], conversion), spec)
+        except Exception as failure:  # noqa: BLE001 - any failure of this field is what the user must see
+            value = values.get(name)
+            shown = f"{value!r}"[:60]
+            return (f"The template's {placeholder} cannot show {shown} ({type(value).__name__}) of a row{where}: "
+                    f"{failure}. Use {{{name}}} without a format spec, or make the column's values all of one type "
+                    "(an empty cell reads as '').")
+    return f"The template {template!r} cannot be filled from a row{where}: {error}."
 
 
 class ExampleTokenizer:

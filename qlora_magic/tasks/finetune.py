@@ -9,10 +9,8 @@ from dataclasses import dataclass
 
 from ..config import TrainConfig
 from ..engine.adapter_folder import TrainRun
-from ..engine.data import ClassificationExamples, ExampleTokenizer, Seq2SeqExamples
+from ..engine.data import ROW_INDEX, ClassificationExamples, ExampleTokenizer, Seq2SeqExamples
 from ..errors import ConfigError
-
-ROW_INDEX = "qlora_row"  # carried through tokenization, so tokenized rows can be found again among the raw rows
 
 
 def finetune(session, config: TrainConfig, reporter=None, stop=None, callbacks=None, run_folder=True, resume=None,
