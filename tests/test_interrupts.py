@@ -116,6 +116,24 @@ def test_an_interrupted_merge_writes_nothing(tiny_loaded, tmp_path, monkeypatch)
     assert same_weights(tiny_loaded.model, before)
 
 
+def test_a_merge_or_export_interrupted_in_its_check_says_the_folder_is_whole(tiny_loaded, tmp_path, monkeypatch):
+    """Written whole, then Ctrl-C in the check: the line says so (a rerun into that folder would be refused),
+    and what is there loads."""
+    from qlora_magic.tasks import exporting, merging
+
+    before = trainable(tiny_loaded.model)
+    monkeypatch.setattr(merging, "_verify_answers", interrupt)
+    with pytest.raises(Interrupted) as merge:
+        qm.merge(tmp_path / "merged")
+    assert str(merge.value).startswith(f"The merge's check was interrupted: {str(tmp_path / 'merged')!r} is written whole")
+    assert "\n" not in str(merge.value) and (tmp_path / "merged" / "config.json").exists()
+    monkeypatch.setattr(exporting, "_verify", interrupt)
+    with pytest.raises(Interrupted, match=r"^The export's check was interrupted: .*\.gguf' is written whole but not checked"):
+        qm.export("gguf", tmp_path / "gguf")
+    assert [p.suffix for p in (tmp_path / "gguf").iterdir()] == [".gguf"]
+    assert same_weights(tiny_loaded.model, before)
+
+
 def test_an_interrupted_search_leaves_the_adapters_as_they_were(tiny_loaded, rows, monkeypatch, capfd):
     from qlora_magic.engine import data
 

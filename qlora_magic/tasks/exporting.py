@@ -26,7 +26,7 @@ from ..config import ExportConfig
 from ..display.formatting import gb
 from ..engine.adapters import active_adapter, check_adapter
 from ..errors import ConfigError, QloraError
-from .merging import MergeReport, _check_data, merged_model
+from .merging import MergeReport, _check_data, checked_after_writing, merged_model
 
 #: up to this many parameters the check's model computes in float32, as llama.cpp does on a CPU (and twice as fast
 #: there as float16); a larger one is read back in 16 bits, half the RAM
@@ -149,7 +149,8 @@ def export_model(session, config: ExportConfig) -> "ExportReport":
                           tokenizer=pre_tokenizer_note(session.tokenizer),
                           merge="streamed tensor by tensor from the base's safetensors" if plan else f"in memory ({why})")
     if config.verify:
-        _verify(session, model, name, check_dtype(session, config.quant), config, report, check)
+        with checked_after_writing("export", path / filename, "%qlora_export"):
+            _verify(session, model, name, check_dtype(session, config.quant), config, report, check)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -14,6 +14,7 @@ and perplexity for causal-lm and seq2seq, predicted labels and logits for seq-cl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..engine.adapters import active_adapter, check_adapter, using
 from ..config import EvalConfig, MergeConfig
-from ..errors import ConfigError, QloraError
+from ..errors import ConfigError, Interrupted, QloraError
 from ..display.formatting import Readout, gb
 
 CHECK_ROWS = 4  # held-out rows the check answers and scores: enough to see drift, quick on a CPU
@@ -55,12 +56,25 @@ def merge_adapter(session, config: MergeConfig) -> "MergeReport":
                          size=sum(f.stat().st_size for f in path.glob("*.safetensors")),
                          seconds=time.perf_counter() - started, tolerance=config.tolerance, task=task)
     if config.verify:
-        with no_progress_bars():
-            saved = auto_class.from_pretrained(str(path), dtype=dtype, device_map={"": "cpu"})
-        (_verify_classifier if task == "seq-cls" else _verify_answers)(session, model, name, saved, config, report, check)
+        with checked_after_writing("merge", path, "%qlora_merge"):
+            with no_progress_bars():
+                saved = auto_class.from_pretrained(str(path), dtype=dtype, device_map={"": "cpu"})
+            (_verify_classifier if task == "seq-cls" else _verify_answers)(session, model, name, saved, config, report, check)
         del saved
     report.seconds = time.perf_counter() - started
     return report
+
+
+@contextlib.contextmanager
+def checked_after_writing(what: str, written, verb: str):
+    """The check that follows a complete write: a Ctrl-C in it says what is on disk (whole, not checked), rather
+    than the verb's "run it again", which the folder now there would refuse."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"The {what}'s check was interrupted: {str(written)!r} is written whole but not checked; the "
+                          f"session's model is unchanged. Use it as it is, or run {verb} into a new folder to check "
+                          "one.") from None
 
 
 def merged_model(session, name, dtype):
