@@ -95,6 +95,22 @@ def test_a_background_run_returns_at_once_holds_the_model_and_stops_at_a_step(ti
     assert qm.generate("sky", greedy=True, max_new_tokens=2, stream=False) is not None  # the model is free again
 
 
+def test_a_stopped_background_run_resumed_in_the_kernel_lists_as_its_folder_says(tiny_loaded, rows):
+    """After the thread ended, a --resume writes the folder on: %qlora_runs and %qlora_attach show the resumed
+    run (completed 6/6), not the thread's last word (interrupted 2/6)."""
+    handle, pause = start_paused(rows, at=2, steps=6)
+    qm.stop(wait=False)
+    pause.resume()
+    handle.wait(300)
+    assert qm.runs()[handle.name].status == "interrupted"  # nothing written since: the thread's word
+    qm.train(resume=str(handle.folder.path), display="none")
+    info = qm.runs()[handle.name]
+    assert (info.status, info.step, info.total_steps, info.checkpoint_step) == ("completed", 6, 6, 6)
+    attached = qm.attach(handle.name)
+    assert attached.status == "completed" and loss_steps(attached.history)[-1] == 6
+    assert qm.stop(handle.name) == f"Nothing to stop: {handle.name} already ended (completed, step 6/6)."
+
+
 def test_attach_draws_the_history_so_far_then_follows_the_run(tiny_loaded, rows):
     handle, pause = start_paused(rows, at=3, steps=6)
     try:

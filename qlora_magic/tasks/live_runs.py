@@ -37,6 +37,7 @@ class LiveRun:
         self.summary = None  # the TrainSummary, once it ended
         self.error: str | None = None  # "Type: first line" of the error that ended it
         self.ended = threading.Event()
+        self.folder_at_end: str | None = None  # run.json's updated_at when the thread ended: later, a resume wrote
         self._error_before_start: BaseException | None = None
 
     def __repr__(self):
@@ -90,7 +91,15 @@ class LiveRun:
                 self.error = one_line(error)
                 self.broadcast.fail(self.error)
         finally:
+            folder = self.folder
+            self.folder_at_end = folder.record.get("updated_at") if folder is not None else None
             self.ended.set()
+
+    def folder_moved_on(self) -> bool:
+        """Whether the run's folder was written after the thread ended (a --resume, in this kernel or another):
+        then the folder, not this thread's events, says where the run is."""
+        folder = self.folder
+        return self.ended.is_set() and folder is not None and folder.record.get("updated_at") != self.folder_at_end
 
 
 def start(target: Callable, stop: StopFlag | None = None, views=()) -> LiveRun:

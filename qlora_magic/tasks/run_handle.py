@@ -32,16 +32,22 @@ class RunHandle(Readout):
         return self.folder.path.name
 
     @property
+    def _live_knows_best(self) -> bool:
+        """The background thread's events say where the run is (every step, ahead of history.jsonl, and the
+        error that ended it), until its folder was written after it ended: a --resume carried the run on."""
+        return self.live is not None and not self.live.folder_moved_on()
+
+    @property
     def status(self) -> str:
-        return self.live.status if self.live is not None else self.folder.status()
+        return self.live.status if self._live_knows_best else self.folder.status()
 
     def info(self) -> RunInfo:
-        return self.live.info() if self.live is not None else self.folder.info()
+        return self.live.info() if self._live_knows_best else self.folder.info()
 
     @property
     def history(self) -> list[dict]:
         """The run's rows so far (train and eval)."""
-        return list(self.live.broadcast.history) if self.live is not None else self.folder.history()
+        return list(self.live.broadcast.history) if self._live_knows_best else self.folder.history()
 
     @property
     def summary(self):
@@ -51,7 +57,7 @@ class RunHandle(Readout):
     @property
     def error(self) -> str | None:
         """The line of the error that ended the run, if one did."""
-        if self.live is not None:
+        if self._live_knows_best:
             return self.live.error
         return self.folder.record.get("error")
 
@@ -96,7 +102,7 @@ class RunHandle(Readout):
         drawn from its folder (and re-read every FOLLOW_SECONDS while another process runs it)."""
         from ..display.run_view import RunView
 
-        if self.live is not None:
+        if self._live_knows_best:
             view = RunView(self.name, stop_with=f"{STOP_WITH} {self.name}")
             return self.live.broadcast.attach(view)
         view = RunView(self.name)
@@ -125,7 +131,7 @@ class RunHandle(Readout):
 
     def _note(self, info: RunInfo) -> str | None:
         status = info.status
-        if self.live is not None and status == "running":
+        if self.live is not None and self.live.running:
             return f"{STOP_WITH} {self.name} stops it after the step in flight; %qlora_attach shows it again"
         if self.live is None and status == "running":
             return "running in another process; %qlora_attach there, or here (followed from its folder)"
