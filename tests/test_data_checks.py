@@ -191,3 +191,20 @@ def test_a_format_spec_that_does_not_suit_the_value_is_one_line():
     assert "\n" not in message and "{id:s} cannot show 3 (int) of a row (row 12)" in message and "without a format spec" in message
     with pytest.raises(DataError, match=r"\{score:.1f\} cannot show '' \(str\)"):  # an empty cell reads as ''
         render("{score:.1f}", {"score": None})
+
+
+def test_columns_named_with_spaces_dashes_or_numbers_fill_templates(smol):
+    """A CSV's "the question", a "score-2", a DataFrame's numbered columns ({0}: the column "0", not a positional
+    argument); attribute or index access stays refused in one line."""
+    import pandas as pd
+
+    from qlora_magic.engine.data import load_rows, render, template_fields
+    from qlora_magic.errors import ConfigError
+
+    report = check(smol, [{"the question": "Sky?", "answer-1": "Blue."}], prompt="Q: {the question}\nA: ", response="{answer-1}")
+    assert not topics(report, "problem")
+    numbered = load_rows(pd.DataFrame([["What is 2 + 2?", "4"]]), "train")
+    assert numbered.column_names == ["0", "1"] and render("{0} -> {1}", numbered[0]) == "What is 2 + 2? -> 4"
+    for bad in ("{row.question}", "{rows[0]}", "{}"):
+        with pytest.raises(ConfigError, match="name a column as it is"):
+            template_fields(bad, "prompt")

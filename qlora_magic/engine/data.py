@@ -238,8 +238,10 @@ def template_fields(template: str, what: str) -> list[str]:
     except ValueError as error:
         raise ConfigError(f"The {what} template {template!r} is malformed ({error}): write literal braces as {{{{ and }}}}.") from None
     for name in names:
-        if name == "" or not name.isidentifier():
-            raise ConfigError(f"The {what} template has a placeholder {{{name}}}: use column names like {{question}}; write literal braces as {{{{ }}}}.")
+        # A column's name as it is ({the question}, {score-2}, {0}); attribute and index access would be Python's.
+        if name == "" or "." in name or "[" in name:
+            raise ConfigError(f"The {what} template has a placeholder {{{name}}}: name a column as it is, like {{question}}; "
+                              "write literal braces as {{{{ }}}}.")
     return names
 
 
@@ -260,14 +262,25 @@ def render(template: str, row: dict) -> str:
     conversion does not suit its value ({n:.1f} on text, {id:s} on a number) is a one-line DataError."""
     values = {k: "" if v is None else v for k, v in row.items()}
     try:
-        return template.format(**values)
+        return _COLUMNS.vformat(template, (), values)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
         raise DataError(_render_failure(template, values, error)) from None
 
 
+class _ColumnFormatter(string.Formatter):
+    """str.format with every placeholder a column's name: {0} is the column named "0" (a DataFrame's numbered
+    columns), not the first positional argument."""
+
+    def get_value(self, key, args, kwargs):
+        return kwargs[str(key)]
+
+
+_COLUMNS = _ColumnFormatter()
+
+
 def _render_failure(template: str, values: dict, error: Exception) -> str:
     """Which placeholder of `template` cannot show its value, and how to fix it."""
-    formatter = string.Formatter()
+    formatter = _COLUMNS
     where = f" (row {values[ROW_INDEX]})" if ROW_INDEX in values else ""
     for _, name, spec, conversion in formatter.parse(template):
         if name is None:
