@@ -462,6 +462,9 @@ class GenerateConfig(_Config):
     stream: bool = field(default=True, metadata={"help": "print text as it is produced"})
 
     def __post_init__(self):
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise ConfigError(f"The prompt must be text (a str), not {type(self.prompt).__name__}: for several prompts, "
+                              "call generate once for each.")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ConfigError("The prompt is empty: write it after the magic, or in the cell body of %%qlora_generate.")
         super().__post_init__()

@@ -193,3 +193,15 @@ def test_several_gpus_say_how_to_use_them_and_what_stops_them(monkeypatch):
     assert doctor.gpus_check("cpu", small) is None
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert doctor.gpus_check("cuda", small) is None
+
+
+def test_the_doctors_bitsandbytes_probe_prints_no_hub_kernel_notice():
+    """bitsandbytes' CPU backend logs that it could not fetch an optional kernel from the Hub when first imported;
+    the doctor (often a kernel's first verb) silences it as %qlora_load does. A fresh process: the import is once."""
+    import subprocess
+    import sys
+
+    code = "from qlora_magic.tasks.doctor import bitsandbytes_check; print(bitsandbytes_check('cpu').level)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "ok", done.stderr
+    assert "kernels-community" not in done.stdout + done.stderr

@@ -107,6 +107,14 @@ def test_generate_bad_input(line, cell, message):
     assert message in str(info.value)
 
 
+def test_a_prompt_that_is_not_text_says_so():
+    from qlora_magic.config import GenerateConfig
+
+    for prompt, kind in ((123, "int"), (["a", "b"], "list")):
+        with pytest.raises(ConfigError, match=f"The prompt must be text \\(a str\\), not {kind}"):
+            GenerateConfig(prompt=prompt)
+
+
 def test_save_needs_a_path():
     assert parse_save("runs/a") == "runs/a"
     with pytest.raises(UsageError):

@@ -20,7 +20,8 @@ def _not_kernels_hub_notice(record):
 def quiet_bnb_warnings():
     """bitsandbytes logs on every 8-bit matmul that fp32 inputs are cast to fp16: thousands of lines a run."""
     for name, keep in (("bitsandbytes.autograd._functions", _not_cast_notice),
-                       ("bitsandbytes.backends.cpu.ops", _not_kernels_hub_notice)):
+                       ("bitsandbytes.backends.cpu.ops", _not_kernels_hub_notice),
+                       ("kernels._internals.hf_hub", _not_kernels_hub_notice)):  # its offline-mode note on the same
         logger = logging.getLogger(name)
         if keep not in logger.filters:
             logger.addFilter(keep)

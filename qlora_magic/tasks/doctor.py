@@ -171,6 +171,9 @@ def bitsandbytes_check(device: str) -> Finding:
     version = package_version("bitsandbytes")
     if version is None:
         return Finding("problem", "bitsandbytes", "not installed: no 4- or 8-bit loading", "pip install -U bitsandbytes")
+    from ..engine.quiet import quiet_bnb_warnings
+
+    quiet_bnb_warnings()  # before bitsandbytes is imported: its CPU backend's notice of an optional Hub kernel
     try:
         import torch
         from bitsandbytes import functional

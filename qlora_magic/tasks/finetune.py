@@ -91,7 +91,8 @@ def _checked_rows(session, config, rows=None):
 
     if rows is None:
         if config.data is None:
-            raise ConfigError("No data given: pass data= (a file, Hub id, list of dicts, DataFrame or Dataset).")
+            raise ConfigError("No data given: put data: <file, Hub id or $variable> in the cell body (data= in Python: a file, Hub id, "
+                              "list of dicts, DataFrame or Dataset).")
         rows = load_rows(config.data, config.split)
     examples = task_examples(session, config, rows)
     return rows, examples, check_examples(rows, examples, getattr(session.model, "generation_config", None))
