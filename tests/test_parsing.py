@@ -74,6 +74,7 @@ def test_train_dollar_data_comes_from_the_namespace():
     ("", BODY.replace("rows.jsonl", "$nothing_here"), "names no variable"),
     ("", BODY + "eval_split: 1.5\n", "eval_split must be"),
     ("", "- just\n- a list\n", "key: value lines"),
+    ("", BODY + "prompt: 'Q: {question}'\n", "gives 'prompt' twice (lines 2 and 4): keep one"),
 ])
 def test_train_bad_input_is_one_line(line, body, message):
     with pytest.raises((UsageError, ConfigError)) as info:

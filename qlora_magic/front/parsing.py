@@ -257,7 +257,7 @@ class CellBody:
         import yaml
 
         try:
-            body = yaml.safe_load(cell or "") or {}
+            body = yaml.load(cell or "", Loader=_unique_keys_loader()) or {}
         except yaml.YAMLError as error:
             line = _yaml_error_line(error, cell)
             where = f" (line {line})" if line else ""
@@ -278,6 +278,25 @@ class CellBody:
         if isinstance(data, str) and data.startswith("$"):
             options["data"] = lookup_variable(data[1:], namespace)
         return options
+
+
+def _unique_keys_loader():
+    """YAML's safe loader, except that a key given twice in one mapping (two prompt: lines, the second silently
+    winning) is a one-line ConfigError naming both lines."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise ConfigError(f"The cell body gives {key!r} twice (lines {seen[key]} and {line}): keep one.")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
 
 
 def _yaml_error_line(error, cell) -> int | None:
