@@ -291,7 +291,9 @@ def _unique_keys_loader():
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=deep)
                 line = key_node.start_mark.line + 1
-                if isinstance(key, typing.Hashable) and key in seen:
+                if not isinstance(key, typing.Hashable):  # YAML's own error follows (an unhashable key)
+                    continue
+                if key in seen:
                     raise ConfigError(f"The cell body gives {key!r} twice (lines {seen[key]} and {line}): keep one.")
                 seen[key] = line
             return super().construct_mapping(node, deep=deep)
