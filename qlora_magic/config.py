@@ -48,7 +48,7 @@ def _option(name) -> str:
 
 
 # Fields written as cell-body keys or arguments, not as --options.
-_WRITTEN_AS_KEYS = {"model", "data", "prompt", "response", "label", "chat", "eval_split", "split", "layers_8bit",
+_WRITTEN_AS_KEYS = {"model", "data", "prompt", "response", "label", "chat", "messages", "eval_split", "split", "layers_8bit",
                     "calibration", "prompts", "path", "search", "train"}
 
 _KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text",
@@ -303,6 +303,18 @@ class LoadConfig(_Config):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}.")
 
 
+def _check_messages(messages, **given):
+    """messages: names a column, and replaces the templates (one line when both are given)."""
+    if messages is None:
+        return
+    if not messages.strip():
+        raise ConfigError("messages: must name the column that holds the conversations, e.g. messages: messages.")
+    clash = [key for key, value in given.items() if value is not None]
+    if clash:
+        raise ConfigError(f"messages: trains on whole conversations through the chat template, so {clash[0]}: does not "
+                          f"apply: drop {clash[0]}:, or drop messages: and use prompt: and response: templates.")
+
+
 @dataclass
 class TrainConfig(_Config):
     """What to train on and how."""
@@ -312,6 +324,7 @@ class TrainConfig(_Config):
     response: str | None = field(default=None, metadata={"help": "response template with {field} placeholders (causal-lm: the answer; seq2seq: the target)"})
     label: str | None = field(default=None, metadata={"help": "seq-cls: the column holding each row's class (strings or ids)"})
     chat: bool = field(default=False, metadata={"help": "wrap prompt/response as user/assistant turns of the chat template"})
+    messages: str | None = field(default=None, metadata={"help": "instead of prompt/response: the column of chat conversations (lists of role/content turns), trained on every assistant turn through the chat template"})
     eval_split: float | None = field(default=None, metadata={"help": "fraction (0-1) or row count held out for evaluation"})
     max_length: int = field(default=512, metadata={"help": "longest example in tokens (longer ones are cut)"})
     split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
@@ -372,9 +385,13 @@ class TrainConfig(_Config):
         if self.display not in ("auto", "html", "widget", "text", "none"):
             raise ConfigError(f"--display must be auto, html, widget, text or none, got {self.display!r}.")
         resuming = self.resume is not None  # the templates are the run's own
-        if self.prompt is None and self.data is not None and not resuming:
-            raise ConfigError("The cell body needs a prompt: template, e.g. prompt: \"Question: {question}\\nAnswer: \".")
-        if self.response is None and self.label is None and self.data is not None and not resuming:
+        _check_messages(self.messages, prompt=self.prompt, response=self.response, chat=self.chat or None, label=self.label)
+        if self.messages is not None:
+            pass  # the conversations are the examples
+        elif self.prompt is None and self.data is not None and not resuming:
+            raise ConfigError("The cell body needs a prompt: template, e.g. prompt: \"Question: {question}\\nAnswer: \" "
+                              "(or, for a column of chat conversations, messages: <column>).")
+        if self.response is None and self.label is None and self.messages is None and self.data is not None and not resuming:
             raise ConfigError("The cell body needs a response: template, e.g. response: \"{answer}\" (or, for --task seq-cls, label: <column>).")
         if self.output_dir is not None:
             check_folder(self.output_dir)
@@ -501,6 +518,7 @@ class EvalConfig(_Config):
     prompt: str | None = field(default=None, metadata={"help": "prompt template; None: the last training run's"})
     response: str | None = field(default=None, metadata={"help": "response (reference) template; None: the last training run's"})
     chat: bool | None = field(default=None, metadata={"help": "chat turns as in training; None: the last training run's"})
+    messages: str | None = field(default=None, metadata={"help": "the column of chat conversations, as in training; None: the last training run's (unless templates are given)"})
     max_length: int | None = field(default=None, metadata={"help": "cut examples to this many tokens; None: the last run's (512)"})
     split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
     limit: int | None = field(default=None, metadata={"help": "evaluate at most this many rows"})
@@ -512,6 +530,7 @@ class EvalConfig(_Config):
 
     def __post_init__(self):
         super().__post_init__()
+        _check_messages(self.messages, prompt=self.prompt, response=self.response, chat=self.chat)
         self.metrics = _names(self.metrics, "--metrics")
         unknown = [m for m in self.metrics if m not in EVAL_METRICS]
         if unknown:

@@ -313,6 +313,10 @@ class ExampleTokenizer:
     def prompt_text(self, row) -> str:
         return render(self.prompt, row)
 
+    def response_text(self, row) -> str:
+        """The row's target as text (the reference an evaluation compares answers with)."""
+        return render(self.response, row)
+
     def __call__(self, row) -> dict:
         tok = self.tokenizer
         prompt, response = render(self.prompt, row), render(self.response, row)
@@ -328,6 +332,72 @@ class ExampleTokenizer:
             response_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         input_ids = (prompt_ids + response_ids)[: self.max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: self.max_length]
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+class ConversationExamples(ExampleTokenizer):
+    """A column of chat conversations, as Hugging Face's chat datasets keep them (lists of {"role", "content"}
+    turns: system, user, assistant, ...): each conversation through the tokenizer's chat template, the loss on
+    every assistant turn (its end-of-turn token included) and on nothing else. Its prompt and response
+    "templates" name the column, so the checks that a template's columns exist hold as for templates; an
+    evaluation's prompt is the conversation before its last answer, and the reference that answer."""
+
+    def __init__(self, tokenizer, column: str, max_length: int = 512):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("messages: needs a tokenizer with a chat template, and this one has none: "
+                              "give prompt: and response: templates instead.")
+        super().__init__(tokenizer, "{" + column + "}", "{" + column + "}", chat=False, max_length=max_length)
+        self.column = column
+
+    def turns(self, row) -> list[dict]:
+        """The row's conversation, checked: a list of turns with a text role and content (one DataError line)."""
+        turns = row.get(self.column)
+        where = f" (row {row[ROW_INDEX]})" if ROW_INDEX in row else ""
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"messages: {self.column!r} holds {str(turns)[:40]!r}{where}, not a conversation: each row needs a "
+                            'list of turns like [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}].')
+        for turn in turns:
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+                raise DataError(f"messages: a turn of {self.column!r}{where} is {str(turn)[:60]!r}: each turn needs a text "
+                                '"role" (system, user or assistant) and a text "content".')
+        return [{"role": turn["role"], "content": turn["content"]} for turn in turns]
+
+    def _template(self, turns, generation_prompt=False, tokenize=True):
+        result = self.tokenizer.apply_chat_template(turns, add_generation_prompt=generation_prompt, tokenize=tokenize)
+        return _ids(result) if tokenize else result
+
+    @staticmethod
+    def _answers(turns) -> list[int]:
+        """The assistant turns that are trained: those with something before them."""
+        return [i for i, turn in enumerate(turns) if turn["role"] == "assistant" and i > 0]
+
+    def prompt_text(self, row) -> str:
+        """The conversation before its last answer, as the chat template writes it for generation: a raw prompt."""
+        turns = self.turns(row)
+        answers = self._answers(turns)
+        text = self._template(turns[:answers[-1]] if answers else turns, generation_prompt=True, tokenize=False)
+        bos = self.tokenizer.bos_token
+        if bos and text.startswith(bos) and self.tokenizer("", add_special_tokens=True)["input_ids"]:
+            text = text[len(bos):]  # the tokenizer adds it again to a raw prompt
+        return text
+
+    def response_text(self, row) -> str:
+        turns = self.turns(row)
+        answers = self._answers(turns)
+        return turns[answers[-1]]["content"] if answers else ""
+
+    def __call__(self, row) -> dict:
+        turns = self.turns(row)
+        input_ids = self._template(turns)
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for i in self._answers(turns):
+            start = len(self._template(turns[:i], generation_prompt=True))
+            through = self._template(turns[: i + 1])
+            if input_ids[: len(through)] != through or start > len(through):
+                raise ConfigError("messages: this chat template writes earlier turns differently as a conversation grows, "
+                                  "so its answers cannot be found in it: give prompt: and response: templates instead.")
+            labels[start: len(through)] = through[start:]
+        input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..display.data_report import DataReport
 from ..display.findings import Finding
 from ..errors import DataError
-from .data import IGNORE_INDEX, ClassificationExamples, Seq2SeqExamples, check_templates, render, show_masking, template_fields
+from .data import IGNORE_INDEX, ClassificationExamples, Seq2SeqExamples, check_templates, show_masking, template_fields
 
 SAMPLES = 3  # rows shown as tokens
 TURN_SENTINEL = "\x00qlora\x00"  # assistant content whose end shows where the chat template ends a turn
@@ -82,7 +82,7 @@ def check_examples(rows, examples, generation_config=None) -> DataReport:
     for row in rows:
         example = whole(row)
         checked.append(_measure(example, examples, limit, special, tokenizer if len(checked) < SAMPLES else None))
-        response_text = str(row[examples.label]) if classifier else render(response_template, row)
+        response_text = str(row[examples.label]) if classifier else examples.response_text(row)
         pairs[(examples.prompt_text(row), response_text)] += 1
         empty_responses += not response_text.strip()
         for column in used:

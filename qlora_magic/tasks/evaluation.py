@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..engine.adapters import BASE, active_adapter, check_adapter, using
 from ..config import EvalConfig, GenerateConfig, TrainConfig
-from ..engine.data import IGNORE_INDEX, ExampleTokenizer, Seq2SeqExamples, load_rows, prepare_datasets, render
+from ..engine.data import IGNORE_INDEX, ConversationExamples, ExampleTokenizer, Seq2SeqExamples, load_rows, prepare_datasets
 from ..errors import ConfigError, DataError
 from .finetune import ROW_INDEX, held_out, keeping_row_index
 from ..display.formatting import html_grid, text_grid
@@ -38,15 +38,24 @@ def eval_data(session, config: EvalConfig) -> EvalData:
     if config.data is None and last is None:
         raise ConfigError("Nothing to evaluate on: pass data= (and prompt=/response=), or train with eval_split first.")
     trained = last.config if last else TrainConfig()
+    templates_given = config.prompt is not None or config.response is not None
+    messages = config.messages or (None if templates_given else trained.messages)
     prompt = config.prompt or trained.prompt
     response = config.response or trained.response
+    if messages is not None:
+        if session.task != "causal-lm":
+            raise ConfigError(f"messages: is for causal-lm models; this one is {session.task}: give prompt= and response=.")
+        examples = ConversationExamples(session.tokenizer, messages, max_length=config.max_length or trained.max_length)
+        prompt = response = ""  # the conversations are the examples
     if prompt is None:
         raise ConfigError("Give a prompt template (prompt=, or prompt: in the cell body) for the data to evaluate.")
     if response is None:
         raise ConfigError("Evaluation needs references: give a response template (response=, e.g. \"{answer}\").")
     chat = trained.chat if config.chat is None else config.chat
     max_length = config.max_length or trained.max_length
-    if session.task == "seq2seq":  # source -> target, no chat turns
+    if messages is not None:
+        pass  # made above
+    elif session.task == "seq2seq":  # source -> target, no chat turns
         examples = Seq2SeqExamples(session.tokenizer, prompt, response, max_length=max_length)
     else:
         examples = ExampleTokenizer(session.tokenizer, prompt, response, chat=chat, max_length=max_length)
@@ -145,7 +154,7 @@ def evaluate_model(session, config: EvalConfig) -> "EvalReport":
         raise DataError("No rows left to evaluate.")
     generative = [m for m in config.metrics if m != "perplexity"]
     prompts = [data.examples.prompt_text(row) for row in data.rows]
-    references = [render(data.examples.response, row) for row in data.rows]
+    references = [data.examples.response_text(row) for row in data.rows]
     step = max((r.get("step", 0) for r in session.history if r.get("kind") != "eval"), default=0)
     results, answers = [], {}
     for name in ([BASE] if config.base else []) + names:

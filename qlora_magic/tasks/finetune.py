@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..config import TrainConfig
 from ..engine.adapter_folder import TrainRun
-from ..engine.data import ROW_INDEX, ClassificationExamples, ExampleTokenizer, Seq2SeqExamples
+from ..engine.data import ROW_INDEX, ClassificationExamples, ConversationExamples, ExampleTokenizer, Seq2SeqExamples
 from ..errors import ConfigError
 
 
@@ -103,6 +103,11 @@ def task_examples(session, config, rows):
     from ..engine.data import label_names
 
     task = session.task
+    if config.messages is not None:
+        if task != "causal-lm":
+            raise ConfigError(f"messages: trains a causal-lm model on chat conversations; this one is {task}: give "
+                              "prompt: and response: (or label:) instead.")
+        return ConversationExamples(session.tokenizer, config.messages, max_length=config.max_length)
     if task == "seq-cls":
         if not config.label:
             raise ConfigError("A seq-cls model trains on classes: add label: <column> to the cell body (label= in Python).")
@@ -186,8 +191,12 @@ class _IndexedClassificationExamples(_KeepsRowIndex, ClassificationExamples):
     pass
 
 
+class _IndexedConversationExamples(_KeepsRowIndex, ConversationExamples):
+    pass
+
+
 _INDEXED = {ExampleTokenizer: _IndexedExamples, Seq2SeqExamples: _IndexedSeq2SeqExamples,
-            ClassificationExamples: _IndexedClassificationExamples}
+            ClassificationExamples: _IndexedClassificationExamples, ConversationExamples: _IndexedConversationExamples}
 
 
 def keeping_row_index(examples):
