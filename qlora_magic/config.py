@@ -520,7 +520,7 @@ class EvalConfig(_Config):
     chat: bool | None = field(default=None, metadata={"help": "chat turns as in training; None: the last training run's"})
     messages: str | None = field(default=None, metadata={"help": "the column of chat conversations, as in training; None: the last training run's (unless templates are given)"})
     max_length: int | None = field(default=None, metadata={"help": "cut examples to this many tokens; None: the last run's (512)"})
-    split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
+    split: str | None = field(default=None, metadata={"help": "split of a Hub dataset or DatasetDict; None: a DatasetDict's test split (else validation, else train), a Hub dataset's train"})
     limit: int | None = field(default=None, metadata={"help": "evaluate at most this many rows"})
     metrics: list[str] | str = field(default_factory=lambda: ["perplexity"], metadata={"help": "perplexity, bleu, rouge, exact_match"})
     base: bool = field(default=False, metadata={"help": "also evaluate the base model (adapters disabled), in the same table"})

@@ -117,6 +117,19 @@ def test_evaluate_any_dataset_with_a_limit(tiny_loaded, rows):
     assert report["default"]["rows"] == 5 and "list of 48 rows" in report.data
 
 
+def test_a_dataset_dict_is_evaluated_on_its_test_split_unless_told(tiny_loaded, rows):
+    """Never silently the training rows: test, else validation; split= names another."""
+    import datasets
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:12]),
+                                   "test": datasets.Dataset.from_list(rows[12:17])})
+    templates = dict(prompt="{question} ", response="{answer}")
+    assert "5 rows" in str(qlora_magic.evaluate(splits, **templates))
+    assert "12 rows" in str(qlora_magic.evaluate(splits, split="train", **templates))
+    validation = datasets.DatasetDict({"train": splits["train"], "validation": splits["test"].select(range(3))})
+    assert "3 rows" in str(qlora_magic.evaluate(validation, **templates))
+
+
 def test_evaluate_errors(tiny_loaded, rows):
     with pytest.raises(ConfigError, match="Nothing to evaluate on"):
         qlora_magic.evaluate()

@@ -332,7 +332,7 @@ def _template_from_yaml(key, value):
     return value
 
 
-_TRAIN_KEYS = "data, prompt, response, label, chat, eval_split, max_length, split, and any option that %qlora_train? lists (e.g. epochs: 2)"
+_TRAIN_KEYS = "data, prompt, response, label, chat, messages, eval_split, max_length, split, and any option that %qlora_train? lists (e.g. epochs: 2)"
 TRAIN_BODY = CellBody("%%qlora_train", TrainConfig, keys_text=_TRAIN_KEYS)
 EVAL_BODY = CellBody("%%qlora_eval", EvalConfig)
 TUNE_BODY = CellBody("%%qlora_tune", TrainConfig, extra={"search": dict, "trials": int}, keys_text="search, trials, " + _TRAIN_KEYS)

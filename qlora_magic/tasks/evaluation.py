@@ -60,7 +60,7 @@ def eval_data(session, config: EvalConfig) -> EvalData:
     else:
         examples = ExampleTokenizer(session.tokenizer, prompt, response, chat=chat, max_length=max_length)
     if config.data is not None:
-        rows = load_rows(config.data, config.split)
+        rows = load_rows(config.data, config.split or _held_out_split(config.data))
         description = _describe(config.data, len(rows))
     else:
         rows = held_out(session, last).rows
@@ -70,6 +70,13 @@ def eval_data(session, config: EvalConfig) -> EvalData:
     if config.limit:
         tokenized = tokenized.select(range(min(config.limit, len(tokenized))))
     return EvalData(tokenized, rows.select(tokenized[ROW_INDEX]), examples, f"{description}, {len(tokenized)} rows")
+
+
+def _held_out_split(data) -> str:
+    """The split to evaluate a DatasetDict on when none is named: the one made for it (test, else validation),
+    never silently the training rows; a Hub dataset's train (the others are not fetched to look)."""
+    keys = list(data) if type(data).__name__ == "DatasetDict" else []
+    return next((name for name in ("test", "validation") if name in keys), "train")
 
 
 def _describe(data, n):
