@@ -325,7 +325,7 @@ class TrainConfig(_Config):
     label: str | None = field(default=None, metadata={"help": "seq-cls: the column holding each row's class (strings or ids)"})
     chat: bool = field(default=False, metadata={"help": "wrap prompt/response as user/assistant turns of the chat template"})
     messages: str | None = field(default=None, metadata={"help": "instead of prompt/response: the column of chat conversations (lists of role/content turns), trained on every assistant turn through the chat template"})
-    eval_split: float | None = field(default=None, metadata={"help": "fraction (0-1) or row count held out for evaluation"})
+    eval_split: float | None = field(default=None, metadata={"help": "fraction (0-1) or row count held out for evaluation; 0 or none: nothing held out"})
     max_length: int = field(default=512, metadata={"help": "longest example in tokens (longer ones are cut)"})
     split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
     epochs: float = field(default=1, metadata={"help": "passes over the data"})
@@ -374,6 +374,8 @@ class TrainConfig(_Config):
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}.")
         _seed("--seed", self.seed)
+        if self.eval_split == 0 and not isinstance(self.eval_split, bool):
+            self.eval_split = None  # eval_split: 0 holds nothing out, as leaving it out does
         if self.eval_split is not None:
             v = self.eval_split
             is_fraction = isinstance(v, float) and 0 < v < 1

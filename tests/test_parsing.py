@@ -59,6 +59,10 @@ def test_train_unquoted_single_placeholder_is_read_as_the_template():
     assert config.response == "{answer}"
 
 
+def test_eval_split_zero_holds_nothing_out():
+    assert parse_train("", BODY + "eval_split: 0\n").eval_split is None
+
+
 def test_train_dollar_data_comes_from_the_namespace():
     rows = [{"question": "q", "answer": "a"}]
     config = parse_train("", BODY.replace("rows.jsonl", "$my_rows"), namespace={"my_rows": rows})
