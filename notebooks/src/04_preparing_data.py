@@ -164,3 +164,24 @@ empty = rows.assign(response="")
 data: $empty
 prompt: "Instruction: {instruction}\n\nInput: {context}\n\nResponse: "
 response: "{response}"
+
+# %% [markdown]
+# ### Chat conversations: `messages:`
+#
+# Many chat datasets on the Hub keep each example as a whole conversation: a list of turns with a `role`
+# (system, user, assistant) and a `content`. `messages: <column>` takes such a column in place of `prompt:` and
+# `response:`. Each conversation goes through the tokenizer's chat template, and the loss counts every assistant
+# turn (with its `<|im_end|>`, so the model learns to stop) and nothing else:
+
+# %%
+chats = [
+    {"messages": [{"role": "system", "content": "Answer in one word."},
+                  {"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "Blue."},
+                  {"role": "user", "content": "And grass?"}, {"role": "assistant", "content": "Green."}]},
+    {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
+]
+
+# %%
+# %%qlora_data
+data: $chats
+messages: messages
