@@ -240,27 +240,30 @@ class KernelMemoryWatch:
                 "reload_s": None if self.reload_s is None else round(self.reload_s, 1)}
 
 
-def sharded_modules(run_dir) -> int | None:
-    """How many modules FSDP2 sharded, as rank 0 printed it in workers.log (None: not printed)."""
+def from_workers_log(run_dir, pattern: str) -> str | None:
+    """The last value rank 0 printed in the run's workers.log that `pattern` (one group) finds; None: not there."""
     import re
 
-    log_file = Path(run_dir) / "workers.log"
-    found = re.findall(r"rank 0: (\d+) modules sharded by FSDP2", log_file.read_text()) if log_file.is_file() else []
-    return int(found[-1]) if found else None
+    log_file = Path(run_dir or "") / "workers.log"
+    found = re.findall(pattern, log_file.read_text()) if log_file.is_file() else []
+    return found[-1] if found else None
+
+
+def sharded_modules(run_dir) -> int | None:
+    """How many modules FSDP2 sharded, as rank 0 printed it (None: not printed)."""
+    found = from_workers_log(run_dir, r"rank 0: (\d+) modules sharded by FSDP2")
+    return None if found is None else int(found)
 
 
 def rank0_peak_gb(run_dir, steps) -> float:
     """Rank 0's peak allocated memory as the worker printed it in workers.log (the history's memory is what is
     allocated when a step is logged, not the peak); in-kernel, the process's own peak."""
-    import re
-
     import torch
 
-    log_file = Path(run_dir or "") / "workers.log"
-    found = re.findall(r"rank 0: peak GPU memory allocated ([\d.]+) GB", log_file.read_text()) if log_file.is_file() else []
-    if found:
-        return float(found[-1])
-    if torch.cuda.is_available() and not log_file.is_file():
+    found = from_workers_log(run_dir, r"rank 0: peak GPU memory allocated ([\d.]+) GB")
+    if found is not None:
+        return float(found)
+    if torch.cuda.is_available() and not (Path(run_dir or "") / "workers.log").is_file():
         return torch.cuda.max_memory_allocated() / 1e9
     return max((r.get("memory") or 0 for r in steps), default=0) / 1e9
 

@@ -12,6 +12,12 @@ On the GPU machine, in one lease (Unsloth's own network switched off):
       PYTHONPATH=/tmp/usite:$PWD/.devsite/site:$PWD python benchmarks/peers.py --side unsloth --out $OUT
     PYTHONPATH=$PWD/.devsite/site:$PWD python benchmarks/peers.py --side ours --out $OUT
 
+The planner's estimate against real peaks on the smallest budgets' layout (16x1, checkpoints in CPU memory), token
+caps forced, compiled and not (results/2026-12-04-h200/caps.md; use --warmup 4 with compiling, so recompiles for
+a new layout's shapes stay out of the timed steps):
+
+    python benchmarks/peers.py --side ours --budgets-only --budgets 4.7 --caps 512 1024 2048 4096 --compile both --out $OUT
+
 The data is gpu_speed.py's (instruction-like rows of 24-512 tokens, the prompt masked), the model its random
 Llama-2-7B shape (--model llama3-8b: the GQA, 128k-vocabulary shape), LoRA r=8 alpha 32 on q/v (--targets
 all: every linear layer), effective batch 16. Unsloth's rows: its defaults (4x4 padded, its offloaded

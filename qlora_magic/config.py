@@ -388,12 +388,11 @@ class TrainConfig(_Config):
             raise ConfigError(f"--display must be auto, html, widget, text or none, got {self.display!r}.")
         resuming = self.resume is not None  # the templates are the run's own
         _check_messages(self.messages, prompt=self.prompt, response=self.response, chat=self.chat or None, label=self.label)
-        if self.messages is not None:
-            pass  # the conversations are the examples
-        elif self.prompt is None and self.data is not None and not resuming:
+        templated = self.data is not None and self.messages is None and not resuming  # conversations need no templates
+        if templated and self.prompt is None:
             raise ConfigError("The cell body needs a prompt: template, e.g. prompt: \"Question: {question}\\nAnswer: \" "
                               "(or, for a column of chat conversations, messages: <column>).")
-        if self.response is None and self.label is None and self.messages is None and self.data is not None and not resuming:
+        if templated and self.response is None and self.label is None:
             raise ConfigError("The cell body needs a response: template, e.g. response: \"{answer}\" (or, for --task seq-cls, label: <column>).")
         if self.output_dir is not None:
             check_folder(self.output_dir)
@@ -481,12 +480,9 @@ class GenerateConfig(_Config):
     stream: bool = field(default=True, metadata={"help": "print text as it is produced"})
 
     def __post_init__(self):
-        if self.prompt is not None and not isinstance(self.prompt, str):
-            raise ConfigError(f"The prompt must be text (a str), not {type(self.prompt).__name__}: for several prompts, "
-                              "call generate once for each.")
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
+        if self.prompt is None or (isinstance(self.prompt, str) and not self.prompt.strip()):
             raise ConfigError("The prompt is empty: write it after the magic, or in the cell body of %%qlora_generate.")
-        super().__post_init__()
+        super().__post_init__()  # a prompt that is not text: "prompt must be text, got 123" 
         _positive("--max-new-tokens", self.max_new_tokens, most=MAX_NEW_TOKENS, why=_LONG_ANSWER)
         _positive("--temperature", self.temperature)
         if not (0 < self.top_p <= 1):

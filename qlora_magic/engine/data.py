@@ -29,7 +29,8 @@ def load_rows(source, split="train"):
     import datasets
 
     if source is None:
-        raise DataError("No data given: put data: <file, Hub id or $variable> in the cell body.")
+        raise DataError("No data given: put data: <file, Hub id or $variable> in the cell body (data= in Python: a file, "
+                        "Hub id, list of dicts, DataFrame or Dataset).")
     if isinstance(source, datasets.DatasetDict):
         if split not in source:
             raise DataError(f"The dataset has no split {split!r}; it has {', '.join(source)}: set split: in the cell body.")
@@ -278,16 +279,20 @@ class _ColumnFormatter(string.Formatter):
 _COLUMNS = _ColumnFormatter()
 
 
+def _which_row(row) -> str:
+    """" (row N)" when the row carries its index (rows tokenized for training or evaluation), else ""."""
+    return f" (row {row[ROW_INDEX]})" if ROW_INDEX in row else ""
+
+
 def _render_failure(template: str, values: dict, error: Exception) -> str:
     """Which placeholder of `template` cannot show its value, and how to fix it."""
-    formatter = _COLUMNS
-    where = f" (row {values[ROW_INDEX]})" if ROW_INDEX in values else ""
-    for _, name, spec, conversion in formatter.parse(template):
+    where = _which_row(values)
+    for _, name, spec, conversion in _COLUMNS.parse(template):
         if name is None:
             continue
         placeholder = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
         try:
-            formatter.format_field(formatter.convert_field(values[name], conversion), spec)
+            _COLUMNS.format_field(_COLUMNS.convert_field(values[name], conversion), spec)
         except Exception as failure:  # noqa: BLE001 - any failure of this field is what the user must see
             value = values.get(name)
             shown = f"{value!r}"[:60]
@@ -352,7 +357,7 @@ class ConversationExamples(ExampleTokenizer):
     def turns(self, row) -> list[dict]:
         """The row's conversation, checked: a list of turns with a text role and content (one DataError line)."""
         turns = row.get(self.column)
-        where = f" (row {row[ROW_INDEX]})" if ROW_INDEX in row else ""
+        where = _which_row(row)
         if not isinstance(turns, list) or not turns:
             raise DataError(f"messages: {self.column!r} holds {str(turns)[:40]!r}{where}, not a conversation: each row needs a "
                             'list of turns like [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}].')

@@ -5,6 +5,7 @@ each magic's `%name?` help and the docs reference."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import shlex
@@ -280,6 +281,7 @@ class CellBody:
         return options
 
 
+@functools.cache
 def _unique_keys_loader():
     """YAML's safe loader, except that a key given twice in one mapping (two prompt: lines, the second silently
     winning) is a one-line ConfigError naming both lines."""

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from ..engine.adapters import BASE, active_adapter, check_adapter, using
 from ..config import EvalConfig, GenerateConfig, TrainConfig
-from ..engine.data import IGNORE_INDEX, ConversationExamples, ExampleTokenizer, Seq2SeqExamples, load_rows, prepare_datasets
+from ..engine.data import IGNORE_INDEX, ExampleTokenizer, Seq2SeqExamples, load_rows, prepare_datasets
 from ..errors import ConfigError, DataError
-from .finetune import ROW_INDEX, held_out, keeping_row_index
+from .finetune import ROW_INDEX, conversation_examples, held_out, keeping_row_index
 from ..display.formatting import html_grid, text_grid
 
 
@@ -40,25 +40,11 @@ def eval_data(session, config: EvalConfig) -> EvalData:
     trained = last.config if last else TrainConfig()
     templates_given = config.prompt is not None or config.response is not None
     messages = config.messages or (None if templates_given else trained.messages)
-    prompt = config.prompt or trained.prompt
-    response = config.response or trained.response
-    if messages is not None:
-        if session.task != "causal-lm":
-            raise ConfigError(f"messages: is for causal-lm models; this one is {session.task}: give prompt= and response=.")
-        examples = ConversationExamples(session.tokenizer, messages, max_length=config.max_length or trained.max_length)
-        prompt = response = ""  # the conversations are the examples
-    if prompt is None:
-        raise ConfigError("Give a prompt template (prompt=, or prompt: in the cell body) for the data to evaluate.")
-    if response is None:
-        raise ConfigError("Evaluation needs references: give a response template (response=, e.g. \"{answer}\").")
-    chat = trained.chat if config.chat is None else config.chat
     max_length = config.max_length or trained.max_length
     if messages is not None:
-        pass  # made above
-    elif session.task == "seq2seq":  # source -> target, no chat turns
-        examples = Seq2SeqExamples(session.tokenizer, prompt, response, max_length=max_length)
+        examples = conversation_examples(session, messages, max_length)
     else:
-        examples = ExampleTokenizer(session.tokenizer, prompt, response, chat=chat, max_length=max_length)
+        examples = _template_examples(session, config, trained, max_length)
     if config.data is not None:
         rows = load_rows(config.data, config.split or _held_out_split(config.data))
         description = _describe(config.data, len(rows))
@@ -70,6 +56,20 @@ def eval_data(session, config: EvalConfig) -> EvalData:
     if config.limit:
         tokenized = tokenized.select(range(min(config.limit, len(tokenized))))
     return EvalData(tokenized, rows.select(tokenized[ROW_INDEX]), examples, f"{description}, {len(tokenized)} rows")
+
+
+def _template_examples(session, config: EvalConfig, trained: TrainConfig, max_length: int) -> ExampleTokenizer:
+    """The row tokenizer of the prompt/response templates given, else the last run's."""
+    prompt = config.prompt or trained.prompt
+    response = config.response or trained.response
+    if prompt is None:
+        raise ConfigError("Give a prompt template (prompt=, or prompt: in the cell body) for the data to evaluate.")
+    if response is None:
+        raise ConfigError("Evaluation needs references: give a response template (response=, e.g. \"{answer}\").")
+    if session.task == "seq2seq":  # source -> target, no chat turns
+        return Seq2SeqExamples(session.tokenizer, prompt, response, max_length=max_length)
+    chat = trained.chat if config.chat is None else config.chat
+    return ExampleTokenizer(session.tokenizer, prompt, response, chat=chat, max_length=max_length)
 
 
 def _held_out_split(data) -> str:

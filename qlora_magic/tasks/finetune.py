@@ -90,10 +90,7 @@ def _checked_rows(session, config, rows=None):
     from ..engine.data_checks import check_examples
 
     if rows is None:
-        if config.data is None:
-            raise ConfigError("No data given: put data: <file, Hub id or $variable> in the cell body (data= in Python: a file, Hub id, "
-                              "list of dicts, DataFrame or Dataset).")
-        rows = load_rows(config.data, config.split)
+        rows = load_rows(config.data, config.split)  # no data: one line there
     examples = task_examples(session, config, rows)
     return rows, examples, check_examples(rows, examples, getattr(session.model, "generation_config", None))
 
@@ -104,10 +101,7 @@ def task_examples(session, config, rows):
 
     task = session.task
     if config.messages is not None:
-        if task != "causal-lm":
-            raise ConfigError(f"messages: trains a causal-lm model on chat conversations; this one is {task}: give "
-                              "prompt: and response: (or label:) instead.")
-        return ConversationExamples(session.tokenizer, config.messages, max_length=config.max_length)
+        return conversation_examples(session, config.messages, config.max_length)
     if task == "seq-cls":
         if not config.label:
             raise ConfigError("A seq-cls model trains on classes: add label: <column> to the cell body (label= in Python).")
@@ -128,6 +122,14 @@ def task_examples(session, config, rows):
     if task == "seq2seq":
         return Seq2SeqExamples(session.tokenizer, config.prompt, config.response, max_length=config.max_length)
     return ExampleTokenizer(session.tokenizer, config.prompt, config.response, chat=config.chat, max_length=config.max_length)
+
+
+def conversation_examples(session, column: str, max_length: int) -> ConversationExamples:
+    """The row tokenizer of a messages: column (training and evaluation), for a causal-lm model only."""
+    if session.task != "causal-lm":
+        raise ConfigError(f"messages: trains a causal-lm model on chat conversations; this one is {session.task}: give "
+                          "prompt: and response: (or label:) instead.")
+    return ConversationExamples(session.tokenizer, column, max_length=max_length)
 
 
 def set_class_names(model, names):

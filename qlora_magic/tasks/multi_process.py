@@ -121,9 +121,6 @@ def write_workers_run(session, config: TrainConfig) -> WorkersRun:
     from .resuming import start_run_folder
 
     session.require_model("training")
-    if config.data is None:
-        raise ConfigError("No data given: put data: <file, Hub id or $variable> in the cell body (data= in Python: a file, Hub id, "
-                              "list of dicts, DataFrame or Dataset).")
     if session.task != "causal-lm":
         raise ConfigError(f"--gpus / --processes train causal-lm models for now; this one is {session.task}: drop the option.")
     names = adapter_names(session.model)
